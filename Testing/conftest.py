@@ -1,0 +1,55 @@
+"""Shared fixtures: the real data sets beside the repository, and small real models."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    assert (DATA / "ceph_hamedan" / "landmarks.csv").is_file(), f"the shared data sets are expected at {DATA}"
+    return DATA
+
+
+@pytest.fixture(scope="session")
+def ceph(data_dir):
+    from medsapiens.datasets import Dataset
+
+    return Dataset(data_dir / "ceph_hamedan" / "landmarks.csv")
+
+
+def overfit(model, case, input_hw, steps=60, lr=3e-3, sigma=3.0):
+    """Train `model` on one real case for a few steps (real warp, codec and loss) so its peaks mean something."""
+    from medsapiens.codec import UDPCodec
+    from medsapiens.heatmap_detector import image_tensor, normalise
+    from medsapiens.warp import apply_affine, image_box, udp_warp_matrix, warp_image
+
+    wh = input_hw[::-1]
+    codec = UDPCodec(wh, (wh[0] // 4, wh[1] // 4), sigma=sigma)
+    center, scale = image_box(*case.size)
+    m = udp_warp_matrix(center, scale, 0.0, wh)
+    x = normalise(warp_image(image_tensor(case, "cpu"), m, wh))
+    target, weight = codec.encode(apply_affine(m, case.landmarks.points), case.landmarks.present)
+    target, weight = torch.from_numpy(target)[None], torch.from_numpy(weight)[None, :, None, None]
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    model.train()
+    for _ in range(steps):
+        loss = (((model(x) - target) ** 2) * weight).mean() * 1000
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def fitted_micro(ceph):
+    """A micro model fitted to ceph case 001 at 256 x 192 (19 landmarks)."""
+    from medsapiens.model import SapiensPose
+
+    torch.manual_seed(0)
+    model = SapiensPose("micro", len(ceph.names), (16, 12))
+    return overfit(model, ceph.case(0), (256, 192), steps=500, lr=2e-3)

@@ -1,0 +1,96 @@
+"""The downloader against a local HTTP server: cache, checksum, pinning, offline mode."""
+import hashlib
+import http.server
+import json
+import threading
+from functools import partial
+
+import pytest
+import torch
+
+from medsapiens import InputError, load_detector
+from medsapiens.catalogue import catalogue, resolve
+from medsapiens.model import SapiensPose
+
+
+@pytest.fixture
+def server(tmp_path):
+    root = tmp_path / "hub"
+    root.mkdir()
+    handler = partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield root, f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+
+
+@pytest.fixture
+def hub_model(server, tmp_path, monkeypatch):
+    root, url = server
+    torch.manual_seed(0)
+    model = SapiensPose("micro", 4, (16, 12))
+    path = root / "sapiens_micro_pose.pth"  # the official pose layout
+    torch.save({"state_dict": model.state_dict(), "meta": {}}, path)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    monkeypatch.setenv("MEDSAPIENS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("MEDSAPIENS_OFFLINE", raising=False)
+
+    def make_catalogue(sha256):
+        entry = {"name": "micro-pose", "url": f"{url}/sapiens_micro_pose.pth", "filename": path.name,
+                 "sha256": sha256, "size": path.stat().st_size, "layout": "pose", "landmarks": list("ABCD")}
+        cat = tmp_path / f"models-{sha256 or 'unpinned'}.json"
+        cat.write_text(json.dumps({"models": [entry]}))
+        return cat
+
+    return make_catalogue, digest, tmp_path / "cache"
+
+
+def test_shipped_catalogue_is_well_formed():
+    entries = catalogue()
+    assert entries and all(e.url.startswith("https://") and e.filename for e in entries.values())
+
+
+def test_download_verify_and_reuse(hub_model, capsys):
+    make_catalogue, digest, cache = hub_model
+    cat = make_catalogue(digest)
+    path = resolve("micro-pose", catalogue_path=cat)
+    assert path == cache / "micro-pose" / "sapiens_micro_pose.pth"
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == digest
+    assert "micro-pose" in capsys.readouterr().err  # progress bar on stderr
+    mtime = path.stat().st_mtime_ns
+    assert resolve("micro-pose", catalogue_path=cat) == path and path.stat().st_mtime_ns == mtime  # cached
+
+
+def test_checksum_mismatch_discards_the_file(hub_model):
+    make_catalogue, digest, cache = hub_model
+    with pytest.raises(InputError, match="SHA256"):
+        resolve("micro-pose", catalogue_path=make_catalogue("0" * 64))
+    assert not any(p.is_file() for p in cache.rglob("*"))  # nothing half-written or unverified left
+
+
+def test_unpinned_entry_is_pinned_at_first_download(hub_model):
+    make_catalogue, digest, cache = hub_model
+    cat = make_catalogue(None)
+    path = resolve("micro-pose", catalogue_path=cat)
+    pin = path.with_name(path.name + ".sha256")
+    assert pin.read_text().strip() == digest
+    path.write_bytes(path.read_bytes()[:-10])  # tampered afterwards
+    with pytest.raises(InputError, match="does not match"):
+        resolve("micro-pose", catalogue_path=cat)
+
+
+def test_offline_mode_and_local_files(hub_model, monkeypatch, server):
+    make_catalogue, digest, cache = hub_model
+    monkeypatch.setenv("MEDSAPIENS_OFFLINE", "1")
+    with pytest.raises(InputError, match="MEDSAPIENS_OFFLINE"):
+        resolve("micro-pose", catalogue_path=make_catalogue(digest))
+    local = server[0] / "sapiens_micro_pose.pth"
+    assert resolve(str(local)) == local  # a local file needs no network
+    detector = load_detector(local, input_size=(256, 192))
+    assert detector.names == ["L0", "L1", "L2", "L3"]
+
+
+def test_unknown_name_lists_the_catalogue():
+    with pytest.raises(InputError, match="sapiens-0.3b-pretrain"):
+        resolve("no-such-model")

@@ -1,0 +1,97 @@
+"""`medsapiens detect` end to end on real radiographs, and one-line errors for bad input."""
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from medsapiens.adapter_file import save_trained
+from medsapiens.cli import main
+from medsapiens.datasets import Dataset
+from medsapiens.markups import landmarks_from_markups, read_markups
+
+
+@pytest.fixture(scope="module")
+def fitted_file(tmp_path_factory, fitted_micro, ceph):
+    path = tmp_path_factory.mktemp("model") / "ceph_micro.safetensors"
+    return save_trained(path, fitted_micro, ceph.names, (256, 192), 3.0)
+
+
+def test_detect_writes_markups_and_csv_that_slicer_reads(tmp_path, fitted_file, ceph, capsys):
+    images = [ceph.root / ceph.rows[i].image for i in (0, 1)]
+    sx = ceph.rows[0].spacing
+    assert main(["detect", str(fitted_file), *map(str, images), "--out", str(tmp_path), "--device", "cpu",
+                 "--spacing", str(sx)]) == 0
+    written = capsys.readouterr().out.split()
+    assert sorted(p.rsplit("/", 1)[1] for p in written) == ["001.mrk.json", "002.mrk.json", "landmarks.csv"]
+
+    table = Dataset(tmp_path / "landmarks.csv")
+    assert table.names == ceph.names and table.ids() == ["001", "002"]
+    case = table.case(0)  # the image path in the CSV is relative to the output folder and resolves
+    truth = ceph.rows[0].landmarks
+    found = table.rows[0].landmarks
+    assert found.present.all()
+    assert ((found.points >= 0) & (found.points <= [670, 836])).all(), "points inside the image"
+    # the model was fitted on this very case: it must find its landmarks (an untrained one is ~300 px off)
+    assert np.median(np.linalg.norm(found.points - truth.points, axis=1)) < 10.0
+
+    names, lps, confidence, present = read_markups(tmp_path / "001.mrk.json")
+    assert names == ceph.names and present.all() and ((confidence > 0) & (confidence <= 1)).all()
+    assert np.allclose(lps, np.column_stack([found.points * sx, np.zeros(19)]), atol=2e-3)
+    assert np.allclose(landmarks_from_markups(tmp_path / "001.mrk.json", case).points, found.points, atol=1e-2)
+
+    # Slicer's own markups logic reads the file: RAS = (-x sx, -y sy, 0)
+    import slicer
+
+    scene = slicer.vtkMRMLScene()
+    app = slicer.vtkSlicerApplicationLogic()
+    app.SetMRMLScene(scene)
+    logic = slicer.vtkSlicerMarkupsLogic()
+    logic.SetMRMLScene(scene)
+    logic.SetMRMLApplicationLogic(app)
+    node = scene.GetNodeByID(logic.LoadMarkups(str(tmp_path / "001.mrk.json")))
+    assert node.GetNumberOfControlPoints() == 19
+    for i in (0, 7, 18):
+        ras = [0.0, 0.0, 0.0]
+        node.GetNthControlPointPosition(i, ras)
+        assert node.GetNthControlPointLabel(i) == ceph.names[i]
+        assert np.allclose(ras, [-found.points[i, 0] * sx, -found.points[i, 1] * sx, 0], atol=2e-3)
+        assert node.GetNthControlPointDescription(i).startswith("confidence ")
+
+
+def test_flip_test_and_input_size_options(tmp_path, fitted_file, ceph, capsys):
+    image = ceph.root / ceph.rows[0].image
+    assert main(["detect", str(fitted_file), str(image), "--out", str(tmp_path), "--flip-test",
+                 "--input-size", "256", "192"]) == 0
+    assert (tmp_path / "001.mrk.json").is_file()
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "medsapiens.cli", *map(str, args)], capture_output=True, text=True)
+
+
+def test_bad_inputs_exit_non_zero_with_one_line(tmp_path, fitted_file, ceph):
+    image = ceph.root / ceph.rows[0].image
+    corrupt = tmp_path / "corrupt.png"
+    corrupt.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(100))
+    text = tmp_path / "model.pth"
+    text.write_text("not a model")
+    cases = [
+        ([fitted_file, corrupt, "--out", tmp_path / "o1"], "corrupt.png: not a readable image"),
+        ([text, image, "--out", tmp_path / "o2"], "model.pth: not a PyTorch checkpoint"),
+        ([fitted_file, image, "--out", tmp_path / "o3", "--spacing", "nan"], "spacing must be a positive"),
+        ([fitted_file, tmp_path / "absent.png", "--out", tmp_path / "o4"], "absent.png: no such image file"),
+        ([fitted_file, image, "--out", tmp_path / "o5", "--landmarks", "A,B"], "not the expected set"),
+    ]
+    for args, message in cases:
+        result = run_cli("detect", *args)
+        assert result.returncode != 0, message
+        lines = result.stderr.strip().splitlines()
+        assert message in lines[-1] and "Traceback" not in result.stderr, result.stderr
+
+
+def test_help_everywhere():
+    for args in (["--help"], ["detect", "--help"], ["demo", "--help"], ["models", "--help"]):
+        result = run_cli(*args)
+        assert result.returncode == 0 and "usage:" in result.stdout

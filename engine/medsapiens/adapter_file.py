@@ -1,0 +1,83 @@
+"""The project's own weight file: one safetensors file whose header carries the JSON metadata.
+
+kind "adapter": LoRA matrices (peft names) + head, applied on a base checkpoint identified by its SHA256.
+kind "model": a whole backbone + head (models trained here), no base needed.
+Metadata: landmark names, flip pairs, input size, sigma, architecture, base identity, training cases, date.
+Written atomically: a temporary file in the same folder, fsync, then rename over the target.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from .atomic import atomic_write
+
+FORMAT = "medsapiens-weights/1"
+KINDS = ("adapter", "model")
+
+
+def sha256_of(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def save_weights(path, tensors: dict[str, torch.Tensor], metadata: dict, kind: str) -> Path:
+    from safetensors.torch import save_file
+
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}")
+    meta = {"kind": kind, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), **metadata}
+    header = {"format": FORMAT, "metadata": json.dumps(meta)}
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header))
+
+
+def is_weights_file(path) -> bool:
+    """True for a safetensors file written by save_weights."""
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if not 2 <= n <= 100_000_000:
+                return False
+            header = json.loads(f.read(n))
+    except (OSError, ValueError):
+        return False
+    return header.get("__metadata__", {}).get("format") == FORMAT
+
+
+def load_weights(path) -> tuple[dict[str, torch.Tensor], dict]:
+    from safetensors.torch import load_file
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads(f.metadata()["metadata"])
+    return load_file(str(path)), meta
+
+
+def save_trained(path, model, names: list[str], input_hw, sigma: float, base=None, **extra) -> Path:
+    """Save a model trained here: kind "adapter" (LoRA + head, on `base`) when it carries LoRA, else "model".
+
+    Refuses an adapter without its base file, whose name and SHA256 are recorded to check it at load time.
+    """
+    from .lora import has_lora, lora_state_dict
+
+    if len(names) != model.num_keypoints:
+        raise ValueError(f"{len(names)} names for {model.num_keypoints} heatmaps")
+    meta = {"landmark_names": list(names), "input_hw": list(input_hw), "sigma": float(sigma),
+            "architecture": model.config(), "pos_grid": list(model.backbone.pos_grid), **extra}
+    head = {k: v for k, v in model.state_dict().items() if k.startswith("head.")}
+    if has_lora(model):
+        if base is None:
+            raise ValueError("an adapter needs the base checkpoint it was trained on")
+        meta["base"] = {"name": Path(base).name, "sha256": sha256_of(base)}
+        meta.pop("pos_grid")  # the base's grid applies
+        return save_weights(path, {**lora_state_dict(model), **head}, meta, "adapter")
+    return save_weights(path, model.state_dict(), meta, "model")

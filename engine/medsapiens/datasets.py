@@ -1,0 +1,122 @@
+"""Landmark data sets on disk: `landmarks.csv` (image,width,height,spacing_mm,<name>_x,<name>_y,...).
+
+Empty cells mark missing landmarks. Images are read lazily, relative to the CSV's folder.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .atomic import atomic_write_text
+from .case import Case, Landmarks
+from .errors import InputError
+from .images import read_image
+
+
+@dataclass
+class Row:
+    image: str
+    width: int
+    height: int
+    spacing: float
+    landmarks: Landmarks
+
+    @property
+    def id(self) -> str:
+        return Path(self.image).stem
+
+
+class Dataset:
+    """The rows of a landmarks.csv; `case(i)` reads image i with its landmarks and checks its size."""
+
+    def __init__(self, csv_path):
+        self.path = Path(csv_path)
+        self.root = self.path.parent
+        self.names, self.rows = _read_csv(self.path)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def ids(self) -> list[str]:
+        return [r.id for r in self.rows]
+
+    def select(self, ids: list[str]) -> list[int]:
+        index = {r.id: i for i, r in enumerate(self.rows)} | {r.image: i for i, r in enumerate(self.rows)}
+        unknown = [i for i in ids if i not in index]
+        if unknown:
+            raise InputError(f"{self.path}: no rows for {', '.join(unknown)} (ids are image stems like "
+                             f"{self.rows[0].id})")
+        return [index[i] for i in ids]
+
+    def case(self, i: int) -> Case:
+        row = self.rows[i]
+        image_path = self.root / row.image
+        case = read_image(image_path, spacing=row.spacing)
+        if case.size != (row.width, row.height):
+            raise InputError(f"{image_path}: image is {case.size[0]} x {case.size[1]} px but {self.path} says "
+                             f"{row.width} x {row.height}")
+        case.landmarks = row.landmarks
+        return case
+
+
+def _read_csv(path: Path):
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except OSError as e:
+        raise InputError(f"{path}: cannot read ({e.strerror})") from None
+    reader = csv.reader(io.StringIO(text))
+    header = next(reader, None)
+    fixed = ["image", "width", "height", "spacing_mm"]
+    if header is None or [h.strip() for h in header[:4]] != fixed:
+        raise InputError(f"{path}: not a landmarks CSV: the header must start with {','.join(fixed)}")
+    coords = header[4:]
+    if len(coords) == 0 or len(coords) % 2:
+        raise InputError(f"{path}: landmark columns must come in <name>_x,<name>_y pairs")
+    names = []
+    for cx, cy in zip(coords[::2], coords[1::2]):
+        if not (cx.endswith("_x") and cy.endswith("_y") and cx[:-2] == cy[:-2]):
+            raise InputError(f"{path}: columns {cx},{cy} are not a <name>_x,<name>_y pair")
+        names.append(cx[:-2])
+    rows = []
+    for line_no, cells in enumerate(reader, start=2):
+        if not cells or all(not c.strip() for c in cells):
+            continue
+        if len(cells) != len(header):
+            raise InputError(f"{path}, line {line_no}: {len(cells)} cells, the header has {len(header)}")
+        try:
+            width, height, spacing = int(cells[1]), int(cells[2]), float(cells[3])
+            values = [float(c) if c.strip() else math.nan for c in cells[4:]]
+        except ValueError as e:
+            raise InputError(f"{path}, line {line_no}: {e}") from None
+        if not (math.isfinite(spacing) and spacing > 0):
+            raise InputError(f"{path}, line {line_no}: spacing_mm must be a positive number, got {cells[3]}")
+        points = np.array(values).reshape(-1, 2)
+        rows.append(Row(cells[0], width, height, spacing, Landmarks(names, points)))
+    if not rows:
+        raise InputError(f"{path}: no data rows")
+    return names, rows
+
+
+def landmarks_csv(rows: list[tuple[str, int, int, float, Landmarks]]) -> str:
+    """CSV text for (image, width, height, spacing, landmarks) rows; all rows must share one landmark set."""
+    names = rows[0][4].names
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["image", "width", "height", "spacing_mm"] + [f"{n}_{a}" for n in names for a in "xy"])
+    for image, width, height, spacing, lm in rows:
+        if lm.names != names:
+            raise ValueError("all rows of a landmarks CSV need the same landmark names")
+        cells = []
+        for p, ok in zip(lm.points, lm.present):
+            cells += [f"{p[0]:.3f}", f"{p[1]:.3f}"] if ok else ["", ""]
+        writer.writerow([image, width, height, f"{spacing:.6g}"] + cells)
+    return out.getvalue()
+
+
+def write_landmarks_csv(path, rows) -> Path:
+    return atomic_write_text(path, landmarks_csv(rows))

@@ -1,0 +1,72 @@
+"""One factory for every detector kind; all share `detect(case) -> Landmarks` and `names`."""
+from __future__ import annotations
+
+from typing import Protocol
+
+from .case import Case, Landmarks
+from .catalogue import catalogue, resolve
+from .checkpoints import NEEDS_BASE, build_model, read_checkpoint
+from .codec import DEFAULT_SIGMA
+from .errors import InputError
+from .heatmap_detector import DEFAULT_INPUT_HW, HeatmapDetector
+from .lora import has_lora, merge_lora
+
+
+class Detector(Protocol):
+    names: list[str]
+
+    def detect(self, case: Case) -> Landmarks: ...
+
+
+def load_detector(model=None, *, adapter=None, base=None, atlas=None, device=None, precision="fp32",
+                  input_size=None, flip_test=False, landmarks=None, progress=True) -> Detector:
+    """Build a detector.
+
+    model: a weight file or catalogue name (any layout of checkpoints.py). adapter: a LoRA file applied on
+    `model`; base: the Sapiens checkpoint under a MedSapiens/adapter file given as `model`. atlas: a data set
+    (landmarks.csv or folder of .mrk.json + images) for the weight-free atlas detector.
+    landmarks: the landmark names the caller expects; anything else is refused.
+    """
+    if atlas is not None:
+        if model is not None or adapter is not None or base is not None:
+            raise InputError("--atlas works without model weights; give either an atlas or a model")
+        from .atlas import AtlasDetector
+
+        detector = AtlasDetector.from_path(atlas)
+    else:
+        if model is None:
+            raise InputError("no model given: pass a weight file, a catalogue name, or --atlas")
+        if adapter is not None and base is not None:
+            raise InputError("give the base either as MODEL with --adapter, or as --base of a MedSapiens file")
+        first = read_checkpoint(resolve(str(model), progress=progress))
+        other = read_checkpoint(resolve(str(adapter or base), progress=progress)) if (adapter or base) else None
+        ckpt, base_ckpt = (other, first) if adapter is not None else (first, other)
+        if adapter is not None and ckpt.layout not in NEEDS_BASE:
+            raise InputError(f"{ckpt.path}: a {ckpt.layout} checkpoint, not an adapter")
+        net = build_model(ckpt, base_ckpt)
+        if has_lora(net):
+            merge_lora(net)
+        names = ckpt.landmark_names or _catalogue_names(model) or [f"L{i}" for i in range(net.num_keypoints)]
+        if len(names) != net.num_keypoints:
+            raise InputError(f"{ckpt.path}: metadata names {len(names)} landmarks but the head has "
+                             f"{net.num_keypoints}")
+        hw = tuple(input_size) if input_size else tuple(ckpt.meta.get("input_hw", DEFAULT_INPUT_HW))
+        try:
+            detector = HeatmapDetector(net, names, hw, ckpt.meta.get("sigma", DEFAULT_SIGMA),
+                                       ckpt.meta.get("flip_pairs", ()), flip_test, device, precision)
+        except ValueError as e:
+            raise InputError(str(e)) from None
+    if landmarks is not None and list(landmarks) != detector.names:
+        raise InputError(f"the model detects {len(detector.names)} landmarks ({_short(detector.names)}), not the "
+                         f"expected set of {len(landmarks)} ({_short(landmarks)})")
+    return detector
+
+
+def _catalogue_names(model) -> list[str] | None:
+    entry = catalogue().get(str(model))
+    return entry.landmarks if entry else None
+
+
+def _short(names) -> str:
+    names = list(names)
+    return ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")

@@ -1,0 +1,16 @@
+"""User-facing errors: the command line prints these as one line and exits non-zero, never a traceback."""
+
+
+class InputError(ValueError):
+    """Bad input from the user: a file that cannot be read, a wrong landmark set, a checkpoint of an unknown layout."""
+
+
+def describe_mismatch(what: str, missing=(), unexpected=(), wrong_shape=()) -> str:
+    """One line listing the offending state-dict keys (the first few of each kind)."""
+    parts = []
+    for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape)):
+        keys = list(keys)
+        if keys:
+            shown = ", ".join(keys[:6]) + (f" and {len(keys) - 6} more" if len(keys) > 6 else "")
+            parts.append(f"{label}: {shown}")
+    return f"{what} ({'; '.join(parts)})"

@@ -1,0 +1,81 @@
+"""The MedSapiens detector: whole-image box -> UDP warp -> ViT + heatmap head -> DARK-UDP decode -> image pixels."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .case import Case, Landmarks
+from .codec import DEFAULT_SIGMA, UDPCodec
+from .intensity import to_rgb255
+from .model import MEAN, STD, SapiensPose
+from .warp import apply_affine, image_box, invert_affine, udp_warp_matrix, warp_image
+
+DEFAULT_INPUT_HW = (1024, 768)
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def pick_device(device: str | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda asked for, but this PyTorch sees no CUDA GPU")
+    return torch.device(device)
+
+
+def normalise(images: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) RGB 0-255 -> the model's input (ImageNet mean / std)."""
+    mean = torch.tensor(MEAN, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
+    std = torch.tensor(STD, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
+    return (images - mean) / std
+
+
+def image_tensor(case: Case, device) -> torch.Tensor:
+    return torch.from_numpy(to_rgb255(case.image)).permute(2, 0, 1)[None].to(device)
+
+
+class HeatmapDetector:
+    """Detects a fixed, named landmark set with a SapiensPose model; `detect(case) -> Landmarks`."""
+
+    def __init__(self, model: SapiensPose, names: list[str], input_hw=DEFAULT_INPUT_HW, sigma=DEFAULT_SIGMA,
+                 flip_pairs=(), flip_test=False, device=None, precision="fp32", min_confidence=0.0):
+        if len(names) != model.num_keypoints:
+            raise ValueError(f"{len(names)} landmark names for a head with {model.num_keypoints} outputs")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}")
+        self.names = list(names)
+        self.input_hw = tuple(int(v) for v in input_hw)
+        if any(v < 32 or v % 16 for v in self.input_hw):
+            raise ValueError(f"input size must be multiples of 16, at least 32; got {self.input_hw}")
+        self.device = pick_device(device)
+        self.dtype = PRECISIONS[precision]
+        self.model = model.to(self.device, self.dtype).eval()
+        self.codec = UDPCodec(self.input_hw[::-1], (self.input_hw[1] // 4, self.input_hw[0] // 4), sigma)
+        self.flip_index = np.arange(len(names))
+        for a, b in flip_pairs:
+            self.flip_index[a], self.flip_index[b] = b, a
+        self.flip_test = flip_test
+        self.min_confidence = min_confidence
+
+    @torch.inference_mode()
+    def heatmaps(self, case: Case) -> tuple[torch.Tensor, np.ndarray]:
+        """(K, h, w) float32 heatmaps of the case and the 2 x 3 image -> input warp they refer to."""
+        center, scale = image_box(*case.size)
+        warp = udp_warp_matrix(center, scale, 0.0, self.input_hw[::-1])
+        x = warp_image(image_tensor(case, self.device), warp, self.input_hw[::-1])
+        x = normalise(x).to(self.dtype)
+        if self.flip_test:
+            x = torch.cat([x, x.flip(-1)])
+        out = self.model(x).float()
+        hm = out[0]
+        if self.flip_test:
+            hm = 0.5 * (hm + out[1].flip(-1)[self.flip_index])
+        return hm, warp
+
+    def detect(self, case: Case) -> Landmarks:
+        hm, warp = self.heatmaps(case)
+        points, scores = self.codec.decode(hm)
+        points = apply_affine(invert_affine(warp), points)
+        confidence = np.clip(np.nan_to_num(scores), 0.0, 1.0)
+        present = np.isfinite(points).all(axis=1) & (scores > self.min_confidence)
+        points[~present] = np.nan
+        return Landmarks(self.names, points, confidence, present)

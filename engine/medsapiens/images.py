@@ -1,0 +1,125 @@
+"""Read 2D images of any common medical or plain format into a Case, with spacing and geometry from the file.
+
+PNG, JPEG, TIFF, BMP, NIfTI, MHA, DICOM through SimpleITK; NRRD through pynrrd. The pixel -> LPS matrix comes
+from the file's origin, direction and spacing; plain photos get origin 0, identity axes and the given spacing,
+so that LPS = (x * sx, y * sy, 0) as for a PNG loaded into Slicer.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .case import Case
+from .errors import InputError
+
+PLAIN_FORMATS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+SUFFIXES = PLAIN_FORMATS + (".nrrd", ".nhdr", ".nii", ".nii.gz", ".mha", ".mhd", ".dcm", "")
+
+
+def read_image(path, spacing: float | None = None) -> Case:
+    """The image as a Case named by the file stem; `spacing` (mm) overrides or supplies the pixel size."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such image file")
+    if spacing is not None and not (np.isfinite(spacing) and spacing > 0):
+        raise InputError(f"{path}: spacing must be a positive number of mm, got {spacing}")
+    if path.suffix.lower() in (".nrrd", ".nhdr"):
+        array, geometry = _read_nrrd(path)
+    else:
+        array, geometry = _read_sitk(path)
+    plane, geometry = _to_2d(path, array, geometry)
+    if not np.isfinite(geometry).all():
+        raise InputError(f"{path}: the file's spacing or orientation is not finite (NaN or infinity)")
+    sx, sy = np.linalg.norm(geometry[:3, 0]), np.linalg.norm(geometry[:3, 1])
+    if spacing is not None:
+        geometry[:3, 0] *= spacing / sx
+        geometry[:3, 1] *= spacing / sy
+        sx = sy = spacing
+    if not (sx > 0 and sy > 0):
+        raise InputError(f"{path}: the file's pixel spacing is zero")
+    return Case(plane, (sx, sy), name=_stem(path), pixel_to_lps=geometry)
+
+
+def _stem(path: Path) -> str:
+    name = path.name
+    return name[: -len(".nii.gz")] if name.lower().endswith(".nii.gz") else path.stem
+
+
+def _read_sitk(path: Path):
+    import SimpleITK as sitk
+
+    try:
+        image = sitk.ReadImage(str(path))
+    except RuntimeError as e:
+        reason = str(e).strip().splitlines()[-1] if str(e).strip() else "unreadable"
+        raise InputError(f"{path}: not a readable image ({reason[:160]})") from None
+    array = sitk.GetArrayFromImage(image)  # (z, y, x[, c]) or (y, x[, c])
+    dim = image.GetDimension()
+    if image.GetNumberOfComponentsPerPixel() == 1:
+        array = array[..., None]
+    array = np.moveaxis(array, -1, 0)  # components first
+    while array.ndim < 4:
+        array = array[:, None]
+    geometry = np.eye(4)
+    spacing = list(image.GetSpacing()) + [1.0] * (3 - dim)
+    direction = np.eye(3)
+    direction[:dim, :dim] = np.array(image.GetDirection()).reshape(dim, dim)
+    geometry[:3, :3] = direction @ np.diag(spacing)
+    geometry[:3, 3] = list(image.GetOrigin()) + [0.0] * (3 - dim)
+    return array, geometry
+
+
+def _read_nrrd(path: Path):
+    import nrrd
+
+    try:
+        data, header = nrrd.read(str(path), index_order="C")
+    except Exception as e:  # pynrrd raises NRRDError, ValueError, OSError... for bad files
+        raise InputError(f"{path}: not a readable NRRD file ({str(e).splitlines()[0][:160]})") from None
+    kinds = header.get("kinds", ["domain"] * data.ndim)
+    # C order: axes reversed; component (non-domain) axis first if any
+    axes_c = list(reversed(kinds))
+    comp = [i for i, k in enumerate(axes_c) if k not in ("domain", "space")]
+    if comp:
+        data = np.moveaxis(data, comp[0], 0)
+    else:
+        data = data[None]
+    while data.ndim < 4:
+        data = data[:, None]
+    geometry = np.eye(4)
+    directions = header.get("space directions")
+    if directions is not None:
+        d = np.array([row for row in directions if row is not None and not np.all(np.isnan(row))], float)
+        geometry[: d.shape[1], : d.shape[0]] = d.T
+    elif "spacings" in header:
+        domain = [s for s, k in zip(header["spacings"], kinds) if k in ("domain", "space")]
+        geometry[: len(domain), : len(domain)] = np.diag(domain)  # NaN here is refused by read_image
+    origin = header.get("space origin")
+    if origin is not None:
+        geometry[: len(origin), 3] = origin
+    space = str(header.get("space", "left-posterior-superior")).lower()
+    if space in ("right-anterior-superior", "ras"):
+        geometry = np.diag([-1.0, -1.0, 1.0, 1.0]) @ geometry
+    return data, geometry
+
+
+def _to_2d(path: Path, array: np.ndarray, geometry: np.ndarray):
+    """(components, z, y, x) -> (y, x) or (y, x, 3); refuses true 3D volumes."""
+    comps, depth, height, width = array.shape
+    if depth != 1:
+        raise InputError(f"{path}: a 3D volume ({width} x {height} x {depth}); detection works on a 2D image "
+                         "or on a slice chosen in the Slicer module")
+    plane = array[:, 0]
+    if comps == 1:
+        plane = plane[0]
+    elif comps in (3, 4):
+        rgb = plane[:3]
+        plane = rgb[0] if (rgb[0] == rgb[1]).all() and (rgb[0] == rgb[2]).all() else np.moveaxis(rgb, 0, -1)
+    elif comps == 2:  # grey + alpha
+        plane = plane[0]
+    else:
+        raise InputError(f"{path}: {comps} channels per pixel; expected grey or RGB")
+    if plane.dtype.kind == "c" or plane.dtype == bool:
+        raise InputError(f"{path}: unsupported pixel type {plane.dtype}")
+    return np.ascontiguousarray(plane), geometry
