@@ -35,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="output folder")
     p.add_argument("--atlas", help="weight-free detection from annotated cases: a landmarks.csv or a folder of "
                                    ".mrk.json + image pairs")
+    p.add_argument("--atlas-cases", metavar="ID,ID,...", help="with a landmarks.csv atlas: the rows to use "
+                                                               "(image stems; default all)")
     p.add_argument("--spacing", type=float, metavar="MM", help="pixel size for images whose file has none "
                                                              "(default: the file's, else 1 mm)")
     p.add_argument("--landmarks", help="expected landmark names (comma separated, or a landmarks.csv to take "
@@ -96,6 +98,7 @@ def _detect(args) -> int:
     if clash:
         raise InputError(f"several images share the name {sorted(clash)[0]}; their outputs would overwrite each other")
     detector = load_detector(model, adapter=args.adapter, base=args.base, atlas=args.atlas, device=args.device,
+                             atlas_cases=args.atlas_cases.split(",") if args.atlas_cases else None,
                              precision=args.precision, input_size=args.input_size, flip_test=args.flip_test,
                              landmarks=_expected_landmarks(args.landmarks))
     args.out.mkdir(parents=True, exist_ok=True)

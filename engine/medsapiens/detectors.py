@@ -18,13 +18,14 @@ class Detector(Protocol):
     def detect(self, case: Case) -> Landmarks: ...
 
 
-def load_detector(model=None, *, adapter=None, base=None, atlas=None, device=None, precision="fp32",
-                  input_size=None, flip_test=False, landmarks=None, progress=True) -> Detector:
+def load_detector(model=None, *, adapter=None, base=None, atlas=None, atlas_cases=None, device=None,
+                  precision="fp32", input_size=None, flip_test=False, landmarks=None, progress=True) -> Detector:
     """Build a detector.
 
     model: a weight file or catalogue name (any layout of checkpoints.py). adapter: a LoRA file applied on
     `model`; base: the Sapiens checkpoint under a MedSapiens/adapter file given as `model`. atlas: a data set
-    (landmarks.csv or folder of .mrk.json + images) for the weight-free atlas detector.
+    (landmarks.csv or folder of .mrk.json + images) for the weight-free atlas detector; atlas_cases: the
+    rows of a landmarks.csv atlas to use (image stems; default all).
     landmarks: the landmark names the caller expects; anything else is refused.
     """
     if atlas is not None:
@@ -32,7 +33,7 @@ def load_detector(model=None, *, adapter=None, base=None, atlas=None, device=Non
             raise InputError("--atlas works without model weights; give either an atlas or a model")
         from .atlas import AtlasDetector
 
-        detector = AtlasDetector.from_path(atlas)
+        detector = AtlasDetector.from_path(atlas, atlas_cases)
     else:
         if model is None:
             raise InputError("no model given: pass a weight file, a catalogue name, or --atlas")

@@ -1,0 +1,94 @@
+"""The weight-free atlas detector on real radiographs and the offline demo."""
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from medsapiens import Case, InputError, Landmarks, load_detector
+from medsapiens.atlas import AtlasDetector
+from medsapiens.cli import main
+from medsapiens.markups import write_markups
+
+
+def warped_copy(case: Case, seed=0):
+    """The case's image under a known smooth warp (affine + sinusoidal), with its landmarks moved exactly."""
+    rng = np.random.default_rng(seed)
+    h, w = case.image.shape[:2]
+    angle, scale, shift = np.deg2rad(4.0), 1.04, np.array([12.0, -9.0])
+    a = scale * np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+    centre = np.array([w, h]) / 2.0
+    amp = rng.uniform(3, 5, 2)
+
+    def forward(p):  # original -> warped
+        return (p - centre) @ a.T + centre + shift + amp * np.sin(p[..., ::-1] / [90.0, 110.0])
+
+    def inverse(x):
+        p = (x - centre - shift) @ np.linalg.inv(a).T + centre
+        for _ in range(10):
+            p = (x - centre - shift - amp * np.sin(p[..., ::-1] / [90.0, 110.0])) @ np.linalg.inv(a).T + centre
+        return p
+
+    ys, xs = np.mgrid[0:h, 0:w].astype(float)
+    src = inverse(np.stack([xs, ys], -1))
+    image = sitk.GetImageFromArray(case.image.astype(np.float32))
+    coords = sitk.GetImageFromArray(src, isVector=True)
+    field = sitk.DisplacementFieldTransform(sitk.Cast(coords - sitk.Compose(
+        sitk.GetImageFromArray(xs), sitk.GetImageFromArray(ys)), sitk.sitkVectorFloat64))
+    warped = sitk.GetArrayFromImage(sitk.Resample(image, image, field, sitk.sitkLinear, 0.0))
+    moved = Landmarks(case.landmarks.names, forward(case.landmarks.points), present=case.landmarks.present)
+    return Case(warped.astype(np.uint8), case.spacing, moved, name=case.name + "_warped")
+
+
+def test_registration_recovers_a_known_warp_of_a_real_radiograph(ceph):
+    case = ceph.case(0)
+    target = warped_copy(case)
+    found = AtlasDetector([case]).detect(target)
+    err = np.linalg.norm(found.points - target.landmarks.points, axis=1)
+    assert np.median(err) < 1.0 and np.percentile(err, 90) < 2.0, err
+
+
+def test_one_atlas_on_the_identical_image_returns_its_points(ceph):
+    case = ceph.case(1)
+    found = AtlasDetector([case]).detect(case)
+    ok = case.landmarks.present
+    assert (found.present == ok).all()
+    err = np.linalg.norm(found.points[ok] - case.landmarks.points[ok], axis=1)
+    assert np.median(err) < 0.5 and err.max() < 2.0, err  # stochastic MI sampling: sub-pixel, not exact
+
+
+def test_refused_atlases(ceph):
+    a, b = ceph.case(0), ceph.case(1)
+    b.landmarks = b.landmarks.subset(ceph.names[:-1])
+    with pytest.raises(InputError, match="same set"):
+        AtlasDetector([a, b])
+    with pytest.raises(InputError, match="empty"):
+        AtlasDetector([])
+    bare = Case(a.image, a.spacing, name="bare")
+    with pytest.raises(InputError, match="bare has no landmarks"):
+        AtlasDetector([bare])
+
+
+def test_atlas_from_markups_folder_and_cli(tmp_path, ceph, capsys):
+    folder = tmp_path / "atlas"
+    folder.mkdir()
+    for i in (0, 1):
+        case = ceph.case(i)
+        sitk.WriteImage(sitk.GetImageFromArray(case.image), str(folder / f"{case.name}.png"))
+        write_markups(folder / f"{case.name}.mrk.json", case.landmarks, Case(case.image, 1.0))
+    detector = load_detector(atlas=folder)
+    assert detector.names == ceph.names and len(detector.atlases) == 2
+    image = ceph.root / ceph.rows[60].image
+    assert main(["detect", "--atlas", str(ceph.path), "--atlas-cases", "001,002", str(image),
+                 "--out", str(tmp_path / "out"), "--spacing", "0.254"]) == 0
+    doc = json.loads((tmp_path / "out" / "061.mrk.json").read_text())
+    assert [p["label"] for p in doc["markups"][0]["controlPoints"]] == ceph.names
+
+
+def test_demo_runs_end_to_end_on_the_phantom(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path), "--cases", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "MRE" in out
+    mre = float(out.split("MRE ")[1].split(" mm")[0])
+    assert mre < 2.0
+    assert (tmp_path / "overlay.png").is_file() and len(list(tmp_path.glob("*.mrk.json"))) == 2

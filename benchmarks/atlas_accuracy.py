@@ -1,0 +1,49 @@
+"""Accuracy and speed of the weight-free atlas detector: atlases from the first cases, scored on the second half.
+
+    python benchmarks/atlas_accuracy.py ../shared/data/ceph_hamedan --atlases 1 3 5
+    python benchmarks/atlas_accuracy.py ../shared/data/hand_dha --atlases 3 --radii 2 4 10
+
+Prints, per atlas count, MRE and SDR in mm over the scored images and the median seconds per image.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+
+from medsapiens.atlas import AtlasDetector
+from medsapiens.datasets import Dataset
+from medsapiens.metrics import format_summary, radial_errors, summary
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("data", type=Path, help="data set folder (with landmarks.csv)")
+    p.add_argument("--atlases", type=int, nargs="+", default=[3], help="atlas counts (first rows)")
+    p.add_argument("--first-scored", type=int, default=51, help="1-based row where scoring starts (default 51)")
+    p.add_argument("--limit", type=int, help="score only this many images")
+    p.add_argument("--radii", type=float, nargs="+", default=[2, 2.5, 3, 4])
+    p.add_argument("--no-refine", action="store_true", help="skip the patch refinement")
+    args = p.parse_args()
+    ds = Dataset(args.data / "landmarks.csv")
+    scored = list(range(args.first_scored - 1, len(ds)))[: args.limit]
+    cases = [ds.case(i) for i in scored]
+    for n in args.atlases:
+        detector = AtlasDetector([ds.case(i) for i in range(n)], refine=not args.no_refine)
+        errors, times = [], []
+        for case in cases:
+            t = time.perf_counter()
+            found = detector.detect(case)
+            times.append(time.perf_counter() - t)
+            errors.append(radial_errors(found, case.landmarks, case.spacing))
+        print(f"{args.data.name}: {n} atlas(es) ({ds.rows[0].id}..{ds.rows[n - 1].id}), {len(cases)} images "
+              f"({ds.rows[scored[0]].id}..{ds.rows[scored[-1]].id}): "
+              f"{format_summary(summary(np.array(errors), args.radii))}; "
+              f"{statistics.median(times):.2f} s/image (median)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
