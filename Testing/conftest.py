@@ -1,7 +1,6 @@
 """Shared fixtures: the real data sets beside the repository, and small real models."""
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 

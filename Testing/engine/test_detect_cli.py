@@ -4,7 +4,6 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 
 from medsapiens.adapter_file import save_trained
 from medsapiens.cli import main

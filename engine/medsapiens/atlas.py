@@ -2,8 +2,8 @@
 
 Each atlas is registered to the new image (atlas = fixed, new image = moving, so the transform carries atlas
 points straight onto the new image), with Mattes mutual information taken over the atlas's landmark region
-only (labels, rulers and collimator edges mislead it): similarity from two starts (image centres, moments),
-then affine, then a coarse B-spline, each multi-resolution. Each mapped point is refined coarse-to-fine by
+only (labels, rulers and collimator edges mislead it): similarity from the image centres (intensity moments
+are pulled away by bright collimator fields), then affine, then a coarse B-spline, each multi-resolution. Each mapped point is refined coarse-to-fine by
 normalised cross-correlation of the atlas patch around it. Across atlases, votes far from the median (a failed
 registration) are dropped and the rest averaged; confidence falls with their spread.
 """
@@ -30,7 +30,6 @@ class AtlasSettings:
     local_side: int = 512  # working size of the B-spline stage
     bspline_mesh: int = 4  # B-spline control-point mesh per side
     levels: tuple = ((4.0, 16, 8), (2.0, 16, 6), (1.0, 14, 4))  # refinement: (px step, patch, search radius)
-    starts: tuple = (sitk.CenteredTransformInitializerFilter.GEOMETRY, sitk.CenteredTransformInitializerFilter.MOMENTS)
     mask_margin: float = 0.15  # metric region: landmark box grown by this share of its size
     spread_mm: float = 2.0  # atlas disagreement at which confidence drops to 0.61 (one sigma)
     seed: int = 7
@@ -106,17 +105,13 @@ def register(atlas_p: _Prepared, target_p: _Prepared, s: AtlasSettings) -> sitk.
     """Transform taking atlas pixel coordinates to the target's (fixed = atlas, moving = target); the metric
     is taken over the atlas's landmark region only."""
     atlas, target = atlas_p.coarse, target_p.coarse
-    best = None
-    for start in s.starts:  # several starts: one bad initialisation would ruin every landmark
-        init = sitk.CenteredTransformInitializer(atlas, target, sitk.Similarity2DTransform(), start)
-        reg = _registration([4, 2, 1], [2, 1, 0], s.seed, atlas_p.coarse_mask)
-        reg.SetOptimizerAsRegularStepGradientDescent(1.0, 1e-3, 150, relaxationFactor=0.6)
-        reg.SetOptimizerScalesFromPhysicalShift()
-        reg.SetInitialTransform(init, inPlace=False)
-        result = sitk.Similarity2DTransform(reg.Execute(atlas, target).GetNthTransform(0))
-        if best is None or reg.GetMetricValue() < best[0]:
-            best = (reg.GetMetricValue(), result)
-    similarity = best[1]
+    init = sitk.CenteredTransformInitializer(atlas, target, sitk.Similarity2DTransform(),
+                                             sitk.CenteredTransformInitializerFilter.GEOMETRY)
+    reg = _registration([4, 2, 1], [2, 1, 0], s.seed, atlas_p.coarse_mask)
+    reg.SetOptimizerAsRegularStepGradientDescent(1.0, 1e-3, 150, relaxationFactor=0.6)
+    reg.SetOptimizerScalesFromPhysicalShift()
+    reg.SetInitialTransform(init, inPlace=False)
+    similarity = sitk.Similarity2DTransform(reg.Execute(atlas, target).GetNthTransform(0))
 
     affine = sitk.AffineTransform(2)
     affine.SetMatrix(similarity.GetMatrix())

@@ -12,7 +12,6 @@ The architecture comes from the embedding width and depth, the number of landmar
 from __future__ import annotations
 
 import math
-import pickle
 import re
 import zipfile
 from dataclasses import dataclass, field
@@ -109,7 +108,7 @@ def _pose_only(state: dict) -> dict:
 
 def _layout_of(path: Path, state: dict) -> str:
     keys = list(state)
-    if any(lora.from_medsapiens({k: None}) for k in keys):
+    if any(lora.is_medsapiens_key(k) for k in keys):
         return "medsapiens"
     if "backbone.patch_embed.projection.weight" in state and "head.final_layer.weight" in state:
         return "pose"

@@ -92,7 +92,8 @@ def _detect(args) -> int:
     images = [Path(i) for i in images]
     missing = [str(i) for i in images if not i.is_file()]
     if missing:
-        raise InputError(f"{missing[0]}: no such image file" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise InputError(f"{missing[0]}: no such image file{more}")
     stems = [i.name.split(".")[0] for i in images]
     clash = {s for s in stems if stems.count(s) > 1}
     if clash:

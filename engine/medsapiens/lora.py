@@ -51,9 +51,13 @@ def load_lora(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
     unexpected = sorted(set(given) - set(expected))
     wrong = sorted(k for k in set(given) & set(expected) if given[k].shape != expected[k].shape)
     if missing or unexpected or wrong:
-        raise InputError(describe_mismatch("LoRA weights do not fit the model", missing, unexpected,
-                                           [f"{k} {tuple(given[k].shape)} != {tuple(expected[k].shape)}" for k in wrong]))
+        shapes = [f"{k} {tuple(given[k].shape)} != {tuple(expected[k].shape)}" for k in wrong]
+        raise InputError(describe_mismatch("LoRA weights do not fit the model", missing, unexpected, shapes))
     model.load_state_dict(given, strict=False)
+
+
+def is_medsapiens_key(key: str) -> bool:
+    return _MEDSAPIENS_KEY.match(key) is not None
 
 
 def from_medsapiens(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

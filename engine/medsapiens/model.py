@@ -142,7 +142,8 @@ class HeatmapHead(nn.Module):
             *stage(nn.ConvTranspose2d(in_channels, channels, 4, 2, 1, bias=False)),
             *stage(nn.ConvTranspose2d(channels, channels, 4, 2, 1, bias=False)),
         )
-        self.conv_layers = nn.Sequential(*stage(nn.Conv2d(channels, channels, 1)), *stage(nn.Conv2d(channels, channels, 1)))
+        self.conv_layers = nn.Sequential(*stage(nn.Conv2d(channels, channels, 1)),
+                                         *stage(nn.Conv2d(channels, channels, 1)))
         self.final_layer = nn.Conv2d(channels, num_keypoints, 1)
 
     def forward(self, x):
