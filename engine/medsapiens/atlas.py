@@ -3,9 +3,10 @@
 Each atlas is registered to the new image (atlas = fixed, new image = moving, so the transform carries atlas
 points straight onto the new image), with Mattes mutual information taken over the atlas's landmark region
 only (labels, rulers and collimator edges mislead it): similarity from the image centres (intensity moments
-are pulled away by bright collimator fields), then affine, then a coarse B-spline, each multi-resolution. Each mapped point is refined coarse-to-fine by
-normalised cross-correlation of the atlas patch around it. Across atlases, votes far from the median (a failed
-registration) are dropped and the rest averaged; confidence falls with their spread.
+are pulled away by bright collimator fields), then affine, then a coarse B-spline, each multi-resolution.
+Each mapped point is refined coarse-to-fine by normalised cross-correlation of the atlas patch around it.
+Across atlases, votes far from the median (a failed registration) are dropped and the rest averaged;
+confidence falls with their spread.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import SimpleITK as sitk
 from numpy.lib.stride_tricks import sliding_window_view
 
 from .case import Case, Landmarks
-from .errors import InputError
+from .errors import InputError, short_list
 from .intensity import to_rgb255
 
 
@@ -191,8 +192,8 @@ class AtlasDetector:
         names = atlases[0].landmarks.names
         for a in atlases[1:]:
             if a.landmarks.names != names:
-                raise InputError(f"atlas case {a.label} has landmarks {_short(a.landmarks.names)}, but "
-                                 f"{atlases[0].label} has {_short(names)}; all atlases need the same set")
+                raise InputError(f"atlas case {a.label} has landmarks {short_list(a.landmarks.names)}, but "
+                                 f"{atlases[0].label} has {short_list(names)}; all atlases need the same set")
         self.names = list(names)
         self.settings = settings
         self.refine = refine
@@ -260,7 +261,3 @@ def _markups_folder(folder: Path) -> list[Case]:
         raise InputError(f"{folder}: no .mrk.json files in the atlas folder")
     return cases
 
-
-def _short(names) -> str:
-    names = list(names)
-    return ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")

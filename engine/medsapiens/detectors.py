@@ -7,7 +7,7 @@ from .case import Case, Landmarks
 from .catalogue import catalogue, resolve
 from .checkpoints import NEEDS_BASE, build_model, read_checkpoint
 from .codec import DEFAULT_SIGMA
-from .errors import InputError
+from .errors import InputError, short_list
 from .heatmap_detector import DEFAULT_INPUT_HW, HeatmapDetector
 from .lora import has_lora, merge_lora
 
@@ -58,8 +58,8 @@ def load_detector(model=None, *, adapter=None, base=None, atlas=None, atlas_case
         except ValueError as e:
             raise InputError(str(e)) from None
     if landmarks is not None and list(landmarks) != detector.names:
-        raise InputError(f"the model detects {len(detector.names)} landmarks ({_short(detector.names)}), not the "
-                         f"expected set of {len(landmarks)} ({_short(landmarks)})")
+        raise InputError(f"the model detects {len(detector.names)} landmarks ({short_list(detector.names)}), not the "
+                         f"expected set of {len(landmarks)} ({short_list(landmarks)})")
     return detector
 
 
@@ -67,7 +67,3 @@ def _catalogue_names(model) -> list[str] | None:
     entry = catalogue().get(str(model))
     return entry.landmarks if entry else None
 
-
-def _short(names) -> str:
-    names = list(names)
-    return ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")

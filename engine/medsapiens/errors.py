@@ -14,3 +14,9 @@ def describe_mismatch(what: str, missing=(), unexpected=(), wrong_shape=()) -> s
             shown = ", ".join(keys[:6]) + (f" and {len(keys) - 6} more" if len(keys) > 6 else "")
             parts.append(f"{label}: {shown}")
     return f"{what} ({'; '.join(parts)})"
+
+
+def short_list(names, n: int = 5) -> str:
+    """The first few names, for messages about landmark sets."""
+    names = list(names)
+    return ", ".join(names[:n]) + (", ..." if len(names) > n else "")
