@@ -94,3 +94,17 @@ def test_help_everywhere():
     for args in (["--help"], ["detect", "--help"], ["demo", "--help"], ["models", "--help"]):
         result = run_cli(*args)
         assert result.returncode == 0 and "usage:" in result.stdout
+
+
+def test_bf16_landmarks_agree_with_fp32_on_a_fitted_model(fitted_micro, ceph):
+    import copy
+
+    from medsapiens.heatmap_detector import HeatmapDetector
+    from medsapiens.warp import image_box
+
+    case = ceph.case(0)
+    runs = {p: HeatmapDetector(copy.deepcopy(fitted_micro), ceph.names, (256, 192), 3.0, device="cpu",
+                               precision=p).detect(case).points for p in ("fp32", "bf16")}
+    input_px = image_box(*case.size)[1][0] / 191  # image pixels per input pixel
+    d = np.linalg.norm(runs["fp32"] - runs["bf16"], axis=1) / input_px
+    assert d.max() < 0.5, d
