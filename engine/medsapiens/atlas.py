@@ -36,11 +36,10 @@ class AtlasSettings:
     seed: int = 7
 
 
-def _working_image(case: Case, side: int) -> sitk.Image:
-    """Grey 0..1 image resampled to `side` px whose physical space is the case's pixels."""
-    grey = (to_rgb255(case.image).mean(axis=2) / 255.0).astype(np.float32)
-    image = sitk.GetImageFromArray(grey)
-    w, h = case.size
+def _working_image(full: sitk.Image, side: int) -> sitk.Image:
+    """The full-resolution image resampled to `side` px; its physical space stays the original pixels."""
+    image = full
+    w, h = full.GetSize()
     f = max(w, h) / side
     if f > 1:
         image = sitk.SmoothingRecursiveGaussian(image, 0.5 * f)
@@ -62,10 +61,10 @@ class _Prepared:
 
 
 def _prepare(case: Case, s: "AtlasSettings") -> _Prepared:
-    full = sitk.GetImageFromArray((to_rgb255(case.image).mean(axis=2) / 255.0).astype(np.float32))
+    full = sitk.GetImageFromArray((to_rgb255(case.image).mean(axis=2) / 255.0).astype(np.float32))  # grey 0..1
     levels = {step: sitk.SmoothingRecursiveGaussian(full, 0.5 * step) if step > 1 else full
               for step, _, _ in s.levels}
-    prepared = _Prepared(_working_image(case, s.global_side), _working_image(case, s.local_side), levels)
+    prepared = _Prepared(_working_image(full, s.global_side), _working_image(full, s.local_side), levels)
     if case.landmarks is not None:
         prepared.coarse_mask = _landmark_mask(prepared.coarse, case.landmarks, s.mask_margin)
         prepared.fine_mask = _landmark_mask(prepared.fine, case.landmarks, s.mask_margin)
