@@ -51,6 +51,11 @@ def overlay(case: Case, truth: Landmarks, found: Landmarks) -> np.ndarray:
     return rgb
 
 
+def _write_png(path: Path, array: np.ndarray) -> None:
+    atomic_write(path, lambda tmp: sitk.WriteImage(sitk.GetImageFromArray(array, isVector=array.ndim == 3), tmp,
+                                                   imageIO="PNGImageIO"))
+
+
 def run_demo(data: Path | None, out: Path, n_atlases: int = 3, n_cases: int = 4) -> int:
     if n_atlases < 1 or n_cases < 1:
         raise InputError("--atlases and --cases must be at least 1")
@@ -59,25 +64,21 @@ def run_demo(data: Path | None, out: Path, n_atlases: int = 3, n_cases: int = 4)
     print(f"demo: {len(atlases)} annotated cases -> {len(cases)} unseen cases ({source})", file=sys.stderr)
     detector = AtlasDetector(atlases)
     out.mkdir(parents=True, exist_ok=True)
-    errors, rows, results = [], [], []
+    errors, mean_found, rows, results = [], [], [], []
     for case in cases:
         t = time.perf_counter()
         found = detector.detect(case)
         results.append(found)
         errors.append(radial_errors(found, case.landmarks, case.spacing))
+        mean_found.append(errors[-1][np.isfinite(errors[-1])].mean())
         image_path = out / f"{case.name}.png"
-        atomic_write(image_path, lambda tmp: sitk.WriteImage(sitk.GetImageFromArray(case.image,
-                                                                                    isVector=case.image.ndim == 3),
-                                                             tmp, imageIO="PNGImageIO"))
+        _write_png(image_path, case.image)
         write_markups(out / f"{case.name}.mrk.json", found, case)
         rows.append((image_path.name, *case.size, case.spacing[0], found))
-        print(f"  {case.name}: {np.nanmean(errors[-1][np.isfinite(errors[-1])]):.2f} mm mean error, "
-              f"{time.perf_counter() - t:.1f} s", file=sys.stderr)
+        print(f"  {case.name}: {mean_found[-1]:.2f} mm mean error, {time.perf_counter() - t:.1f} s", file=sys.stderr)
     write_landmarks_csv(out / "landmarks.csv", rows)
-    worst = int(np.argmax([np.nanmean(np.where(np.isinf(e), np.nan, e)) for e in errors]))
-    picture = overlay(cases[worst], cases[worst].landmarks, results[worst])
-    atomic_write(out / "overlay.png", lambda tmp: sitk.WriteImage(sitk.GetImageFromArray(picture, isVector=True),
-                                                                  tmp, imageIO="PNGImageIO"))
+    worst = int(np.argmax(mean_found))
+    _write_png(out / "overlay.png", overlay(cases[worst], cases[worst].landmarks, results[worst]))
     print(f"atlas detector, {len(atlases)} atlases: {format_summary(summary(np.array(errors), CEPH_RADII))}")
     print(f"wrote {out}/*.mrk.json, landmarks.csv and overlay.png (green truth, red detected: "
           f"{cases[worst].name}) in {time.perf_counter() - start:.0f} s", file=sys.stderr)

@@ -6,7 +6,6 @@ import numpy as np
 from .case import Landmarks
 
 CEPH_RADII = (2.0, 2.5, 3.0, 4.0)
-HAND_RADII = (2.0, 4.0, 10.0)
 
 
 def radial_errors(predicted: Landmarks, truth: Landmarks, spacing) -> np.ndarray:
