@@ -52,3 +52,12 @@ def fitted_micro(ceph):
     torch.manual_seed(0)
     model = SapiensPose("micro", len(ceph.names), (16, 12))
     return overfit(model, ceph.case(0), (256, 192), steps=500, lr=2e-3)
+
+
+@pytest.fixture(scope="session")
+def fitted_file(tmp_path_factory, fitted_micro, ceph):
+    """fitted_micro saved as this project's model file."""
+    from medsapiens.adapter_file import save_trained
+
+    path = tmp_path_factory.mktemp("model") / "ceph_micro.safetensors"
+    return save_trained(path, fitted_micro, ceph.names, (256, 192), 3.0)

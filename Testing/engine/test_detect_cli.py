@@ -5,16 +5,9 @@ import sys
 import numpy as np
 import pytest
 
-from medsapiens.adapter_file import save_trained
 from medsapiens.cli import main
 from medsapiens.datasets import Dataset
 from medsapiens.markups import landmarks_from_markups, read_markups
-
-
-@pytest.fixture(scope="module")
-def fitted_file(tmp_path_factory, fitted_micro, ceph):
-    path = tmp_path_factory.mktemp("model") / "ceph_micro.safetensors"
-    return save_trained(path, fitted_micro, ceph.names, (256, 192), 3.0)
 
 
 def test_detect_writes_markups_and_csv_that_slicer_reads(tmp_path, fitted_file, ceph, capsys):

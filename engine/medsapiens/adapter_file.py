@@ -2,6 +2,7 @@
 
 kind "adapter": LoRA matrices (peft names) + head, applied on a base checkpoint identified by its SHA256.
 kind "model": a whole backbone + head (models trained here), no base needed.
+kind "state": the optimizer state beside a model in training (`<model>.state`), to resume it.
 Metadata: landmark names, flip pairs, input size, sigma, architecture, base identity, training cases, date.
 Written atomically: a temporary file in the same folder, fsync, then rename over the target.
 """
@@ -18,7 +19,7 @@ import torch
 from .atomic import atomic_write
 
 FORMAT = "medsapiens-weights/1"
-KINDS = ("adapter", "model")
+KINDS = ("adapter", "model", "state")
 
 
 def sha256_of(path: str | os.PathLike, chunk: int = 1 << 22) -> str:

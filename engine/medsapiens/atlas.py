@@ -11,7 +11,6 @@ confidence falls with their spread.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
@@ -201,14 +200,9 @@ class AtlasDetector:
     @classmethod
     def from_path(cls, path, ids: list[str] | None = None) -> "AtlasDetector":
         """A landmarks.csv (all rows, or those of `ids`) or a folder of `.mrk.json` + image pairs."""
-        path = Path(path)
-        if path.is_dir():
-            return cls(_markups_folder(path))
-        from .datasets import Dataset
+        from .datasets import load_cases
 
-        ds = Dataset(path)
-        rows = ds.select(ids) if ids else range(len(ds))
-        return cls([ds.case(i) for i in rows])
+        return cls(load_cases(path, ids))
 
     def detect(self, case: Case) -> Landmarks:
         s = self.settings
@@ -241,22 +235,3 @@ class AtlasDetector:
                 confidence[k] = 0.5  # one atlas: no agreement to measure
         inside = np.isfinite(points).all(axis=1)
         return Landmarks(self.names, points, confidence, present & inside)
-
-
-def _markups_folder(folder: Path) -> list[Case]:
-    from .images import read_image
-    from .markups import landmarks_from_markups
-
-    cases = []
-    for mrk in sorted(folder.glob("*.mrk.json")):
-        stem = mrk.name[: -len(".mrk.json")]
-        images = [p for p in folder.iterdir() if p.name.split(".")[0] == stem and p != mrk]
-        if not images:
-            raise InputError(f"{mrk}: no image named {stem}.* beside it")
-        case = read_image(images[0])
-        case.landmarks = landmarks_from_markups(mrk, case)
-        cases.append(case)
-    if not cases:
-        raise InputError(f"{folder}: no .mrk.json files in the atlas folder")
-    return cases
-

@@ -52,6 +52,8 @@ def read_checkpoint(path) -> Checkpoint:
         raise InputError(f"{path}: no such checkpoint file")
     if adapter_file.is_weights_file(path):
         tensors, meta = adapter_file.load_weights(path)
+        if meta["kind"] == "state":
+            raise InputError(f"{path}: an optimizer state for resuming training, not model weights")
         return Checkpoint(path, meta["kind"], tensors, meta)
     if zipfile.is_zipfile(path):
         names = zipfile.ZipFile(path).namelist()
@@ -176,28 +178,59 @@ def build_model(ckpt: Checkpoint, base: Checkpoint | None = None) -> SapiensPose
     if not head:
         raise InputError(f"{ckpt.path}: a {ckpt.layout} checkpoint has no heatmap head, so it cannot detect "
                          "landmarks; use it as --base of an adapter, or fine-tune one on it")
-    required = ("backbone.patch_embed.projection.weight", "backbone.pos_embed", "head.deconv_layers.0.weight",
-                "head.final_layer.weight")
+    if "head.final_layer.weight" not in head:
+        raise InputError(describe_mismatch(f"{ckpt.path}: incomplete checkpoint", missing=["head.final_layer.weight"]))
     tensors = {**backbone, **head}
-    absent = [k for k in required if k not in tensors]
-    if absent:
-        raise InputError(describe_mismatch(f"{source.path}: incomplete checkpoint", missing=absent))
-    width = tensors["backbone.patch_embed.projection.weight"].shape[0]
-    depth = len({k.split(".")[2] for k in tensors if re.match(r"backbone\.layers\.\d+\.", k)})
-    try:
-        arch = arch_name_for(width, depth, tensors["head.deconv_layers.0.weight"].shape[1])
-        grid = pos_grid_for(tensors["backbone.pos_embed"].shape[1], source.meta)
-    except (KeyError, InputError) as e:
-        raise InputError(f"{source.path}: {e.args[0]}") from None
-    model = SapiensPose(arch, tensors["head.final_layer.weight"].shape[0], grid)
+    model = _empty_model(tensors, source, head["head.final_layer.weight"].shape[0])
     _load_strict(model, tensors, ckpt.path)
     if lora_weights:
-        lora.add_lora(model)
+        lora.add_lora(model, lora.lora_blocks(lora_weights))
         try:
             lora.load_lora(model, lora_weights)
         except InputError as e:
             raise InputError(f"{ckpt.path}: {e}") from None
     return model.eval()
+
+
+def base_for_training(ckpt: Checkpoint, names: list[str]) -> SapiensPose:
+    """A model for `names` on a base checkpoint: its backbone, and its head where it has one.
+
+    The head's final layer is kept only when the base detects exactly these landmarks; otherwise it starts
+    afresh, as MedSapiens re-initialises the final conv for a new task.
+    """
+    if ckpt.layout not in BASE_LAYOUTS:
+        raise InputError(f"{ckpt.path}: holds {ckpt.layout} weights, which cannot serve as a base; give the "
+                         "base model they were trained on")
+    head = head_tensors(ckpt)
+    if ckpt.landmark_names != list(names):
+        head = {k: v for k, v in head.items() if not k.startswith("head.final_layer.")}
+    tensors = {**backbone_tensors(ckpt), **head}
+    model = _empty_model(tensors, ckpt, len(names))
+    expected = model.state_dict()
+    kept = {k: v for k, v in tensors.items() if k in expected and v.shape == expected[k].shape}
+    absent = [k for k in expected if k.startswith("backbone.") and k not in kept]
+    if absent:
+        raise InputError(describe_mismatch(f"{ckpt.path}: the backbone does not fit a {model.arch_name} model",
+                                           missing=absent))
+    model.load_state_dict({k: v.float() for k, v in kept.items()}, strict=False)
+    return model
+
+
+def _empty_model(tensors: dict, source: Checkpoint, num_keypoints: int) -> SapiensPose:
+    """The architecture the tensors describe (width and depth of the backbone, head width where present)."""
+    required = ("backbone.patch_embed.projection.weight", "backbone.pos_embed")
+    absent = [k for k in required if k not in tensors]
+    if absent:
+        raise InputError(describe_mismatch(f"{source.path}: incomplete checkpoint", missing=absent))
+    width = tensors["backbone.patch_embed.projection.weight"].shape[0]
+    depth = len({k.split(".")[2] for k in tensors if re.match(r"backbone\.layers\.\d+\.", k)})
+    head_width = tensors["head.deconv_layers.0.weight"].shape[1] if "head.deconv_layers.0.weight" in tensors else None
+    try:
+        arch = arch_name_for(width, depth, head_width)
+        grid = pos_grid_for(tensors["backbone.pos_embed"].shape[1], source.meta)
+    except (KeyError, InputError) as e:
+        raise InputError(f"{source.path}: {e.args[0]}") from None
+    return SapiensPose(arch, num_keypoints, grid)
 
 
 def _load_strict(model: SapiensPose, tensors: dict, path: Path) -> None:

@@ -10,6 +10,11 @@ import sys
 from pathlib import Path
 
 from .errors import InputError
+from .metrics import CEPH_RADII
+from .model import ARCHS
+from .training import DEFAULT_ARCH, DEFAULT_INPUT_HW as TRAIN_INPUT_HW
+
+ARCH_NAMES = list(ARCHS)
 
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
@@ -21,6 +26,15 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input-size", nargs=2, type=int, metavar=("H", "W"),
                    help="network input size (default: the model's, 1024 768 for Sapiens)")
     p.add_argument("--flip-test", action="store_true", help="average with the mirrored image (slower)")
+
+
+def _add_training_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--input-size", nargs=2, type=int, default=list(TRAIN_INPUT_HW), metavar=("H", "W"),
+                   help=f"network input size (default {TRAIN_INPUT_HW[0]} {TRAIN_INPUT_HW[1]})")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: CUDA when present)")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="bf16 autocast (pays off on GPUs; this kind of CPU has no bf16 units)")
+    p.add_argument("--seed", type=int, default=0)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,6 +57,58 @@ def build_parser() -> argparse.ArgumentParser:
                                        "them from); another set is refused")
     _add_model_options(p)
     p.set_defaults(run=_detect)
+
+    p = sub.add_parser("finetune", help="train a LoRA adapter for a landmark set from a few annotated cases",
+                       description="Fine-tune an adapter (LoRA on the frozen base + a head for the cases' landmarks) "
+                                   "from a few annotated cases; written atomically to OUT.")
+    p.add_argument("--base", required=True, help="base model: weight file or catalogue name; or an architecture "
+                                                 f"({', '.join(ARCH_NAMES)}) to train every weight from scratch")
+    p.add_argument("--data", required=True, type=Path, help="landmarks.csv, or a folder of .mrk.json + images")
+    p.add_argument("--cases", metavar="ID,ID,...", help="the annotated cases to learn from (image stems; default "
+                                                         "all of --data)")
+    p.add_argument("--out", required=True, type=Path, help="adapter file to write (.safetensors)")
+    p.add_argument("--time-budget", type=float, default=300.0, metavar="S",
+                   help="training time in seconds (default 300)")
+    p.add_argument("--steps", type=int, help="stop after this many steps (default: the time budget decides)")
+    p.add_argument("--views", type=int, default=64, help="augmented views per case, made once (default 64)")
+    p.add_argument("--lora-blocks", type=int, metavar="N", help="LoRA on the last N blocks only; the blocks below "
+                                                                "run once per view (default: all blocks)")
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default 1e-3)")
+    p.add_argument("--flip-pairs", metavar="A:B,...", help="symmetric landmark pairs (names); enables mirroring")
+    _add_training_options(p)
+    p.set_defaults(run=_finetune)
+
+    p = sub.add_parser("train", help="train a whole model on one data set (specialist) or several (generalist)",
+                       description="Train a model from scratch on annotated data sets; several --data make a "
+                                   "generalist with one head over the union of their landmarks. Runs data-parallel "
+                                   "under `torchrun --nproc_per_node N`.")
+    p.add_argument("--arch", default=DEFAULT_ARCH, choices=ARCH_NAMES,
+                   help=f"architecture (default {DEFAULT_ARCH}, the best size for a CPU)")
+    p.add_argument("--data", required=True, type=Path, action="append", help="landmarks.csv (repeat for several)")
+    p.add_argument("--rows", metavar="A:B", help="rows of each data set to train on, 0-based slice (default all)")
+    p.add_argument("--out", required=True, type=Path, help="model file to write (.safetensors); the optimizer "
+                                                           "state goes beside it as OUT.state")
+    p.add_argument("--epochs", type=float, help="passes over the training images (default: the time budget decides)")
+    p.add_argument("--time-budget", type=float, metavar="S", help="training time in seconds")
+    p.add_argument("--resume", type=Path, help="continue a model written by train (and its .state)")
+    p.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (default 5e-4)")
+    p.add_argument("--batch", type=int, default=8, help="images per step and process (default 8)")
+    _add_training_options(p)
+    p.set_defaults(run=_train)
+
+    p = sub.add_parser("evaluate", help="score a model on an annotated data set: MRE, SDR, per landmark, plots",
+                       description="Detect on an annotated data set and write report.json, report.md and plots "
+                                   "(per-landmark errors, SDR curve, the worst cases) to --out.")
+    p.add_argument("model", nargs="?", metavar="MODEL", help="weight file or catalogue name (or give --atlas)")
+    p.add_argument("--data", required=True, type=Path, help="landmarks.csv with the truth")
+    p.add_argument("--rows", metavar="A:B", help="rows to score, 0-based slice (default all)")
+    p.add_argument("--out", required=True, type=Path, help="report folder")
+    p.add_argument("--radii", nargs="+", type=float, default=list(CEPH_RADII), metavar="MM",
+                   help="SDR radii in mm (default 2 2.5 3 4)")
+    p.add_argument("--atlas", help="evaluate the weight-free atlas detector from this data set instead")
+    p.add_argument("--atlas-cases", metavar="ID,ID,...", help="the atlas rows to use (image stems)")
+    _add_model_options(p)
+    p.set_defaults(run=_evaluate)
 
     p = sub.add_parser("models", help="list the model catalogue and the cache folder")
     p.set_defaults(run=_models)
@@ -119,6 +185,128 @@ def _detect(args) -> int:
     if rows:
         print(write_landmarks_csv(args.out / "landmarks.csv", rows))
     return 1 if failed else 0
+
+
+def _rows(spec: str | None, n: int, what) -> list[int]:
+    if spec is None:
+        return list(range(n))
+    try:
+        a, b = (int(v) if v.strip() else None for v in spec.split(":"))
+    except ValueError:
+        raise InputError(f"--rows {spec}: expected A:B (0-based slice of the rows, like 0:50)") from None
+    rows = list(range(n))[a:b]
+    if not rows:
+        raise InputError(f"--rows {spec}: selects no rows of {what} ({n} rows)")
+    return rows
+
+
+class _Bar:
+    """A tqdm bar on stderr driven by training.Progress (percent of the run, smoothed loss)."""
+
+    def __init__(self, header: str):
+        self.header, self.bar, self.phase = header, None, None
+
+    def __call__(self, p) -> None:
+        if self.bar is None:  # on the first report, so that input errors come alone
+            from tqdm import tqdm
+
+            print(self.header, file=sys.stderr)
+            self.bar = tqdm(total=100, unit="%", file=sys.stderr, bar_format="{l_bar}{bar}| {elapsed} {postfix}")
+        if p.phase != self.phase:
+            self.phase = p.phase
+            self.bar.set_description(p.phase)
+        self.bar.n = round(100 * p.fraction, 1)
+        if p.phase == "train":
+            self.bar.set_postfix_str(f"step {p.step} loss {p.loss:.3f}", refresh=False)
+        self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _flip_pairs(spec: str | None, names: list[str]) -> list[tuple[int, int]]:
+    pairs = []
+    for item in (spec.split(",") if spec else []):
+        a, _, b = item.partition(":")
+        if a not in names or b not in names:
+            raise InputError(f"--flip-pairs {item}: both names must be landmarks of the data ({', '.join(names)})")
+        pairs.append((names.index(a), names.index(b)))
+    return pairs
+
+
+def _finetune(args) -> int:
+    from .datasets import load_cases
+    from .training import FinetuneSettings, Settings, check_cases, finetune
+
+    cases = load_cases(args.data, args.cases.split(",") if args.cases else None)
+    names = check_cases(cases)
+    settings = FinetuneSettings(Settings(input_hw=tuple(args.input_size), lr=args.lr, steps=args.steps,
+                                         time_budget=args.time_budget, seed=args.seed),
+                                args.views, args.lora_blocks)
+    bar = _Bar(f"fine-tuning on {len(cases)} cases: {', '.join(c.label for c in cases)}")
+    try:
+        out = finetune(args.base, cases, args.out, flip_pairs=_flip_pairs(args.flip_pairs, names),
+                       settings=settings, device=args.device, precision=args.precision, progress=bar)
+    finally:
+        bar.close()
+    print(out)
+    return 0
+
+
+def _train(args) -> int:
+    from .datasets import Dataset
+    from .training import Settings, train, union_names
+
+    if args.epochs is None and args.time_budget is None:
+        raise InputError("give --epochs, --time-budget or both")
+    sets = [Dataset(d / "landmarks.csv" if d.is_dir() else d) for d in args.data]
+    names = union_names([d.names for d in sets])
+    cases = [d.case(i) for d in sets for i in _rows(args.rows, len(d), d.path)]
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    steps = None if args.epochs is None else max(1, round(args.epochs * len(cases) / (args.batch * world)))
+    settings = Settings(input_hw=tuple(args.input_size), lr=args.lr, batch=args.batch, steps=steps,
+                        time_budget=args.time_budget, seed=args.seed)
+    rank0 = int(os.environ.get("RANK", 0)) == 0
+    bar = _Bar(f"training {args.arch} on {len(cases)} images, {len(names)} landmarks, {world} process(es)") \
+        if rank0 else None
+    try:
+        out = train(cases, names, args.out, arch=args.arch, settings=settings, resume=args.resume,
+                    device=args.device, precision=args.precision, progress=bar)
+    finally:
+        if bar:
+            bar.close()
+    if rank0:
+        print(out)
+    return 0
+
+
+def _evaluate(args) -> int:
+    from tqdm import tqdm
+
+    from .datasets import Dataset
+    from .detectors import load_detector
+    from .evaluation import evaluate, write_report
+    from .metrics import format_summary
+
+    if (args.model is None) == (args.atlas is None):
+        raise InputError("give either MODEL or --atlas")
+    ds = Dataset(args.data / "landmarks.csv" if args.data.is_dir() else args.data)
+    rows = _rows(args.rows, len(ds), ds.path)
+    detector = load_detector(args.model, adapter=args.adapter, base=args.base, atlas=args.atlas,
+                             atlas_cases=args.atlas_cases.split(",") if args.atlas_cases else None,
+                             device=args.device, precision=args.precision, input_size=args.input_size,
+                             flip_test=args.flip_test)
+    bar = tqdm(total=len(rows), desc="evaluate", unit="image", file=sys.stderr)
+    try:
+        ev = evaluate(detector, ds, rows, args.radii, progress=lambda n, total: bar.update(1))
+    finally:
+        bar.close()
+    title = f"{args.model or 'atlas ' + args.atlas}{' + ' + args.adapter if args.adapter else ''} on {ds.path}"
+    for path in write_report(ev, ds, args.out, title):
+        print(path)
+    print(f"{format_summary(ev.summary())}; {ev.seconds_per_image:.2f} s/image", file=sys.stderr)
+    return 0
 
 
 def _models(args) -> int:

@@ -64,6 +64,40 @@ class Dataset:
         return case
 
 
+def load_cases(path, ids: list[str] | None = None) -> list[Case]:
+    """Annotated cases from a landmarks.csv (all rows, or those of `ids`) or a folder of `.mrk.json` + images."""
+    path = Path(path)
+    if path.is_dir() and not (path / "landmarks.csv").is_file():
+        cases = _markups_folder(path)
+        if ids:
+            chosen = [c for c in cases if c.name in ids]
+            unknown = sorted(set(ids) - {c.name for c in chosen})
+            if unknown:
+                raise InputError(f"{path}: no .mrk.json for {', '.join(unknown)}")
+            cases = chosen
+        return cases
+    ds = Dataset(path / "landmarks.csv" if path.is_dir() else path)
+    return [ds.case(i) for i in (ds.select(ids) if ids else range(len(ds)))]
+
+
+def _markups_folder(folder: Path) -> list[Case]:
+    from .markups import landmarks_from_markups
+
+    cases = []
+    for mrk in sorted(folder.glob("*.mrk.json")):
+        stem = mrk.name[: -len(".mrk.json")]
+        images = [p for p in folder.iterdir() if p.name.split(".")[0] == stem and p != mrk]
+        if not images:
+            raise InputError(f"{mrk}: no image named {stem}.* beside it")
+        case = read_image(images[0])
+        case.name = stem
+        case.landmarks = landmarks_from_markups(mrk, case)
+        cases.append(case)
+    if not cases:
+        raise InputError(f"{folder}: no .mrk.json files beside images")
+    return cases
+
+
 def _read_csv(path: Path):
     try:
         text = path.read_text(encoding="utf-8-sig")

@@ -20,12 +20,16 @@ ADAPTER = "default"
 _MEDSAPIENS_KEY = re.compile(r"^backbone\.module\.(layers\.\d+\.attn\.(?:qkv|proj))\.lora_(down|up)\.weight$")
 
 
-def add_lora(model: nn.Module, dropout: float = DROPOUT) -> nn.Module:
-    """Wrap every `attn.qkv` and `attn.proj` of model.backbone with a peft LoRA layer (B zero, so a no-op)."""
+def add_lora(model: nn.Module, blocks=None, dropout: float = DROPOUT) -> nn.Module:
+    """Wrap `attn.qkv` and `attn.proj` of the backbone's blocks (all, or the indices in `blocks`) with peft LoRA.
+
+    B starts at zero, so the wrapped model computes what it did before.
+    """
     from peft import LoraConfig, inject_adapter_in_model  # heavy import, only when LoRA is used
 
+    which = r"\d+" if blocks is None else "|".join(str(int(b)) for b in blocks)
     config = LoraConfig(r=RANKS["qkv"], lora_alpha=RANKS["qkv"], lora_dropout=dropout,
-                        target_modules=r".*attn\.(qkv|proj)$",
+                        target_modules=rf"layers\.({which})\.attn\.(qkv|proj)",
                         rank_pattern={"proj": RANKS["proj"]}, alpha_pattern={"proj": RANKS["proj"]})
     inject_adapter_in_model(config, model.backbone, adapter_name=ADAPTER)
     return model
@@ -33,6 +37,11 @@ def add_lora(model: nn.Module, dropout: float = DROPOUT) -> nn.Module:
 
 def has_lora(model: nn.Module) -> bool:
     return any(".lora_A." in k for k in model.state_dict())
+
+
+def lora_blocks(tensors) -> list[int]:
+    """Indices of the blocks that LoRA keys (peft names) refer to."""
+    return sorted({int(m.group(1)) for k in tensors if (m := re.search(r"layers\.(\d+)\.attn\..*lora_[AB]", k))})
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

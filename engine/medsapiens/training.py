@@ -1,0 +1,399 @@
+"""Training: few-shot LoRA adapters (`finetune`) and specialist / generalist models (`train`), one loop for both.
+
+The recipe is MedSapiens's (sapiens.md): masked MSE on UDP heatmaps, AdamW with layer-wise lr decay 0.85 and
+no weight decay on 1-D parameters, biases and the position embedding, gradient clip 1, linear warm-up from
+0.001x, lr x0.1 at 81 % and x0.01 at 95 % of the run. Runs are bounded by steps and/or a time budget (the lr
+schedule follows whichever is further along), report progress through a callback, and stop on a cancel flag
+without writing anything. Under `torchrun` the loop runs data-parallel (DDP: gloo on CPU, NCCL on GPU).
+
+Few-shot speed on a CPU comes from a fixed set of augmented views per case, computed once; when LoRA sits only
+on the last blocks, the frozen blocks before them run once per view and their tokens are cached.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import adapter_file, lora
+from .augment import REFERENCE, Augment, random_view
+from .case import Case
+from .codec import DEFAULT_SIGMA, UDPCodec
+from .errors import InputError, short_list
+from .heatmap_detector import PRECISIONS, image_tensor, normalise, pick_device
+from .model import ARCHS, SapiensPose, grid_size
+
+DEFAULT_ARCH = "tiny"
+DEFAULT_INPUT_HW = (256, 192)
+LOSS_SCALE = 1000.0  # masked MSE of heatmaps in [0, 1] is ~1e-3; scaled so that gradient clipping at 1 means something
+
+
+@dataclass(frozen=True)
+class Settings:
+    input_hw: tuple[int, int] = DEFAULT_INPUT_HW
+    sigma: float = DEFAULT_SIGMA
+    lr: float = 5e-4
+    weight_decay: float = 0.1
+    layer_decay: float = 0.85
+    clip: float = 1.0
+    warmup: float = 0.05          # share of the run
+    batch: int = 8
+    steps: int | None = None
+    time_budget: float | None = None  # seconds
+    seed: int = 0
+    augment: Augment = field(default=REFERENCE)
+
+
+@dataclass
+class Progress:
+    step: int
+    fraction: float   # of the run, by steps or time, whichever is further
+    loss: float
+    elapsed: float
+    phase: str = "train"
+
+
+class Cancelled(Exception):
+    """Training was cancelled; nothing was written."""
+
+
+def lr_factor(p: float, warmup: float) -> float:
+    if p < warmup:
+        return 0.001 + (1 - 0.001) * p / warmup
+    return 1.0 if p < 0.81 else 0.1 if p < 0.95 else 0.01
+
+
+def param_groups(model: SapiensPose, lr: float, weight_decay: float, layer_decay: float) -> list[dict]:
+    """AdamW groups of the trainable parameters: lr x decay^(depth + 1 - layer), no decay on 1-D / pos_embed."""
+    depth = model.arch.depth
+    groups: dict[tuple[int, bool], dict] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if name.startswith(("backbone.patch_embed.", "backbone.pos_embed")):
+            layer = 0
+        elif name.startswith("backbone.layers."):
+            layer = int(name.split(".")[2]) + 1
+        else:
+            layer = depth + 1
+        decay = p.ndim > 1 and not name.endswith(".bias") and "pos_embed" not in name
+        g = groups.setdefault((layer, decay), {"params": [], "weight_decay": weight_decay if decay else 0.0,
+                                               "lr_scale": layer_decay ** (depth + 1 - layer)})
+        g["params"].append(p)
+    for g in groups.values():
+        g["lr"] = lr * g["lr_scale"]
+    return list(groups.values())
+
+
+class Views:
+    """Training images in memory, landmarks ordered as `names`; `sample` makes one augmented, encoded view."""
+
+    def __init__(self, cases: list[Case], names: list[str], settings: Settings, flip_pairs=()):
+        self.names = list(names)
+        self.settings = settings
+        self.flip_pairs = tuple(flip_pairs)
+        self.input_wh = settings.input_hw[::-1]
+        self.codec = UDPCodec(self.input_wh, (self.input_wh[0] // 4, self.input_wh[1] // 4), settings.sigma)
+        self.images = [image_tensor(c, "cpu") for c in cases]  # uint8, converted per view
+        marks = [c.landmarks.subset(self.names) for c in cases]
+        self.points = [m.points for m in marks]
+        self.present = [m.present for m in marks]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def sample(self, i: int, rng: np.random.Generator, augment: Augment | None = None):
+        view, pts, present = random_view(self.images[i], self.points[i], self.present[i], self.input_wh,
+                                         augment or self.settings.augment, rng, self.flip_pairs)
+        target, weight = self.codec.encode(pts, present)
+        return normalise(view[None])[0], torch.from_numpy(target), torch.from_numpy(weight)
+
+    def batch(self, indices, rng: np.random.Generator, augment: Augment | None = None):
+        xs, ts, ws = zip(*(self.sample(int(i), rng, augment) for i in indices))
+        return torch.stack(xs), torch.stack(ts), torch.stack(ws)
+
+
+class Tail(nn.Module):
+    """Blocks [start, depth) + final norm + head: the trainable part above cached frozen blocks."""
+
+    def __init__(self, model: SapiensPose, start: int, grid: tuple[int, int]):
+        super().__init__()
+        self.model, self.start, self.grid = model, start, grid
+
+    def forward(self, x):
+        bb = self.model.backbone
+        tokens = bb.ln1(bb.forward_tokens(x, self.start))
+        return self.model.head(tokens.transpose(1, 2).reshape(x.shape[0], -1, *self.grid))
+
+
+def masked_mse(pred, target, weight) -> torch.Tensor:
+    return (((pred.float() - target) ** 2) * weight[:, :, None, None]).mean() * LOSS_SCALE
+
+
+def fit(net: nn.Module, params: list[dict], next_batch: Callable[[int], tuple], settings: Settings, device,
+        precision: str = "fp32", progress=None, cancel=None, start_step: int = 0, optimizer_state=None,
+        on_checkpoint=None, checkpoint_every: float | None = None) -> dict:
+    """The loop: `next_batch(step) -> (inputs, target, weight)`; returns steps, seconds, last loss, optimizer.
+
+    Stops at settings.steps or settings.time_budget (all ranks agree under DDP); raises Cancelled on cancel().
+    """
+    if settings.steps is None and settings.time_budget is None:
+        raise ValueError("give steps or a time budget")
+    opt = torch.optim.AdamW(params, betas=(0.9, 0.999))
+    if optimizer_state is not None:
+        opt.load_state_dict(optimizer_state)
+    trainable = [p for g in params for p in g["params"]]
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    t0 = last_save = time.monotonic()
+    step, loss_value, smooth = start_step, float("nan"), None
+    net.train()
+    while True:
+        elapsed = time.monotonic() - t0
+        p = max(step / settings.steps if settings.steps else 0.0,
+                elapsed / settings.time_budget if settings.time_budget else 0.0)
+        stop = torch.tensor([float(p >= 1.0), float(bool(cancel and cancel()))])
+        if distributed:
+            stop = stop.to(device)
+            torch.distributed.all_reduce(stop, op=torch.distributed.ReduceOp.MAX)
+        if stop[1]:
+            raise Cancelled("training cancelled")
+        if stop[0]:
+            break
+        for g in opt.param_groups:
+            g["lr"] = settings.lr * g["lr_scale"] * lr_factor(p, settings.warmup)
+        x, target, weight = (t.to(device) for t in next_batch(step))
+        with autocast:
+            pred = net(x)
+        loss = masked_mse(pred, target, weight)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, settings.clip)
+        opt.step()
+        step += 1
+        loss_value = loss.item()
+        smooth = loss_value if smooth is None else 0.9 * smooth + 0.1 * loss_value
+        if progress:
+            progress(Progress(step, min(p, 1.0), smooth, time.monotonic() - t0))
+        if on_checkpoint and checkpoint_every and time.monotonic() - last_save > checkpoint_every:
+            on_checkpoint(step, opt)
+            last_save = time.monotonic()
+    net.eval()
+    return {"steps": step, "seconds": time.monotonic() - t0, "loss": smooth, "optimizer": opt}
+
+
+# ---------------------------------------------------------------------------------------------- few-shot adapter
+
+@dataclass(frozen=True)
+class FinetuneSettings:
+    train: Settings = Settings(lr=1e-3, time_budget=300.0)
+    views_per_case: int = 64
+    lora_blocks: int | None = None  # LoRA on the last N blocks (None: all); the blocks below are cached
+
+
+def check_cases(cases: list[Case]) -> list[str]:
+    """The landmark names all training cases share; one clear error for anything unusable."""
+    if not cases:
+        raise InputError("no training cases given")
+    names = None
+    for c in cases:
+        if c.landmarks is None:
+            raise InputError(f"{c.label}: a training case needs landmarks")
+        if names is None:
+            names = c.landmarks.names
+        elif c.landmarks.names != names:
+            raise InputError(f"{c.label}: its landmarks ({short_list(c.landmarks.names)}) differ from those of "
+                             f"{cases[0].label} ({short_list(names)})")
+        if not c.landmarks.present.any():
+            raise InputError(f"{c.label}: no landmark is placed")
+    return list(names)
+
+
+def finetune(base, cases: list[Case], out, *, flip_pairs=(), settings: FinetuneSettings = FinetuneSettings(),
+             device=None, precision="fp32", progress=None, cancel=None) -> Path:
+    """Train an adapter (LoRA + head) for the cases' landmarks on `base` and write it atomically to `out`.
+
+    base: a weight file or catalogue name (LoRA on its frozen backbone), or an architecture name from
+    model.ARCHS (no pre-training: every weight is trained, the result is a whole model file).
+    progress(Progress) is called every step (phase "views" while views are made); cancel() -> True stops
+    with Cancelled and leaves `out` as it was.
+    """
+    names = check_cases(cases)
+    s = settings.train
+    dev = pick_device(device)
+    if precision not in PRECISIONS:
+        raise InputError(f"precision must be one of {', '.join(PRECISIONS)}")
+    torch.manual_seed(s.seed)
+    model, base_path = _model_for_finetune(base, names, s.input_hw)
+    depth = model.arch.depth
+    if base_path is None:
+        start = 0
+    else:
+        n = depth if settings.lora_blocks is None else max(1, min(depth, settings.lora_blocks))
+        start = depth - n
+        model.requires_grad_(False)
+        lora.add_lora(model, range(start, depth))
+        model.head.requires_grad_(True)
+    model.to(dev)
+    grid = grid_size(s.input_hw)
+    inputs, targets, weights = _fixed_views(cases, names, s, flip_pairs, settings.views_per_case, progress, cancel)
+    if start > 0:
+        inputs = _frozen_tokens(model, inputs, start, dev, progress, cancel)
+    net = Tail(model, start, grid) if start > 0 else model
+    rng = np.random.default_rng(s.seed)
+
+    def next_batch(step):
+        idx = rng.choice(len(inputs), size=min(s.batch, len(inputs)), replace=False)
+        return inputs[idx], targets[idx], weights[idx]
+
+    result = fit(net, param_groups(model, s.lr, s.weight_decay, s.layer_decay), next_batch, s, dev, precision,
+                 progress, cancel)
+    return adapter_file.save_trained(
+        out, model.cpu(), names, s.input_hw, s.sigma, base=base_path, flip_pairs=[list(p) for p in flip_pairs],
+        training_cases=[c.label for c in cases], steps=result["steps"], train_seconds=round(result["seconds"], 1),
+        views_per_case=settings.views_per_case)
+
+
+def _model_for_finetune(base, names, input_hw) -> tuple[SapiensPose, Path | None]:
+    from .catalogue import resolve
+    from .checkpoints import base_for_training, read_checkpoint
+
+    if str(base) in ARCHS and not Path(str(base)).exists():
+        return SapiensPose(str(base), len(names), grid_size(input_hw)), None
+    path = Path(resolve(str(base)))
+    return base_for_training(read_checkpoint(path), names), path
+
+
+def _fixed_views(cases, names, s: Settings, flip_pairs, per_case: int, progress, cancel):
+    """`per_case` views of each case: the plain whole-image view first, then augmented ones (seeded)."""
+    from .augment import NONE
+
+    views = Views(cases, names, s, flip_pairs)
+    rng = np.random.default_rng(s.seed)
+    xs, ts, ws = [], [], []
+    total = len(cases) * per_case
+    for i in range(len(cases)):
+        for v in range(per_case):
+            if cancel and cancel():
+                raise Cancelled("training cancelled")
+            x, t, w = views.sample(i, rng, NONE if v == 0 else None)
+            xs.append(x), ts.append(t), ws.append(w)
+            if progress:
+                progress(Progress(0, len(xs) / total, float("nan"), 0.0, "views"))
+    return torch.stack(xs), torch.stack(ts), torch.stack(ws)
+
+
+@torch.no_grad()
+def _frozen_tokens(model: SapiensPose, inputs: torch.Tensor, stop: int, device, progress, cancel, chunk=16):
+    """Tokens after the first `stop` (frozen) blocks, for every view, computed once."""
+    model.eval()
+    out = []
+    for i in range(0, len(inputs), chunk):
+        if cancel and cancel():
+            raise Cancelled("training cancelled")
+        out.append(model.backbone.forward_tokens(inputs[i:i + chunk].to(device), 0, stop).cpu())
+        if progress:
+            progress(Progress(0, (i + chunk) / len(inputs), float("nan"), 0.0, "features"))
+    return torch.cat(out)
+
+
+# --------------------------------------------------------------------------------- specialist / generalist models
+
+def union_names(name_sets: list[list[str]]) -> list[str]:
+    """One head over all landmark sets, in order of first appearance (MedSapiens's generalist)."""
+    names: list[str] = []
+    for ns in name_sets:
+        names += [n for n in ns if n not in names]
+    return names
+
+
+def train(cases: list[Case], names: list[str], out, *, arch=DEFAULT_ARCH, settings: Settings = Settings(),
+          resume=None, device=None, precision="fp32", progress=None, cancel=None,
+          checkpoint_every: float | None = 600.0) -> Path:
+    """Train a whole model on annotated cases (landmarks a case's set lacks get weight 0) and save it to `out`.
+
+    Under torchrun each process trains on its own random views with DDP; rank 0 writes `out` (and every
+    `checkpoint_every` seconds, with the optimizer state beside it in `<out>.state`, for `resume`).
+    """
+    rank, world = _distributed_setup(device)
+    dev = pick_device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if device != "cpu" and torch.cuda.is_available()
+                      and world > 1 else device)
+    s = settings
+    torch.manual_seed(s.seed)  # identical initial weights on every rank
+    start_step, optimizer_state = 0, None
+    if resume is not None:
+        model, start_step, optimizer_state = _resume(resume, names, s)
+    else:
+        model = SapiensPose(arch, len(names), grid_size(s.input_hw))
+    model.to(dev)
+    net = model
+    if world > 1:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+    views = Views(cases, names, s)
+    rng = np.random.default_rng(s.seed + 1000 * rank + start_step)
+
+    def next_batch(step):
+        return views.batch(rng.integers(0, len(views), s.batch), rng)
+
+    def save(step, opt):
+        if rank == 0:
+            _save_model(out, model, names, s, cases, step, opt)
+
+    result = fit(net, param_groups(model, s.lr, s.weight_decay, s.layer_decay), next_batch, s, dev, precision,
+                 progress if rank == 0 else None, cancel, start_step, optimizer_state, save, checkpoint_every)
+    save(result["steps"], result["optimizer"])
+    if world > 1:
+        torch.distributed.barrier()
+    return Path(out)
+
+
+def _distributed_setup(device) -> tuple[int, int]:
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1 and not torch.distributed.is_initialized():
+        gpu = device != "cpu" and torch.cuda.is_available()
+        if gpu:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        torch.distributed.init_process_group("nccl" if gpu else "gloo")
+    return (torch.distributed.get_rank() if world > 1 else 0), world
+
+
+def state_path(out) -> Path:
+    return Path(str(out) + ".state")
+
+
+def _save_model(out, model, names, s: Settings, cases, step, opt) -> None:
+    adapter_file.save_trained(out, model, names, s.input_hw, s.sigma, steps=step, training_cases=len(cases),
+                              lr=s.lr, batch=s.batch)
+    state = opt.state_dict()
+    tensors = {f"{i}.{k}": v for i, st in state["state"].items() for k, v in st.items() if torch.is_tensor(v)}
+    groups = [{k: v for k, v in g.items() if k != "params"} | {"params": g["params"]} for g in state["param_groups"]]
+    adapter_file.save_weights(state_path(out), tensors, {"step": step, "param_groups": groups}, "state")
+
+
+def _resume(path, names, s: Settings):
+    from .checkpoints import build_model, read_checkpoint
+
+    ckpt = read_checkpoint(path)
+    if ckpt.layout != "model":
+        raise InputError(f"{path}: only a model written by `medsapiens train` can be resumed")
+    if ckpt.landmark_names != list(names):
+        raise InputError(f"{path}: trained for {short_list(ckpt.landmark_names or [])}, not for the landmarks "
+                         f"of these data sets ({short_list(names)})")
+    if tuple(ckpt.meta.get("input_hw", ())) != tuple(s.input_hw):
+        raise InputError(f"{path}: trained at input {ckpt.meta.get('input_hw')}, not {list(s.input_hw)}")
+    model = build_model(ckpt)
+    sp = state_path(path)
+    if not sp.is_file():
+        return model, int(ckpt.meta.get("steps", 0)), None
+    tensors, meta = adapter_file.load_weights(sp)
+    state: dict = {}
+    for key, v in tensors.items():
+        i, k = key.split(".", 1)
+        state.setdefault(int(i), {})[k] = v
+    return model, int(meta["step"]), {"state": state, "param_groups": meta["param_groups"]}
