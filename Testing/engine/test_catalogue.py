@@ -94,3 +94,14 @@ def test_offline_mode_and_local_files(hub_model, monkeypatch, server):
 def test_unknown_name_lists_the_catalogue():
     with pytest.raises(InputError, match="sapiens-0.3b-pretrain"):
         resolve("no-such-model")
+
+
+def test_progress_callback_reports_bytes(hub_model, capsys):
+    """The Slicer panel drives its progress bar from a callback instead of the stderr bar."""
+    make_catalogue, digest, cache = hub_model
+    seen = []
+    path = resolve("micro-pose", progress=lambda done, total: seen.append((done, total)),
+                   catalogue_path=make_catalogue(digest))
+    size = path.stat().st_size
+    assert seen and seen[-1] == (size, size) and all(a <= b for (a, _), (b, _) in zip(seen, seen[1:]))
+    assert "micro-pose" not in capsys.readouterr().err

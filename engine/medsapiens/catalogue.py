@@ -52,7 +52,10 @@ def offline() -> bool:
 
 
 def resolve(model: str, progress=True, catalogue_path=None) -> Path:
-    """A local file for `model`: an existing path as it is, else a catalogue name (downloaded if needed)."""
+    """A local file for `model`: an existing path as it is, else a catalogue name (downloaded if needed).
+
+    progress: True for a bar on stderr, False for none, or a callable(bytes_done, bytes_total_or_None).
+    """
     if Path(model).exists():
         return Path(model)
     entries = catalogue(catalogue_path)
@@ -61,8 +64,12 @@ def resolve(model: str, progress=True, catalogue_path=None) -> Path:
     return fetch(entries[model], progress=progress)
 
 
+def cached_path(entry: Entry) -> Path:
+    return cache_dir() / entry.name / entry.filename
+
+
 def fetch(entry: Entry, progress=True) -> Path:
-    target = cache_dir() / entry.name / entry.filename
+    target = cached_path(entry)
     pin = target.with_name(target.name + ".sha256")
     expected = entry.sha256 or (pin.read_text().strip() if pin.exists() else None)
     if target.exists():
@@ -79,11 +86,15 @@ def fetch(entry: Entry, progress=True) -> Path:
         try:
             with urllib.request.urlopen(entry.url, timeout=60) as response, open(tmp, "wb") as out:
                 total = int(response.headers.get("Content-Length") or entry.size or 0) or None
-                bar = _bar(total, entry.name, progress)
+                bar = _bar(total, entry.name, progress is True)
+                done = 0
                 while block := response.read(1 << 20):
                     out.write(block)
                     digest.update(block)
                     bar.update(len(block))
+                    done += len(block)
+                    if callable(progress):
+                        progress(done, total)
                 bar.close()
         except (urllib.error.URLError, OSError) as e:
             raise InputError(f"{entry.name}: download from {entry.url} failed ({getattr(e, 'reason', e)}); "

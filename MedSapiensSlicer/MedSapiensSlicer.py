@@ -1,0 +1,386 @@
+"""MedSapiens: detect named anatomical landmarks on the current slice or a 2D radiograph, and fine-tune adapters.
+
+The widget only wires the panel (Resources/UI/MedSapiensSlicer.ui) to MedSapiensSlicerLogic, whose behaviour
+lives in MedSapiensSlicerLib.logic.MedSapiensLogic (MRML only; tested on slicer-core). Engine work runs on a
+worker thread (MedSapiensSlicerLib.tasks.BackgroundTask) drained by a QTimer, with progress and Cancel.
+"""
+import logging
+import re
+from typing import Annotated, Optional
+
+import qt
+import slicer
+import vtk
+from slicer import vtkMRMLMarkupsFiducialNode, vtkMRMLScalarVolumeNode
+from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
+from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
+                                           ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
+from slicer.util import VTKObservationMixin
+
+from MedSapiensSlicerLib.dependencies import add_engine_to_path, ensure_engine
+from MedSapiensSlicerLib.logic import MedSapiensLogic
+from MedSapiensSlicerLib.tasks import BackgroundTask
+
+WHOLE_IMAGE = "Whole 2D image"
+ATLAS = "Atlas from my annotated cases"
+LOCAL_FILE = "Local file"
+POLL_MS = 100
+
+
+class MedSapiensSlicer(ScriptedLoadableModule):
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = "MedSapiens"
+        self.parent.categories = ["Landmarks"]
+        self.parent.dependencies = []
+        self.parent.contributors = ["MedSapiens for 3D Slicer developers"]
+        self.parent.helpText = (
+            "Detect named anatomical landmarks on a radiograph or on the current slice of any view (including "
+            "oblique reformats), and fine-tune a LoRA adapter from a few annotated cases. Results go to a new "
+            "markups node; low-confidence points are left unlocked for review.")
+        self.parent.acknowledgementText = (
+            "Method: MedSapiens (Sapiens ViT + LoRA + heatmap head). Sapiens models by Meta.")
+
+
+@parameterNodeWrapper
+class MedSapiensSlicerParameterNode:
+    inputVolume: vtkMRMLScalarVolumeNode
+    view: Annotated[str, Choice([WHOLE_IMAGE, "Red", "Green", "Yellow"])] = WHOLE_IMAGE
+    model: str = ATLAS
+    device: Annotated[str, Choice(["auto", "cpu", "cuda"])] = "auto"
+    precision: Annotated[str, Choice(["fp32", "bf16"])] = "fp32"
+    outputMarkups: vtkMRMLMarkupsFiducialNode
+    trainingMarkups: vtkMRMLMarkupsFiducialNode
+    timeBudget: Annotated[float, WithinRange(30, 3600)] = 300
+    adapterName: str = "my-task"
+
+
+class MedSapiensSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    def __init__(self, parent=None) -> None:
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+        self.task = None
+        self.cases = []  # (volume node ID, markups node ID, view) rows of the cases table
+
+    def setup(self) -> None:
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/MedSapiensSlicer.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+        self.logic = MedSapiensSlicerLogic()
+        self.timer = qt.QTimer()
+        self.timer.setInterval(POLL_MS)
+        self.timer.connect("timeout()", self.onPoll)
+
+        self.ui.modelComboBox.addItems(self.logic.modelChoices())
+        self.ui.detectButton.connect("clicked(bool)", self.onDetect)
+        self.ui.finetuneButton.connect("clicked(bool)", self.onFinetune)
+        self.ui.cancelButton.connect("clicked(bool)", self.onCancel)
+        self.ui.addCaseButton.connect("clicked(bool)", self.onAddCase)
+        self.ui.removeCaseButton.connect("clicked(bool)", self.onRemoveCase)
+        self.ui.casesTable.horizontalHeader().setStretchLastSection(True)
+
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.initializeParameterNode()
+
+    def cleanup(self) -> None:
+        self.onCancel()
+        self.removeObservers()
+
+    def enter(self) -> None:
+        self.initializeParameterNode()
+
+    def exit(self) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+
+    def onSceneStartClose(self, caller, event) -> None:
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event) -> None:
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self) -> None:
+        self.setParameterNode(self.logic.getParameterNode())
+        if not self._parameterNode.inputVolume:
+            volume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+            if volume:
+                self._parameterNode.inputVolume = volume
+
+    def setParameterNode(self, node: Optional[MedSapiensSlicerParameterNode]) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+        self._parameterNode = node
+        if self._parameterNode:
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+
+    # ------------------------------------------------------------------------------------------------ actions
+    def _sliceNode(self):
+        view = self._parameterNode.view
+        return None if view == WHOLE_IMAGE else slicer.app.layoutManager().sliceWidget(view).mrmlSliceNode()
+
+    def _modelSpec(self) -> dict:
+        p = self._parameterNode
+        spec = {"model": p.model, "path": self.ui.modelPathLineEdit.currentPath,
+                "adapter": self.ui.adapterPathLineEdit.currentPath, "device": p.device, "precision": p.precision,
+                "cases": self._trainingCases() if p.model == ATLAS else None}
+        return spec
+
+    def onDetect(self) -> None:
+        if self.task or not ensure_engine():
+            return
+        with slicer.util.tryWithErrorDisplay("Detection failed.", waitCursor=True):
+            p = self._parameterNode
+            sliceNode = self._sliceNode()
+            case, geometry = self.logic.caseFor(p.inputVolume, sliceNode)
+            spec = self._modelSpec()
+            if not self.logic.confirmDownload(spec):
+                return
+            volumeName = p.inputVolume.GetName()
+
+            def done(landmarks):
+                node = self.logic.writeLandmarks(landmarks, geometry, f"{volumeName} landmarks",
+                                                 source=spec["model"])
+                self._parameterNode.outputMarkups = node
+                self.ui.landmarkNamesLabel.text = ", ".join(landmarks.names)
+                found = int(landmarks.present.sum())
+                return f"{found} of {len(landmarks)} landmarks placed in '{node.GetName()}'."
+
+            self._start(BackgroundTask(self.logic.detectCase, spec, case), done, "Detecting")
+
+    def onFinetune(self) -> None:
+        if self.task or not ensure_engine():
+            return
+        with slicer.util.tryWithErrorDisplay("Fine-tuning failed.", waitCursor=True):
+            p = self._parameterNode
+            cases = self._trainingCases()
+            name = re.sub(r"[^A-Za-z0-9_.-]+", "-", p.adapterName).strip("-") or "adapter"
+            out = self.logic.userModelsDir() / f"{name}.safetensors"
+            base = self.ui.modelPathLineEdit.currentPath if p.model == LOCAL_FILE else p.model
+            if base == ATLAS:
+                raise ValueError("choose the base model to fine-tune (a catalogue model or a local file)")
+
+            def done(path):
+                self.ui.adapterPathLineEdit.currentPath = str(path)
+                return f"Adapter saved to {path} and selected."
+
+            task = BackgroundTask(self.logic.finetune, cases, self.logic.resolveModel(base), out,
+                                  time_budget=float(p.timeBudget), device=p.device)
+            self._start(task, done, "Fine-tuning")
+
+    def _trainingCases(self):
+        if not self.cases:
+            raise ValueError("add at least one annotated case (volume + points) to the table first")
+        scene = slicer.mrmlScene
+        return [self.logic.trainingCase(scene.GetNodeByID(v), scene.GetNodeByID(m),
+                                        None if view == WHOLE_IMAGE else
+                                        slicer.app.layoutManager().sliceWidget(view).mrmlSliceNode())
+                for v, m, view in self.cases]
+
+    def onAddCase(self) -> None:
+        p = self._parameterNode
+        with slicer.util.tryWithErrorDisplay("Cannot add this case.", waitCursor=True):
+            if not p.inputVolume or not p.trainingMarkups:
+                raise ValueError("choose the input volume and your annotated points first")
+            ensure_engine(ask=False)
+            self.logic.trainingCase(p.inputVolume, p.trainingMarkups, self._sliceNode())  # refuses bad cases now
+            self.cases.append((p.inputVolume.GetID(), p.trainingMarkups.GetID(), p.view))
+            self._showCases()
+
+    def onRemoveCase(self) -> None:
+        rows = sorted({i.row() for i in self.ui.casesTable.selectedIndexes()}, reverse=True)
+        for r in rows:
+            del self.cases[r]
+        self._showCases()
+
+    def _showCases(self) -> None:
+        table = self.ui.casesTable
+        table.setRowCount(len(self.cases))
+        for r, (v, m, view) in enumerate(self.cases):
+            for c, text in enumerate((slicer.mrmlScene.GetNodeByID(v).GetName(),
+                                      slicer.mrmlScene.GetNodeByID(m).GetName(), view)):
+                table.setItem(r, c, qt.QTableWidgetItem(text))
+
+    # ------------------------------------------------------------------------------------- background tasks
+    def _start(self, task, done, label) -> None:
+        self.task, self._done, self._label = task, done, label
+        self.ui.progressBar.setValue(0)
+        self.ui.cancelButton.enabled = True
+        self.ui.detectButton.enabled = self.ui.finetuneButton.enabled = False
+        self.ui.statusLabel.text = f"{label}..."
+        self.timer.start()
+
+    def onPoll(self) -> None:
+        task = self.task
+        for p in task.poll():
+            fraction = getattr(p, "fraction", None)
+            if fraction is not None:
+                self.ui.progressBar.setValue(int(100 * fraction))
+                loss = f", loss {p.loss:.3f}" if getattr(p, "phase", "") == "train" else ""
+                self.ui.statusLabel.text = f"{self._label}: {getattr(p, 'phase', '')}{loss}, {task.elapsed:.0f} s"
+        if not task.done:
+            return
+        self.timer.stop()
+        self.task = None
+        self.ui.cancelButton.enabled = False
+        self.ui.detectButton.enabled = self.ui.finetuneButton.enabled = True
+        if task.error:
+            error, trace = task.error
+            logging.error(trace)
+            self.ui.progressBar.setValue(0)
+            self.ui.statusLabel.text = ("Cancelled; nothing was changed." if type(error).__name__ == "Cancelled"
+                                        else f"Error: {error}")
+            return
+        self.ui.progressBar.setValue(100)
+        with slicer.util.tryWithErrorDisplay("Could not store the result.", waitCursor=True):
+            self.ui.statusLabel.text = f"{self._done(task.result)} ({task.elapsed:.1f} s)"
+
+    def onCancel(self) -> None:
+        if self.task:
+            self.task.cancel()
+            self.ui.statusLabel.text = "Cancelling..."
+
+
+class MedSapiensSlicerLogic(ScriptedLoadableModuleLogic, MedSapiensLogic):
+    """The module's logic: MedSapiensLogic on slicer.mrmlScene, plus model choice and detector caching."""
+
+    def __init__(self) -> None:
+        ScriptedLoadableModuleLogic.__init__(self)
+        MedSapiensLogic.__init__(self, slicer.mrmlScene)
+        add_engine_to_path()
+        self._detector = None
+        self._detectorKey = None
+
+    def getParameterNode(self):
+        return MedSapiensSlicerParameterNode(super().getParameterNode())
+
+    def modelChoices(self) -> list:
+        add_engine_to_path()
+        try:
+            from medsapiens.catalogue import catalogue
+
+            names = list(catalogue())
+        except ImportError:  # engine dependencies not installed yet
+            names = []
+        return [ATLAS, LOCAL_FILE, *names]
+
+    def resolveModel(self, model: str, progress=None) -> str:
+        from medsapiens.catalogue import resolve
+
+        return str(resolve(model, progress=progress or False))
+
+    def confirmDownload(self, spec: dict) -> bool:
+        """Ask before the first download of a catalogue model."""
+        from medsapiens.catalogue import cached_path, catalogue
+
+        entry = catalogue().get(spec["model"])
+        if entry is None or cached_path(entry).exists():
+            return True
+        size = f"{entry.size / 2 ** 20:.0f} MB" if entry.size else "size unknown"
+        return slicer.util.confirmOkCancelDisplay(f"Download {entry.name} ({size}) from {entry.url}?",
+                                                  windowTitle="MedSapiens model download")
+
+    def detectCase(self, spec: dict, case, progress=None, cancel=None):
+        """Load (or reuse) the detector of `spec` and detect on `case`; runs on the worker thread."""
+        from medsapiens import load_detector
+        from medsapiens.atlas import AtlasDetector
+        from medsapiens.training import Cancelled
+
+        if spec["model"] == ATLAS:
+            detector = AtlasDetector(spec["cases"])
+        else:
+            model = spec["path"] if spec["model"] == LOCAL_FILE else spec["model"]
+            key = (model, spec["adapter"], spec["device"], spec["precision"])
+            if key != self._detectorKey:
+                download = (lambda done, total: progress(_Fraction(done / total if total else 0.0, "download"))
+                            if progress else None)
+                self._detector = load_detector(self.resolveModel(model, download), adapter=spec["adapter"] or None,
+                                               device=spec["device"], precision=spec["precision"])
+                self._detectorKey = key
+            detector = self._detector
+        if cancel and cancel():
+            raise Cancelled("detection cancelled")
+        return detector.detect(case)
+
+
+class _Fraction:
+    def __init__(self, fraction, phase):
+        self.fraction, self.phase, self.loss = fraction, phase, float("nan")
+
+
+class MedSapiensSlicerTest(ScriptedLoadableModuleTest):
+    """The logic scenarios inside Slicer: exact geometry on an oblique reformat, and a weight-free detection."""
+
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        if not ensure_engine(ask=False):
+            raise RuntimeError("the MedSapiens engine's Python packages could not be installed")
+        self.setUp()
+        self.test_oblique_slice_geometry()
+        self.setUp()
+        self.test_atlas_detection_writes_new_node()
+
+    def _blobVolume(self, points):
+        import numpy as np
+
+        ijk_to_ras = np.array([[-0.9, 0, 0, 20], [0, -0.9, 0, 25], [0, 0, 1.2, -30], [0, 0, 0, 1]])
+        k, j, i = np.meshgrid(np.arange(40), np.arange(50), np.arange(60), indexing="ij")
+        ras = np.stack([i, j, k, np.ones_like(i)], -1) @ ijk_to_ras.T
+        values = sum(1000 * np.exp(-((ras[..., :3] - p) ** 2).sum(-1) / (2 * 1.6 ** 2)) for p in points)
+        node = slicer.util.addVolumeFromArray(values.astype("float32"), ijk_to_ras)
+        return node
+
+    def test_oblique_slice_geometry(self):
+        import numpy as np
+
+        from medsapiens import Landmarks
+
+        points = np.array([[-5.0, 3.0, -7.0], [6.0, -4.0, -5.0], [1.0, 8.0, -9.0]])
+        normal = np.cross(points[1] - points[0], points[2] - points[0])
+        volume = self._blobVolume(points)
+        sliceNode = slicer.app.layoutManager().sliceWidget("Red").mrmlSliceNode()
+        sliceNode.SetSliceToRASByNTP(*normal, *(points[1] - points[0]), *points.mean(axis=0), 0)
+        logic = MedSapiensSlicerLogic()
+        case, geometry = logic.caseFromSlice(sliceNode, volume)
+        image = case.image.astype(float)
+        found = []
+        for _ in range(3):
+            y, x = np.unravel_index(int(image.argmax()), image.shape)
+            found.append([x, y])
+            image[max(0, y - 6):y + 7, max(0, x - 6):x + 7] = -np.inf
+        node = logic.writeLandmarks(Landmarks(["a", "b", "c"], np.array(found, float)), geometry)
+        ras = np.array([node.GetNthControlPointPositionWorld(i) for i in range(3)])
+        distance = np.linalg.norm(ras[:, None] - points[None], axis=-1).min(axis=0)
+        self.assertLess(distance.max(), 1.0)  # whole-pixel peaks: within one voxel
+        self.delayDisplay("Oblique slice geometry OK")
+
+    def test_atlas_detection_writes_new_node(self):
+        import numpy as np
+
+        from medsapiens.atlas import AtlasDetector
+        from medsapiens.phantom import phantom_case
+
+        atlas = AtlasDetector([phantom_case(s) for s in range(2)])
+        target = phantom_case(100)
+        image = np.asarray(target.image, dtype="float32")[None]
+        ijk_to_ras = np.diag([-target.spacing[0], -target.spacing[1], 1.0, 1.0])
+        volume = slicer.util.addVolumeFromArray(image, ijk_to_ras)
+        user = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "mine")
+        user.AddControlPoint(vtk.vtkVector3d(1, 2, 0), "x")
+        logic = MedSapiensSlicerLogic()
+        node = logic.detect(volume, atlas)
+        self.assertNotEqual(node.GetID(), user.GetID())
+        self.assertEqual(user.GetNumberOfControlPoints(), 1)
+        ras = np.array([node.GetNthControlPointPositionWorld(i) for i in range(node.GetNumberOfControlPoints())])
+        truth = target.landmarks.points * target.spacing
+        self.assertLess(np.median(np.linalg.norm(-ras[:, :2] - truth, axis=1)), 5.0)
+        self.delayDisplay("Atlas detection OK")

@@ -1,0 +1,91 @@
+"""The Slicer module's files: the .ui loads in a real Qt (PySide6, offscreen) and holds every widget the module
+names, parameter bindings match the parameter node, every file compiles and CMake ships every file."""
+import ast
+import py_compile
+import re
+from pathlib import Path
+
+import pytest
+
+MODULE = Path(__file__).resolve().parents[2] / "MedSapiensSlicer"
+ENGINE = MODULE.parent / "engine" / "medsapiens"
+SOURCE = (MODULE / "MedSapiensSlicer.py").read_text()
+
+
+@pytest.fixture(scope="module")
+def panel():
+    pytest.importorskip("PySide6", reason="PySide6-Essentials is needed to load the .ui")
+    from panel_screenshot import load_panel
+
+    app, panel = load_panel()
+    return panel
+
+
+def widgets(panel) -> dict:
+    from PySide6.QtWidgets import QWidget
+
+    return {w.objectName(): w for w in panel.findChildren(QWidget) if w.objectName()}
+
+
+def test_ui_holds_every_widget_the_module_uses(panel):
+    used = set(re.findall(r"self\.ui\.(\w+)", SOURCE))
+    assert {"detectButton", "finetuneButton", "cancelButton", "progressBar", "casesTable"} <= used
+    missing = used - set(widgets(panel))
+    assert not missing, f"named in MedSapiensSlicer.py but not in the .ui: {sorted(missing)}"
+
+
+def test_widget_kinds_fit_their_use(panel):
+    from PySide6.QtWidgets import QComboBox, QDoubleSpinBox, QLineEdit, QProgressBar, QPushButton, QTableWidget
+
+    w = widgets(panel)
+    kinds = {"detectButton": QPushButton, "finetuneButton": QPushButton, "cancelButton": QPushButton,
+             "progressBar": QProgressBar, "casesTable": QTableWidget, "timeBudgetSpinBox": QDoubleSpinBox,
+             "viewComboBox": QComboBox, "modelComboBox": QComboBox, "adapterNameLineEdit": QLineEdit,
+             "inputVolumeSelector": QComboBox, "modelPathLineEdit": QLineEdit}
+    for name, kind in kinds.items():
+        assert isinstance(w[name], kind), name
+    assert [w["viewComboBox"].itemText(i) for i in range(4)] == ["Whole 2D image", "Red", "Green", "Yellow"]
+    assert not w["cancelButton"].isEnabled(), "Cancel is enabled only while work runs"
+
+
+def test_parameter_bindings_name_parameter_node_fields(panel):
+    tree = ast.parse(SOURCE)
+    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "MedSapiensSlicerParameterNode")
+    fields = {n.target.id for n in cls.body if isinstance(n, ast.AnnAssign)}
+    bound = {w.property("SlicerParameterName") for w in widgets(panel).values()} - {None}
+    assert bound and bound <= fields, f"bound to no parameter: {sorted(bound - fields)}"
+    choices = re.search(r'view: Annotated\[str, Choice\(\[WHOLE_IMAGE, (.*?)\]\)\]', SOURCE).group(1)
+    assert choices.replace('"', "").split(", ") == ["Red", "Green", "Yellow"]
+
+
+def test_module_files_compile(tmp_path):
+    for path in [*MODULE.rglob("*.py"), *ENGINE.glob("*.py")]:
+        py_compile.compile(str(path), cfile=str(tmp_path / "x.pyc"), doraise=True)
+    tree = ast.parse(SOURCE)
+    classes = {n.name for n in tree.body if isinstance(n, ast.ClassDef)}
+    assert {"MedSapiensSlicer", "MedSapiensSlicerWidget", "MedSapiensSlicerLogic", "MedSapiensSlicerTest"} <= classes
+
+
+def test_cmake_ships_every_script_and_resource():
+    module_cmake = (MODULE / "CMakeLists.txt").read_text().replace("${MODULE_NAME}", "MedSapiensSlicer")
+    listed = set(re.findall(r"[\w/.]+\.(?:py|ui|png|txt|json)\b", module_cmake))
+    shipped = {str(p.relative_to(MODULE)) for p in MODULE.rglob("*") if p.is_file() and p.suffix in
+               (".py", ".ui", ".png", ".txt") and "__pycache__" not in p.parts and p.name != "CMakeLists.txt"}
+    engine = {f"medsapiens/{p.name}" for p in ENGINE.iterdir() if p.suffix in (".py", ".json")}
+    assert shipped | engine == listed
+    top = (MODULE.parent / "CMakeLists.txt").read_text()
+    for var in ("HOMEPAGE", "CATEGORY", "CONTRIBUTORS", "DESCRIPTION", "ICONURL", "SCREENSHOTURLS", "DEPENDS"):
+        assert re.search(rf"set\(EXTENSION_{var} ", top), var
+    assert 'set(EXTENSION_DEPENDS "PyTorch")' in top and "add_subdirectory(MedSapiensSlicer)" in top
+
+
+def test_panel_screenshot(tmp_path, panel):
+    from PySide6.QtGui import QImage
+
+    from panel_screenshot import screenshot
+
+    out = screenshot(tmp_path / "panel.png")
+    image = QImage(str(out))
+    assert image.width() == 420 and image.height() > 400
+    colours = {image.pixel(x, y) for x in range(0, image.width(), 7) for y in range(0, image.height(), 7)}
+    assert len(colours) > 20, "the panel rendered as a blank image"
