@@ -46,7 +46,9 @@ class MedSapiensSlicer(ScriptedLoadableModule):
 class MedSapiensSlicerParameterNode:
     inputVolume: vtkMRMLScalarVolumeNode
     view: Annotated[str, Choice([WHOLE_IMAGE, "Red", "Green", "Yellow"])] = WHOLE_IMAGE
-    model: str = ATLAS
+    model: str = ATLAS      # a catalogue name, LOCAL_FILE or ATLAS (set from the model box by the widget)
+    modelFile: str = ""
+    adapter: str = ""
     device: Annotated[str, Choice(["auto", "cpu", "cuda"])] = "auto"
     precision: Annotated[str, Choice(["fp32", "bf16"])] = "fp32"
     outputMarkups: vtkMRMLMarkupsFiducialNode
@@ -77,6 +79,9 @@ class MedSapiensSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.timer.connect("timeout()", self.onPoll)
 
         self.ui.modelComboBox.addItems(self.logic.modelChoices())
+        self.ui.modelComboBox.connect("currentTextChanged(QString)", lambda text: self._set("model", text))
+        self.ui.modelPathLineEdit.connect("currentPathChanged(QString)", lambda path: self._set("modelFile", path))
+        self.ui.adapterPathLineEdit.connect("currentPathChanged(QString)", lambda path: self._set("adapter", path))
         self.ui.detectButton.connect("clicked(bool)", self.onDetect)
         self.ui.finetuneButton.connect("clicked(bool)", self.onFinetune)
         self.ui.cancelButton.connect("clicked(bool)", self.onCancel)
@@ -120,6 +125,14 @@ class MedSapiensSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = node
         if self._parameterNode:
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            # the model box's entries come from the catalogue, so these three are kept by hand
+            self.ui.modelComboBox.setCurrentText(node.model)
+            self.ui.modelPathLineEdit.currentPath = node.modelFile
+            self.ui.adapterPathLineEdit.currentPath = node.adapter
+
+    def _set(self, name: str, value: str) -> None:
+        if self._parameterNode:
+            setattr(self._parameterNode, name, value)
 
     # ------------------------------------------------------------------------------------------------ actions
     def _sliceNode(self):
@@ -128,10 +141,8 @@ class MedSapiensSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _modelSpec(self) -> dict:
         p = self._parameterNode
-        spec = {"model": p.model, "path": self.ui.modelPathLineEdit.currentPath,
-                "adapter": self.ui.adapterPathLineEdit.currentPath, "device": p.device, "precision": p.precision,
-                "cases": self._trainingCases() if p.model == ATLAS else None}
-        return spec
+        return {"model": p.model, "path": p.modelFile, "adapter": p.adapter, "device": p.device,
+                "precision": p.precision, "cases": self._trainingCases() if p.model == ATLAS else None}
 
     def onDetect(self) -> None:
         if self.task or not ensure_engine():
@@ -163,15 +174,17 @@ class MedSapiensSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             cases = self._trainingCases()
             name = re.sub(r"[^A-Za-z0-9_.-]+", "-", p.adapterName).strip("-") or "adapter"
             out = self.logic.userModelsDir() / f"{name}.safetensors"
-            base = self.ui.modelPathLineEdit.currentPath if p.model == LOCAL_FILE else p.model
+            base = p.modelFile if p.model == LOCAL_FILE else p.model
             if base == ATLAS:
                 raise ValueError("choose the base model to fine-tune (a catalogue model or a local file)")
+            if not self.logic.confirmDownload({"model": base}):
+                return
 
             def done(path):
                 self.ui.adapterPathLineEdit.currentPath = str(path)
                 return f"Adapter saved to {path} and selected."
 
-            task = BackgroundTask(self.logic.finetune, cases, self.logic.resolveModel(base), out,
+            task = BackgroundTask(self.logic.finetune, cases, base, out,
                                   time_budget=float(p.timeBudget), device=p.device)
             self._start(task, done, "Fine-tuning")
 
@@ -347,8 +360,10 @@ class MedSapiensSlicerTest(ScriptedLoadableModuleTest):
         points = np.array([[-5.0, 3.0, -7.0], [6.0, -4.0, -5.0], [1.0, 8.0, -9.0]])
         normal = np.cross(points[1] - points[0], points[2] - points[0])
         volume = self._blobVolume(points)
-        sliceNode = slicer.app.layoutManager().sliceWidget("Red").mrmlSliceNode()
+        sliceNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSliceNode", "TestPlane")  # works without views
+        sliceNode.SetFieldOfView(100, 100, 1)
         sliceNode.SetSliceToRASByNTP(*normal, *(points[1] - points[0]), *points.mean(axis=0), 0)
+        sliceNode.UpdateMatrices()
         logic = MedSapiensSlicerLogic()
         case, geometry = logic.caseFromSlice(sliceNode, volume)
         image = case.image.astype(float)
