@@ -61,3 +61,26 @@ def fitted_file(tmp_path_factory, fitted_micro, ceph):
 
     path = tmp_path_factory.mktemp("model") / "ceph_micro.safetensors"
     return save_trained(path, fitted_micro, ceph.names, (256, 192), 3.0)
+
+
+@pytest.fixture
+def scene():
+    """A real MRML scene from slicer-core (Slicer's libraries, no application), with the logics Slicer sets up."""
+    slicer = pytest.importorskip("slicer", reason="slicer-core (Slicer's MRML on PyPI) is needed")
+    scene = slicer.vtkMRMLScene()
+    app = slicer.vtkSlicerApplicationLogic()
+    app.SetMRMLScene(scene)
+    colors = slicer.vtkSlicerColorLogic()
+    colors.SetMRMLApplicationLogic(app)
+    colors.SetMRMLScene(scene)
+    app.SetModuleLogic("Colors", colors)
+    logics = {"Markups": slicer.vtkSlicerMarkupsLogic(), "Volumes": slicer.vtkSlicerVolumesLogic()}
+    for name, logic in logics.items():
+        logic.SetMRMLScene(scene)
+        logic.SetMRMLApplicationLogic(app)
+        app.SetModuleLogic(name, logic)
+    slicer.vtkMRMLSliceNode.AddDefaultSliceOrientationPresets(scene)
+    scene.logics = logics  # kept alive with the scene
+    scene.app = app
+    yield scene
+    scene.Clear(True)

@@ -10,7 +10,7 @@ from medsapiens.datasets import Dataset
 from medsapiens.markups import landmarks_from_markups, read_markups
 
 
-def test_detect_writes_markups_and_csv_that_slicer_reads(tmp_path, fitted_file, ceph, capsys):
+def test_detect_writes_markups_and_csv_that_slicer_reads(tmp_path, fitted_file, ceph, capsys, scene):
     images = [ceph.root / ceph.rows[i].image for i in (0, 1)]
     sx = ceph.rows[0].spacing
     assert main(["detect", str(fitted_file), *map(str, images), "--out", str(tmp_path), "--device", "cpu",
@@ -34,15 +34,7 @@ def test_detect_writes_markups_and_csv_that_slicer_reads(tmp_path, fitted_file, 
     assert np.allclose(landmarks_from_markups(tmp_path / "001.mrk.json", case).points, found.points, atol=1e-2)
 
     # Slicer's own markups logic reads the file: RAS = (-x sx, -y sy, 0)
-    import slicer
-
-    scene = slicer.vtkMRMLScene()
-    app = slicer.vtkSlicerApplicationLogic()
-    app.SetMRMLScene(scene)
-    logic = slicer.vtkSlicerMarkupsLogic()
-    logic.SetMRMLScene(scene)
-    logic.SetMRMLApplicationLogic(app)
-    node = scene.GetNodeByID(logic.LoadMarkups(str(tmp_path / "001.mrk.json")))
+    node = scene.GetNodeByID(scene.logics["Markups"].LoadMarkups(str(tmp_path / "001.mrk.json")))
     assert node.GetNumberOfControlPoints() == 19
     for i in (0, 7, 18):
         ras = [0.0, 0.0, 0.0]
