@@ -244,12 +244,15 @@ class MedSapiensSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.task = None
         self.ui.cancelButton.enabled = False
         self.ui.detectButton.enabled = self.ui.finetuneButton.enabled = True
+        if task.cancelled():  # a result that arrives after Cancel is dropped
+            self.ui.progressBar.setValue(0)
+            self.ui.statusLabel.text = "Cancelled; nothing was changed."
+            return
         if task.error:
             error, trace = task.error
             logging.error(trace)
             self.ui.progressBar.setValue(0)
-            self.ui.statusLabel.text = ("Cancelled; nothing was changed." if type(error).__name__ == "Cancelled"
-                                        else f"Error: {error}")
+            self.ui.statusLabel.text = f"Error: {error}"
             return
         self.ui.progressBar.setValue(100)
         with slicer.util.tryWithErrorDisplay("Could not store the result.", waitCursor=True):
