@@ -3,7 +3,6 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 
 from medsapiens.cli import main
 from medsapiens.datasets import Dataset

@@ -7,7 +7,6 @@ import pytest
 import vtk
 from vtk.util.numpy_support import numpy_to_vtk
 
-import slicer
 from MedSapiensSlicerLib.logic import MedSapiensLogic
 from medsapiens import InputError, Landmarks
 from medsapiens.detectors import load_detector

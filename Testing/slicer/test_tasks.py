@@ -1,7 +1,6 @@
 """BackgroundTask, as the panel uses it: a real fine-tune on a worker thread, progress drained by polling, Cancel."""
 import time
 
-import pytest
 
 from MedSapiensSlicerLib.logic import MedSapiensLogic
 from MedSapiensSlicerLib.tasks import BackgroundTask

@@ -128,7 +128,7 @@ def _plots(ev: Evaluation, dataset: Dataset, out: Path) -> list[Path]:
     paths.append(_save(fig, out / "sdr_curve.png"))
 
     worst = ev.worst()
-    fig, axes = plt.subplots(1, len(worst), figsize=(4 * len(worst), 5))
+    fig, axes = plt.subplots(1, len(worst), figsize=(4 * len(worst), 5.6))
     index = {rid: i for i, rid in enumerate(dataset.ids())}
     for ax, i in zip(np.atleast_1d(axes), worst):
         case = dataset.case(index[ev.ids[i]])
