@@ -82,21 +82,33 @@ def find_blobs(image, n):
     return np.array(found)
 
 
+IN_PLANE = np.array([[-8.0, 6.0], [7.0, -5.0], [2.0, 9.0]])  # sphere offsets (mm) along the view's x and y axes
+
+
+def view_plane(scene, plane, centre):
+    """A slice node: Slicer's axial / sagittal / coronal presets, tilted, or seen from below and turned."""
+    if plane in ("Axial", "Sagittal", "Coronal"):
+        node = scene.AddNewNodeByClass("vtkMRMLSliceNode", "Red")
+        node.SetFieldOfView(120, 100, 1)
+        node.SetOrientation(plane)
+        node.JumpSliceByCentering(*centre)
+        node.UpdateMatrices()
+        return node
+    if plane == "oblique":  # tilted 25 degrees about an in-plane diagonal
+        tilt = rotation([1, 1, 0], 25)
+        return slice_node(scene, tilt @ [0, 0, 1], tilt @ [1, 0, 0], centre)
+    return slice_node(scene, [0, 0, -1.0], [0.6, -0.8, 0], centre)  # "flipped": image axes run against RAS
+
+
 @pytest.mark.parametrize("geometry", list(GEOMETRIES))
-@pytest.mark.parametrize("plane", ["axial", "oblique", "flipped"])
+@pytest.mark.parametrize("plane", ["Axial", "Sagittal", "Coronal", "oblique", "flipped"])
 def test_spheres_come_back_at_their_ras_positions(scene, geometry, plane):
     """Blobs at known RAS -> caseFromSlice -> found in the image -> writeLandmarks: within half a voxel."""
     directions, spacing = GEOMETRIES[geometry]
-    centre = SPHERES.mean(axis=0)
-    if plane == "axial":
-        normal, transverse = np.array([0, 0, 1.0]), [1, 0, 0]
-    elif plane == "flipped":  # seen from below and turned in plane: image axes run against RAS
-        normal, transverse = np.array([0, 0, -1.0]), [0.6, -0.8, 0]
-    else:  # tilted 25 degrees about an in-plane diagonal
-        normal, transverse = rotation([1, 1, 0], 25) @ [0, 0, 1], rotation([1, 1, 0], 25) @ [1, 0, 0]
-    truth = SPHERES - np.outer((SPHERES - centre) @ normal, normal)  # the spheres, on the viewed plane
+    node = view_plane(scene, plane, SPHERES.mean(axis=0))
+    m = np.array([[node.GetSliceToRAS().GetElement(r, c) for c in range(4)] for r in range(3)])
+    truth = m[:, 3] + IN_PLANE @ m[:, :2].T  # the spheres, on the viewed plane
     volume, _ = add_volume(scene, directions, spacing, truth)
-    node = slice_node(scene, normal, transverse, centre)
     logic = MedSapiensLogic(scene)
     case, geo = logic.caseFromSlice(node, volume)
     assert case.image.ndim == 2 and case.image.dtype == np.float32
@@ -106,6 +118,10 @@ def test_spheres_come_back_at_their_ras_positions(scene, geometry, plane):
     ras = np.array([out.GetNthControlPointPositionWorld(i) for i in range(3)])
     distance = np.linalg.norm(ras[:, None] - truth[None], axis=-1)
     assert distance.min(axis=0).max() < 0.5 * min(spacing), distance.min(axis=0)
+    # as on screen: the sphere right of another in the view is right of it in the image, and row 0 is the top
+    order_x = np.argsort(IN_PLANE[:, 0])
+    found_x = np.argsort([pixels[np.argmin(np.linalg.norm(ras - t, axis=1)), 0] for t in truth])
+    assert (order_x == found_x).all()
     # pixel -> RAS -> pixel round trip, and the Case's own LPS matrix agrees with RAS
     back, off = geo.to_pixel(ras)
     assert np.allclose(back, pixels, atol=1e-9) and np.allclose(off, 0, atol=1e-9)
