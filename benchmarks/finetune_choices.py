@@ -19,11 +19,11 @@ from medsapiens.adapter_file import load_weights
 from medsapiens.datasets import Dataset
 
 VARIANTS = {
-    "all-blocks": [],                          # LoRA on every block, whole backbone forward + backward
-    "last4": ["--lora-blocks", "4"],           # LoRA on the last 4 blocks, the 8 below cached per view
-    "last2": ["--lora-blocks", "2"],
+    "all-blocks": ["--augment", "reference"],  # LoRA on every block: whole backbone forward + backward per step
+    "last4": ["--lora-blocks", "4", "--augment", "reference"],  # the 8 blocks below run once per view, cached
+    "mild": ["--augment", "mild"],             # 15 degrees / scale 0.8-1.25 instead of 80 / 0.5-1.5 (the default)
+    "last4-mild": ["--lora-blocks", "4", "--augment", "mild"],
     "views16": ["--views", "16"],              # fewer fixed views per case
-    "views256": ["--views", "256", "--lora-blocks", "4"],
 }
 
 
@@ -59,7 +59,7 @@ def main():
     print("| --- | --- | --- | --- | --- |")
     for name, steps, wall, s in rows:
         sdr = ", ".join(f"{float(r):g} mm {100 * v:.1f}%" for r, v in s["sdr"].items())
-        print(f"| {name} ({' '.join(VARIANTS[name]) or 'default'}) | {steps} | {wall:.0f} | {s['mre_mm']:.2f} | {sdr} |")
+        print(f"| {name} ({' '.join(VARIANTS[name])}) | {steps} | {wall:.0f} | {s['mre_mm']:.2f} | {sdr} |")
 
 
 if __name__ == "__main__":

@@ -140,13 +140,14 @@ class MedSapiensLogic:
 
         settings: time_budget (s), steps, views_per_case, lora_blocks, lr, input_hw, device. Returns the path.
         """
-        from medsapiens.training import FinetuneSettings, Settings, finetune
+        from dataclasses import replace
+
+        from medsapiens.training import FINETUNE_DEFAULTS, FinetuneSettings, finetune
 
         device = settings.pop("device", None)
         ft = {k: settings.pop(k) for k in ("views_per_case", "lora_blocks") if k in settings}
-        train_settings = Settings(**{"lr": 1e-3, "time_budget": 300.0, **settings})
-        return finetune(base, cases, out, settings=FinetuneSettings(train_settings, **ft), device=device,
-                        progress=progress, cancel=cancel)
+        return finetune(base, cases, out, settings=FinetuneSettings(replace(FINETUNE_DEFAULTS, **settings), **ft),
+                        device=device, progress=progress, cancel=cancel)
 
     @staticmethod
     def userModelsDir() -> Path:

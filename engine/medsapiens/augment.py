@@ -32,6 +32,8 @@ class Augment:
 
 
 REFERENCE = Augment()
+MILD = Augment(scale=(0.8, 1.25), rotation=15.0)  # for data sets imaged in one standard pose (cephalograms)
+PRESETS = {"reference": REFERENCE, "mild": MILD}
 NONE = Augment(flip=0, shift_p=0, scale=(1.0, 1.0), rotation_p=0, photometric_p=0, blur_p=0, median_blur_p=0,
                dropout_p=0)
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from .errors import InputError
 from .metrics import CEPH_RADII
 from .model import ARCHS
+from .augment import PRESETS
 from .training import DEFAULT_ARCH, DEFAULT_INPUT_HW as TRAIN_INPUT_HW
 
 ARCH_NAMES = list(ARCHS)
@@ -28,12 +29,15 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--flip-test", action="store_true", help="average with the mirrored image (slower)")
 
 
-def _add_training_options(p: argparse.ArgumentParser) -> None:
+def _add_training_options(p: argparse.ArgumentParser, augment: str) -> None:
     p.add_argument("--input-size", nargs=2, type=int, default=list(TRAIN_INPUT_HW), metavar=("H", "W"),
                    help=f"network input size (default {TRAIN_INPUT_HW[0]} {TRAIN_INPUT_HW[1]})")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: CUDA when present)")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                    help="bf16 autocast (pays off on GPUs; this kind of CPU has no bf16 units)")
+    p.add_argument("--augment", choices=list(PRESETS), default=augment,
+                   help="augmentation: the MedSapiens recipe (rotation up to 80 degrees, scale 0.5-1.5) or mild "
+                        f"(15 degrees, scale 0.8-1.25) for images taken in a standard pose (default {augment})")
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -75,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                                 "run once per view (default: all blocks)")
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default 1e-3)")
     p.add_argument("--flip-pairs", metavar="A:B,...", help="symmetric landmark pairs (names); enables mirroring")
-    _add_training_options(p)
+    _add_training_options(p, augment="mild")
     p.set_defaults(run=_finetune)
 
     p = sub.add_parser("train", help="train a whole model on one data set (specialist) or several (generalist)",
@@ -93,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", type=Path, help="continue a model written by train (and its .state)")
     p.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (default 5e-4)")
     p.add_argument("--batch", type=int, default=8, help="images per step and process (default 8)")
-    _add_training_options(p)
+    _add_training_options(p, augment="reference")
     p.set_defaults(run=_train)
 
     p = sub.add_parser("evaluate", help="score a model on an annotated data set: MRE, SDR, per landmark, plots",
@@ -242,7 +246,8 @@ def _finetune(args) -> int:
     cases = load_cases(args.data, args.cases.split(",") if args.cases else None)
     names = check_cases(cases)
     settings = FinetuneSettings(Settings(input_hw=tuple(args.input_size), lr=args.lr, steps=args.steps,
-                                         time_budget=args.time_budget, seed=args.seed),
+                                         time_budget=args.time_budget, seed=args.seed,
+                                         augment=PRESETS[args.augment]),
                                 args.views, args.lora_blocks)
     bar = _Bar(f"fine-tuning on {len(cases)} cases: {', '.join(c.label for c in cases)}")
     try:
@@ -266,7 +271,7 @@ def _train(args) -> int:
     world = int(os.environ.get("WORLD_SIZE", 1))
     steps = None if args.epochs is None else max(1, round(args.epochs * len(cases) / (args.batch * world)))
     settings = Settings(input_hw=tuple(args.input_size), lr=args.lr, batch=args.batch, steps=steps,
-                        time_budget=args.time_budget, seed=args.seed)
+                        time_budget=args.time_budget, seed=args.seed, augment=PRESETS[args.augment])
     rank0 = int(os.environ.get("RANK", 0)) == 0
     bar = _Bar(f"training {args.arch} on {len(cases)} images, {len(names)} landmarks, {world} process(es)") \
         if rank0 else None

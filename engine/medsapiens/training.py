@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from . import adapter_file, lora
-from .augment import REFERENCE, Augment, random_view
+from .augment import MILD, REFERENCE, Augment, random_view
 from .case import Case
 from .codec import DEFAULT_SIGMA, UDPCodec
 from .errors import InputError, short_list
@@ -190,9 +190,14 @@ def fit(net: nn.Module, params: list[dict], next_batch: Callable[[int], tuple], 
 
 # ---------------------------------------------------------------------------------------------- few-shot adapter
 
+# Few-shot: 5 minutes, and mild augmentation (measured better than the reference's on both data sets here:
+# benchmarks/finetune_choices.py, README "Few-shot speed and accuracy choices").
+FINETUNE_DEFAULTS = Settings(lr=1e-3, time_budget=300.0, augment=MILD)
+
+
 @dataclass(frozen=True)
 class FinetuneSettings:
-    train: Settings = Settings(lr=1e-3, time_budget=300.0)
+    train: Settings = FINETUNE_DEFAULTS
     views_per_case: int = 64
     lora_blocks: int | None = None  # LoRA on the last N blocks (None: all); the blocks below are cached
 
