@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from . import adapter_file, lora
-from .augment import MILD, REFERENCE, Augment, random_view
+from .augment import MILD, NONE, REFERENCE, Augment, random_view
 from .case import Case
 from .codec import DEFAULT_SIGMA, UDPCodec
 from .errors import InputError, short_list
@@ -114,8 +114,8 @@ class Views:
         target, weight = self.codec.encode(pts, present)
         return normalise(view[None])[0], torch.from_numpy(target), torch.from_numpy(weight)
 
-    def batch(self, indices, rng: np.random.Generator, augment: Augment | None = None):
-        xs, ts, ws = zip(*(self.sample(int(i), rng, augment) for i in indices))
+    def batch(self, indices, rng: np.random.Generator):
+        xs, ts, ws = zip(*(self.sample(int(i), rng) for i in indices))
         return torch.stack(xs), torch.stack(ts), torch.stack(ws)
 
 
@@ -277,8 +277,6 @@ def _model_for_finetune(base, names, input_hw) -> tuple[SapiensPose, Path | None
 
 def _fixed_views(cases, names, s: Settings, flip_pairs, per_case: int, progress, cancel):
     """`per_case` views of each case: the plain whole-image view first, then augmented ones (seeded)."""
-    from .augment import NONE
-
     views = Views(cases, names, s, flip_pairs)
     rng = np.random.default_rng(s.seed)
     xs, ts, ws = [], [], []
