@@ -17,6 +17,7 @@ from pathlib import Path
 
 from medsapiens.adapter_file import load_weights
 from medsapiens.datasets import Dataset
+from medsapiens.metrics import format_sdr
 
 VARIANTS = {
     "all-blocks": ["--augment", "reference"],  # LoRA on every block: whole backbone forward + backward per step
@@ -58,8 +59,8 @@ def main():
     print("| variant | steps in budget | wall s | MRE mm | SDR |")
     print("| --- | --- | --- | --- | --- |")
     for name, steps, wall, s in rows:
-        sdr = ", ".join(f"{float(r):g} mm {100 * v:.1f}%" for r, v in s["sdr"].items())
-        print(f"| {name} ({' '.join(VARIANTS[name])}) | {steps} | {wall:.0f} | {s['mre_mm']:.2f} | {sdr} |")
+        print(f"| {name} ({' '.join(VARIANTS[name])}) | {steps} | {wall:.0f} | {s['mre_mm']:.2f} | "
+              f"{format_sdr(s['sdr'])} |")
 
 
 if __name__ == "__main__":

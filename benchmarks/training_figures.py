@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from medsapiens.datasets import Dataset
+from medsapiens.metrics import format_sdr
 
 SETS = {"ceph_hamedan": [2, 2.5, 3, 4], "hand_dha": [2, 4, 10]}
 OTHER = {"ceph_hamedan": "hand_dha", "hand_dha": "ceph_hamedan"}
@@ -84,8 +85,7 @@ def main():
     print("| set | run | MRE mm | SDR | wall time (s) |")
     print("| --- | --- | --- | --- | --- |")
     for label, name, s, wall in rows:
-        sdr = ", ".join(f"{float(r):g} mm {100 * v:.1f}%" for r, v in s["sdr"].items())
-        print(f"| {name} | {label} | {s['mre_mm']:.2f} | {sdr} | {wall:.0f} |")
+        print(f"| {name} | {label} | {s['mre_mm']:.2f} | {format_sdr(s['sdr'])} | {wall:.0f} |")
 
 
 if __name__ == "__main__":

@@ -27,6 +27,10 @@ def summary(errors: np.ndarray, radii=CEPH_RADII) -> dict:
             "scored": int(scored.size), "not_found": int(np.isinf(scored).sum())}
 
 
+def format_sdr(sdr: dict) -> str:
+    """'2 mm 30.5%, 2.5 mm 43.9%, ...' from {radius: share} (radii as numbers or, read from JSON, strings)."""
+    return ", ".join(f"{float(r):g} mm {100 * v:.1f}%" for r, v in sdr.items())
+
+
 def format_summary(s: dict) -> str:
-    sdr = ", ".join(f"{r:g} mm {100 * v:.1f}%" for r, v in s["sdr"].items())
-    return f"MRE {s['mre_mm']:.2f} mm; SDR {sdr} ({s['scored']} landmarks, {s['not_found']} not found)"
+    return f"MRE {s['mre_mm']:.2f} mm; SDR {format_sdr(s['sdr'])} ({s['scored']} landmarks, {s['not_found']} not found)"
