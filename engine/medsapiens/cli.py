@@ -265,7 +265,7 @@ def _train(args) -> int:
 
     if args.epochs is None and args.time_budget is None:
         raise InputError("give --epochs, --time-budget or both")
-    sets = [Dataset(d / "landmarks.csv" if d.is_dir() else d) for d in args.data]
+    sets = [Dataset(d) for d in args.data]
     names = union_names([d.names for d in sets])
     cases = [d.case(i) for d in sets for i in _rows(args.rows, len(d), d.path)]
     world = int(os.environ.get("WORLD_SIZE", 1))
@@ -296,7 +296,7 @@ def _evaluate(args) -> int:
 
     if (args.model is None) == (args.atlas is None):
         raise InputError("give either MODEL or --atlas")
-    ds = Dataset(args.data / "landmarks.csv" if args.data.is_dir() else args.data)
+    ds = Dataset(args.data)
     rows = _rows(args.rows, len(ds), ds.path)
     detector = load_detector(args.model, adapter=args.adapter, base=args.base, atlas=args.atlas,
                              atlas_cases=args.atlas_cases.split(",") if args.atlas_cases else None,

@@ -32,10 +32,11 @@ class Row:
 
 
 class Dataset:
-    """The rows of a landmarks.csv; `case(i)` reads image i with its landmarks and checks its size."""
+    """The rows of a landmarks.csv (or of the one in a given folder); `case(i)` reads image i and checks its size."""
 
     def __init__(self, csv_path):
-        self.path = Path(csv_path)
+        path = Path(csv_path)
+        self.path = path / "landmarks.csv" if path.is_dir() else path
         self.root = self.path.parent
         self.names, self.rows = _read_csv(self.path)
 
@@ -76,7 +77,7 @@ def load_cases(path, ids: list[str] | None = None) -> list[Case]:
                 raise InputError(f"{path}: no .mrk.json for {', '.join(unknown)}")
             cases = chosen
         return cases
-    ds = Dataset(path / "landmarks.csv" if path.is_dir() else path)
+    ds = Dataset(path)
     return [ds.case(i) for i in (ds.select(ids) if ids else range(len(ds)))]
 
 

@@ -22,14 +22,13 @@ def _cases(data: Path | None, n_atlases: int, n_cases: int) -> tuple[list[Case],
     if data is None:
         return ([phantom_case(s) for s in range(n_atlases)],
                 [phantom_case(100 + s) for s in range(n_cases)], "generated phantom radiographs")
-    csv = data / "landmarks.csv" if data.is_dir() else data
-    ds = Dataset(csv)
+    ds = Dataset(data)
     if len(ds) < n_atlases + n_cases:
-        raise InputError(f"{csv}: {len(ds)} cases, the demo needs {n_atlases + n_cases}")
+        raise InputError(f"{ds.path}: {len(ds)} cases, the demo needs {n_atlases + n_cases}")
     first_unseen = max(n_atlases, len(ds) // 2)  # score on the second half, as the benchmarks do
     atlas_rows = range(n_atlases)
     case_rows = range(first_unseen, min(first_unseen + n_cases, len(ds)))
-    return [ds.case(i) for i in atlas_rows], [ds.case(i) for i in case_rows], str(csv)
+    return [ds.case(i) for i in atlas_rows], [ds.case(i) for i in case_rows], str(ds.path)
 
 
 def overlay(case: Case, truth: Landmarks, found: Landmarks) -> np.ndarray:
