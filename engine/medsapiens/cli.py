@@ -7,15 +7,21 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from .errors import InputError
+from .augment import PRESETS
 from .metrics import CEPH_RADII
 from .model import ARCHS
-from .augment import PRESETS
-from .training import DEFAULT_ARCH, DEFAULT_INPUT_HW as TRAIN_INPUT_HW
+from .training import DEFAULT_ARCH, FINETUNE_DEFAULTS, FinetuneSettings, Settings
 
 ARCH_NAMES = list(ARCHS)
+TRAIN_DEFAULTS = Settings()
+
+
+def _preset_name(augment) -> str:
+    return next(name for name, preset in PRESETS.items() if preset == augment)
 
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
@@ -29,9 +35,12 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--flip-test", action="store_true", help="average with the mirrored image (slower)")
 
 
-def _add_training_options(p: argparse.ArgumentParser, augment: str) -> None:
-    p.add_argument("--input-size", nargs=2, type=int, default=list(TRAIN_INPUT_HW), metavar=("H", "W"),
-                   help=f"network input size (default {TRAIN_INPUT_HW[0]} {TRAIN_INPUT_HW[1]})")
+def _add_training_options(p: argparse.ArgumentParser, defaults: Settings) -> None:
+    hw = defaults.input_hw
+    augment = _preset_name(defaults.augment)
+    p.add_argument("--lr", type=float, default=defaults.lr, help=f"peak learning rate (default {defaults.lr:g})")
+    p.add_argument("--input-size", nargs=2, type=int, default=list(hw), metavar=("H", "W"),
+                   help=f"network input size (default {hw[0]} {hw[1]})")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: CUDA when present)")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                    help="bf16 autocast (pays off on GPUs; this kind of CPU has no bf16 units)")
@@ -71,15 +80,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cases", metavar="ID,ID,...", help="the annotated cases to learn from (image stems; default "
                                                          "all of --data)")
     p.add_argument("--out", required=True, type=Path, help="adapter file to write (.safetensors)")
-    p.add_argument("--time-budget", type=float, default=300.0, metavar="S",
-                   help="training time in seconds (default 300)")
+    p.add_argument("--time-budget", type=float, default=FINETUNE_DEFAULTS.time_budget, metavar="S",
+                   help=f"training time in seconds (default {FINETUNE_DEFAULTS.time_budget:g})")
     p.add_argument("--steps", type=int, help="stop after this many steps (default: the time budget decides)")
-    p.add_argument("--views", type=int, default=64, help="augmented views per case, made once (default 64)")
+    views = FinetuneSettings.views_per_case
+    p.add_argument("--views", type=int, default=views, help=f"augmented views per case, made once (default {views})")
     p.add_argument("--lora-blocks", type=int, metavar="N", help="LoRA on the last N blocks only; the blocks below "
                                                                 "run once per view (default: all blocks)")
-    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default 1e-3)")
     p.add_argument("--flip-pairs", metavar="A:B,...", help="symmetric landmark pairs (names); enables mirroring")
-    _add_training_options(p, augment="mild")
+    _add_training_options(p, FINETUNE_DEFAULTS)
     p.set_defaults(run=_finetune)
 
     p = sub.add_parser("train", help="train a whole model on one data set (specialist) or several (generalist)",
@@ -95,9 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=float, help="passes over the training images (default: the time budget decides)")
     p.add_argument("--time-budget", type=float, metavar="S", help="training time in seconds")
     p.add_argument("--resume", type=Path, help="continue a model written by train (and its .state)")
-    p.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (default 5e-4)")
-    p.add_argument("--batch", type=int, default=8, help="images per step and process (default 8)")
-    _add_training_options(p, augment="reference")
+    p.add_argument("--batch", type=int, default=TRAIN_DEFAULTS.batch,
+                   help=f"images per step and process (default {TRAIN_DEFAULTS.batch})")
+    _add_training_options(p, TRAIN_DEFAULTS)
     p.set_defaults(run=_train)
 
     p = sub.add_parser("evaluate", help="score a model on an annotated data set: MRE, SDR, per landmark, plots",
@@ -241,13 +250,13 @@ def _flip_pairs(spec: str | None, names: list[str]) -> list[tuple[int, int]]:
 
 def _finetune(args) -> int:
     from .datasets import load_cases
-    from .training import FinetuneSettings, Settings, check_cases, finetune
+    from .training import check_cases, finetune
 
     cases = load_cases(args.data, args.cases.split(",") if args.cases else None)
     names = check_cases(cases)
-    settings = FinetuneSettings(Settings(input_hw=tuple(args.input_size), lr=args.lr, steps=args.steps,
-                                         time_budget=args.time_budget, seed=args.seed,
-                                         augment=PRESETS[args.augment]),
+    settings = FinetuneSettings(replace(FINETUNE_DEFAULTS, input_hw=tuple(args.input_size), lr=args.lr,
+                                        steps=args.steps, time_budget=args.time_budget, seed=args.seed,
+                                        augment=PRESETS[args.augment]),
                                 args.views, args.lora_blocks)
     bar = _Bar(f"fine-tuning on {len(cases)} cases: {', '.join(c.label for c in cases)}")
     try:
@@ -261,7 +270,7 @@ def _finetune(args) -> int:
 
 def _train(args) -> int:
     from .datasets import Dataset
-    from .training import Settings, train, union_names
+    from .training import train, union_names
 
     if args.epochs is None and args.time_budget is None:
         raise InputError("give --epochs, --time-budget or both")
@@ -270,8 +279,8 @@ def _train(args) -> int:
     cases = [d.case(i) for d in sets for i in _rows(args.rows, len(d), d.path)]
     world = int(os.environ.get("WORLD_SIZE", 1))
     steps = None if args.epochs is None else max(1, round(args.epochs * len(cases) / (args.batch * world)))
-    settings = Settings(input_hw=tuple(args.input_size), lr=args.lr, batch=args.batch, steps=steps,
-                        time_budget=args.time_budget, seed=args.seed, augment=PRESETS[args.augment])
+    settings = replace(TRAIN_DEFAULTS, input_hw=tuple(args.input_size), lr=args.lr, batch=args.batch, steps=steps,
+                       time_budget=args.time_budget, seed=args.seed, augment=PRESETS[args.augment])
     rank0 = int(os.environ.get("RANK", 0)) == 0
     bar = _Bar(f"training {args.arch} on {len(cases)} images, {len(names)} landmarks, {world} process(es)") \
         if rank0 else None
