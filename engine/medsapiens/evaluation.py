@@ -41,12 +41,13 @@ class Evaluation:
                          "scored": int(scored.size), "not_found": int(np.isinf(scored).sum())})
         return rows
 
+    def image_means(self) -> np.ndarray:
+        """(images,) mean error over each image's found landmarks; inf where none was found."""
+        return np.array([r[np.isfinite(r)].mean() if np.isfinite(r).any() else np.inf for r in self.errors])
+
     def worst(self, n: int = WORST_SHOWN) -> list[int]:
         """Image indices by mean error over found landmarks, worst first."""
-        with np.errstate(invalid="ignore"):
-            mean = np.array([np.nanmean(np.where(np.isinf(r), np.nan, r)) if np.isfinite(r).any() else np.inf
-                             for r in self.errors])
-        return [int(i) for i in np.argsort(-np.nan_to_num(mean, nan=-1.0))[:n]]
+        return [int(i) for i in np.argsort(-self.image_means(), kind="stable")[:n]]
 
 
 def evaluate(detector, dataset: Dataset, rows=None, radii=CEPH_RADII, progress=None) -> Evaluation:
@@ -127,7 +128,7 @@ def _plots(ev: Evaluation, dataset: Dataset, out: Path) -> list[Path]:
     ax.set_title("Successful detection rate")
     paths.append(_save(fig, out / "sdr_curve.png"))
 
-    worst = ev.worst()
+    worst, means = ev.worst(), ev.image_means()
     fig, axes = plt.subplots(1, len(worst), figsize=(4 * len(worst), 5.6))
     index = {rid: i for i, rid in enumerate(dataset.ids())}
     for ax, i in zip(np.atleast_1d(axes), worst):
@@ -139,9 +140,7 @@ def _plots(ev: Evaluation, dataset: Dataset, out: Path) -> list[Path]:
         for a, b, ok in zip(t.points, p.points, t.present & p.present):
             if ok:
                 ax.plot([a[0], b[0]], [a[1], b[1]], c="yellow", lw=0.7)
-        with np.errstate(invalid="ignore"):
-            ax.set_title(f"{ev.ids[i]}: mean {np.nanmean(np.where(np.isinf(ev.errors[i]), np.nan, ev.errors[i])):.2f} mm",
-                         fontsize=9)
+        ax.set_title(f"{ev.ids[i]}: mean {means[i]:.2f} mm", fontsize=9)
         ax.axis("off")
     np.atleast_1d(axes)[0].legend(loc="lower left", fontsize=7)
     paths.append(_save(fig, out / "worst_cases.png"))

@@ -375,8 +375,8 @@ def _save_model(out, model, names, s: Settings, cases, step, opt) -> None:
                               lr=s.lr, batch=s.batch)
     state = opt.state_dict()
     tensors = {f"{i}.{k}": v for i, st in state["state"].items() for k, v in st.items() if torch.is_tensor(v)}
-    groups = [{k: v for k, v in g.items() if k != "params"} | {"params": g["params"]} for g in state["param_groups"]]
-    adapter_file.save_weights(state_path(out), tensors, {"step": step, "param_groups": groups}, "state")
+    adapter_file.save_weights(state_path(out), tensors, {"step": step, "param_groups": state["param_groups"]},
+                              "state")
 
 
 def _resume(path, names, s: Settings):
