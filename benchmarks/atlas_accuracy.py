@@ -13,8 +13,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-
-from medsapiens.atlas import AtlasDetector
+from medsapiens.atlas import AtlasDetector, AtlasSettings
 from medsapiens.datasets import Dataset
 from medsapiens.metrics import format_summary, radial_errors, summary
 
@@ -26,13 +25,13 @@ def main():
     p.add_argument("--first-scored", type=int, default=51, help="1-based row where scoring starts (default 51)")
     p.add_argument("--limit", type=int, help="score only this many images")
     p.add_argument("--radii", type=float, nargs="+", default=[2, 2.5, 3, 4])
-    p.add_argument("--no-refine", action="store_true", help="skip the patch refinement")
+    p.add_argument("--deformable", action="store_true", help="add the B-spline stage (AtlasSettings.deformable)")
     args = p.parse_args()
     ds = Dataset(args.data / "landmarks.csv")
     scored = list(range(args.first_scored - 1, len(ds)))[: args.limit]
     cases = [ds.case(i) for i in scored]
     for n in args.atlases:
-        detector = AtlasDetector([ds.case(i) for i in range(n)], refine=not args.no_refine)
+        detector = AtlasDetector([ds.case(i) for i in range(n)], AtlasSettings(deformable=args.deformable))
         errors, times = [], []
         for case in cases:
             t = time.perf_counter()

@@ -48,6 +48,20 @@ def test_registration_recovers_a_known_warp_of_a_real_radiograph(ceph):
     assert np.median(err) < 1.0 and np.percentile(err, 90) < 2.0, err
 
 
+def test_an_atlas_that_does_not_match_is_outvoted(ceph):
+    """Votes are weighted by how well each landmark's neighbourhood matched: an atlas of noise with the same
+    landmark positions must not pull the answer (a plain average would move it by tens of pixels)."""
+    case = ceph.case(0)
+    target = warped_copy(case, seed=1)
+    noise = np.random.default_rng(0).integers(0, 256, case.image.shape, dtype=np.uint8)
+    decoy = Case(noise, case.spacing, case.landmarks, name="noise")
+    alone = AtlasDetector([case]).detect(target)
+    both = AtlasDetector([case, decoy]).detect(target)
+    err = np.linalg.norm(both.points - target.landmarks.points, axis=1)
+    assert np.median(err) < 1.0 and np.percentile(err, 90) < 2.0, err
+    assert np.median(np.linalg.norm(both.points - alone.points, axis=1)) < 0.5
+
+
 def test_one_atlas_on_the_identical_image_returns_its_points(ceph):
     case = ceph.case(1)
     found = AtlasDetector([case]).detect(case)

@@ -3,10 +3,12 @@
 Each atlas is registered to the new image (atlas = fixed, new image = moving, so the transform carries atlas
 points straight onto the new image), with Mattes mutual information taken over the atlas's landmark region
 only (labels, rulers and collimator edges mislead it): similarity from the image centres (intensity moments
-are pulled away by bright collimator fields), then affine, then a coarse B-spline, each multi-resolution.
-Each mapped point is refined coarse-to-fine by normalised cross-correlation of the atlas patch around it.
-Across atlases, votes far from the median (a failed registration) are dropped and the rest averaged;
-confidence falls with their spread.
+are pulled away by bright collimator fields), then affine, optionally a coarse B-spline (`deformable`: for
+articulated anatomy such as hands), each multi-resolution. Then the new image, warped into the atlas's
+space, is aligned to every landmark's neighbourhood by its own affine map, coarse to fine (`ncc_align`): one
+global map cannot follow a jaw or a finger that moved on its own. Each atlas votes for each landmark with
+weight exp((NCC - best NCC) / fusion_ncc), so the atlas that matches a landmark's neighbourhood best counts
+most; confidence falls with the weighted spread of the votes.
 """
 from __future__ import annotations
 
@@ -14,22 +16,24 @@ from dataclasses import dataclass
 
 import numpy as np
 import SimpleITK as sitk
-from numpy.lib.stride_tricks import sliding_window_view
+import torch
 
 from .case import Case, Landmarks
 from .errors import InputError, short_list
 from .intensity import to_rgb255
-
-
-MIN_NCC_GAIN = 0.02
+from .ncc_align import align_windows, sample
 
 
 @dataclass(frozen=True)
 class AtlasSettings:
     global_side: int = 256  # working size (longest side, px) of the similarity / affine stages
+    deformable: bool = False  # add a B-spline stage: better on hands (fingers), worse and slower on skulls
     local_side: int = 512  # working size of the B-spline stage
     bspline_mesh: int = 4  # B-spline control-point mesh per side
-    levels: tuple = ((4.0, 16, 8), (2.0, 16, 6), (1.0, 14, 4))  # refinement: (px step, patch, search radius)
+    levels: tuple = ((8, 15), (4, 15), (2, 15), (1, 15))  # local alignment: (px step, half window in steps)
+    iterations: int = 30  # Adam steps per level
+    rate: float = 0.05  # Adam step, in px steps (window shift) and window edges (affine part)
+    fusion_ncc: float = 0.1  # an atlas whose local NCC is this much below the best one's counts e^-1 as much
     mask_margin: float = 0.15  # metric region: landmark box grown by this share of its size
     spread_mm: float = 2.0  # atlas disagreement at which confidence drops to 0.61 (one sigma)
     seed: int = 7
@@ -53,20 +57,23 @@ def _working_image(full: sitk.Image, side: int) -> sitk.Image:
 @dataclass
 class _Prepared:
     coarse: sitk.Image  # global stages
-    fine: sitk.Image  # B-spline stage
-    levels: dict  # px step -> full-resolution image smoothed for that step (refinement)
+    levels: dict  # px step -> full-resolution image (torch, H x W) smoothed for that step (local alignment)
+    fine: sitk.Image | None = None  # B-spline stage
     coarse_mask: sitk.Image | None = None  # atlases: where the metric looks (around the landmarks)
     fine_mask: sitk.Image | None = None
 
 
-def _prepare(case: Case, s: "AtlasSettings") -> _Prepared:
+def _prepare(case: Case, s: AtlasSettings) -> _Prepared:
     full = sitk.GetImageFromArray((to_rgb255(case.image).mean(axis=2) / 255.0).astype(np.float32))  # grey 0..1
-    levels = {step: sitk.SmoothingRecursiveGaussian(full, 0.5 * step) if step > 1 else full
-              for step, _, _ in s.levels}
-    prepared = _Prepared(_working_image(full, s.global_side), _working_image(full, s.local_side), levels)
+    levels = {step: torch.from_numpy(sitk.GetArrayFromImage(
+        sitk.SmoothingRecursiveGaussian(full, 0.5 * step) if step > 1 else full)) for step, _ in s.levels}
+    prepared = _Prepared(_working_image(full, s.global_side), levels)
+    if s.deformable:
+        prepared.fine = _working_image(full, s.local_side)
     if case.landmarks is not None:
         prepared.coarse_mask = _landmark_mask(prepared.coarse, case.landmarks, s.mask_margin)
-        prepared.fine_mask = _landmark_mask(prepared.fine, case.landmarks, s.mask_margin)
+        if s.deformable:
+            prepared.fine_mask = _landmark_mask(prepared.fine, case.landmarks, s.mask_margin)
     return prepared
 
 
@@ -121,6 +128,8 @@ def register(atlas_p: _Prepared, target_p: _Prepared, s: AtlasSettings) -> sitk.
     reg.SetOptimizerScalesFromPhysicalShift()
     reg.SetInitialTransform(affine, inPlace=True)
     reg.Execute(atlas, target)
+    if not s.deformable:
+        return affine
 
     bspline = sitk.BSplineTransformInitializer(atlas_p.fine, [s.bspline_mesh] * 2, 3)
     reg = _registration([4, 2], [2, 1], s.seed, atlas_p.fine_mask)
@@ -132,56 +141,38 @@ def register(atlas_p: _Prepared, target_p: _Prepared, s: AtlasSettings) -> sitk.
     return sitk.CompositeTransform([affine, bspline])
 
 
-def _match(point_atlas, transform, atlas_full, target_full, spacing, r, q):
-    """Shift (atlas px) of the best NCC match of the atlas patch (radius r, search q, in working px of size
-    `spacing`) within the target resampled into atlas space; zero unless clearly better than no shift."""
-    p = np.asarray(point_atlas, float)
-    grid = [2 * (r + q) + 1] * 2
-    origin = (p - (r + q) * spacing).tolist()
-    patch_origin = (p - r * spacing).tolist()
-    identity = sitk.Transform()
-    template = sitk.GetArrayFromImage(sitk.Resample(atlas_full, [2 * r + 1] * 2, identity, sitk.sitkLinear,
-                                                    patch_origin, [spacing] * 2, [1, 0, 0, 1], 0.0,
-                                                    sitk.sitkFloat32))
-    if template.std() < 1e-3:  # a flat patch (background) holds nothing to match
-        return np.zeros(2)
-    region = sitk.GetArrayFromImage(sitk.Resample(target_full, grid, transform, sitk.sitkLinear, origin,
-                                                  [spacing] * 2, [1, 0, 0, 1], 0.0, sitk.sitkFloat32))
-    windows = sliding_window_view(region, template.shape)
-    t = template - template.mean()
-    w = windows - windows.mean(axis=(2, 3), keepdims=True)
-    ncc = (w * t).sum(axis=(2, 3)) / (np.sqrt((w ** 2).sum(axis=(2, 3)) * (t ** 2).sum()) + 1e-9)
-    dy, dx = np.unravel_index(np.argmax(ncc), ncc.shape)
-    if ncc[dy, dx] < ncc[q, q] + MIN_NCC_GAIN:
-        dy = dx = q
-    return (np.array([dx, dy]) + _subpixel(ncc, dy, dx) - q) * spacing
+def _mapping(transform: sitk.Transform, atlas_p: _Prepared) -> torch.Tensor:
+    """Target px coordinates (x, y) of every atlas pixel: H x W x 2."""
+    h, w = next(iter(atlas_p.levels.values())).shape
+    field = sitk.TransformToDisplacementField(transform, sitk.sitkVectorFloat64, [w, h], [0.0, 0.0], [1.0, 1.0],
+                                              [1, 0, 0, 1])
+    ys, xs = np.mgrid[0:h, 0:w]
+    return torch.from_numpy((sitk.GetArrayFromImage(field) + np.stack([xs, ys], -1)).astype(np.float32))
 
 
-def _subpixel(score: np.ndarray, y: int, x: int) -> np.ndarray:
-    """Offset of a parabola's vertex through the peak and its two neighbours, per axis (0 at the border)."""
-    offset = np.zeros(2)
-    for axis, (i, n) in enumerate(((x, score.shape[1]), (y, score.shape[0]))):
-        if 0 < i < n - 1:
-            a, b, c = (score[y, i - 1], score[y, i], score[y, i + 1]) if axis == 0 else \
-                (score[i - 1, x], score[i, x], score[i + 1, x])
-            curvature = a - 2 * b + c
-            if curvature < 0:
-                offset[axis] = np.clip(0.5 * (a - c) / curvature, -0.5, 0.5)
-    return offset
-
-
-def _refine(point_atlas, transform, atlas: _Prepared, target: _Prepared, s: "AtlasSettings"):
-    """Coarse-to-fine local search: the landmark's neighbourhood may sit a few mm off after the global stage."""
-    p = np.asarray(point_atlas, float)
-    for step, r, q in s.levels:
-        p = p + _match(p, transform, atlas.levels[step], target.levels[step], step, r, q)
-    return np.array(transform.TransformPoint(tuple(float(v) for v in p)))
+def locate(atlas: Case, atlas_p: _Prepared, target_p: _Prepared, s: AtlasSettings):
+    """Where one atlas puts its landmarks on the target (K x 2 px, NaN where the atlas has none) and how well
+    each landmark's neighbourhood matched (K local NCC, -inf where none)."""
+    mapping = _mapping(register(atlas_p, target_p, s), atlas_p)
+    warped = {step: sample(image, mapping) for step, image in target_p.levels.items()}  # target in atlas space
+    ok = atlas.landmarks.present
+    start = torch.from_numpy(atlas.landmarks.points[ok]).float()
+    moved, score = align_windows(atlas_p.levels, warped, start, s.levels, s.iterations, s.rate)
+    h, w = mapping.shape[:2]
+    off_grid = ((moved < 0) | (moved > torch.tensor([w - 1, h - 1]))).any(dim=1)  # drifted out of the atlas
+    moved[off_grid] = start[off_grid]  # such a window keeps the global stage's answer, as the weakest vote
+    score[off_grid] = -1.0
+    points = np.full((len(ok), 2), np.nan)
+    points[ok] = sample(mapping, moved).double().numpy()
+    scores = np.full(len(ok), -np.inf)
+    scores[ok] = score.double().numpy()
+    return points, scores
 
 
 class AtlasDetector:
     """Landmarks of new images from annotated cases; `detect(case) -> Landmarks` like every detector."""
 
-    def __init__(self, atlases: list[Case], settings: AtlasSettings = AtlasSettings(), refine: bool = True):
+    def __init__(self, atlases: list[Case], settings: AtlasSettings = AtlasSettings()):
         if not atlases:
             raise InputError("the atlas is empty: give at least one annotated case")
         for a in atlases:
@@ -194,44 +185,36 @@ class AtlasDetector:
                                  f"{atlases[0].label} has {short_list(names)}; all atlases need the same set")
         self.names = list(names)
         self.settings = settings
-        self.refine = refine
         self.atlases = [(a, _prepare(a, settings)) for a in atlases]
 
     @classmethod
-    def from_path(cls, path, ids: list[str] | None = None) -> "AtlasDetector":
+    def from_path(cls, path, ids: list[str] | None = None, settings: AtlasSettings = AtlasSettings()) -> AtlasDetector:
         """A landmarks.csv (all rows, or those of `ids`) or a folder of `.mrk.json` + image pairs."""
         from .datasets import load_cases
 
-        return cls(load_cases(path, ids))
+        return cls(load_cases(path, ids), settings)
 
     def detect(self, case: Case) -> Landmarks:
         s = self.settings
         target = _prepare(case, s)
-        per_atlas = []
-        for atlas, prepared in self.atlases:
-            transform = register(prepared, target, s)
-            pts = np.full((len(self.names), 2), np.nan)
-            for i, (p, ok) in enumerate(zip(atlas.landmarks.points, atlas.landmarks.present)):
-                if ok:
-                    pts[i] = _refine(p, transform, prepared, target, s) if self.refine else \
-                        transform.TransformPoint(tuple(float(v) for v in p))
-            per_atlas.append(pts)
-        stack = np.stack(per_atlas)  # (atlases, K, 2)
-        present = np.isfinite(stack).all(axis=2).any(axis=0)
+        votes = [locate(atlas, prepared, target, s) for atlas, prepared in self.atlases]
+        stack = np.stack([v[0] for v in votes])  # (atlases, K, 2)
+        scores = np.stack([v[1] for v in votes])  # (atlases, K)
+        with np.errstate(invalid="ignore"):
+            inside = ((stack >= -0.5) & (stack <= np.array(case.image.shape[1::-1]) - 0.5)).all(axis=2)
+        scores[~inside] = -np.inf  # a vote off the image is no vote
+        present = np.isfinite(scores).any(axis=0)
         points = np.full((len(self.names), 2), np.nan)
         confidence = np.zeros(len(self.names))
         sigma_px = s.spread_mm / np.mean(case.spacing)
         for k in np.flatnonzero(present):
-            valid = np.isfinite(stack[:, k]).all(axis=1)
-            votes = stack[valid, k]
-            if len(votes) > 2:  # drop votes far from the median (a failed registration), average the rest
-                dist = np.linalg.norm(votes - np.median(votes, axis=0), axis=1)
-                votes = votes[dist <= max(2 * np.median(dist), sigma_px)]
-            points[k] = votes.mean(axis=0)
-            if len(votes) > 1:
-                spread = np.median(np.linalg.norm(votes - points[k], axis=1))
+            weights = np.exp((scores[:, k] - scores[:, k].max()) / s.fusion_ncc)  # 0 for no vote
+            valid = weights > 0
+            weights, k_votes = weights[valid] / weights[valid].sum(), stack[valid, k]
+            points[k] = weights @ k_votes
+            if len(k_votes) > 1:
+                spread = np.sqrt(weights @ ((k_votes - points[k]) ** 2).sum(axis=1))
                 confidence[k] = float(np.exp(-0.5 * (spread / sigma_px) ** 2))
             else:
                 confidence[k] = 0.5  # one atlas: no agreement to measure
-        inside = np.isfinite(points).all(axis=1)
-        return Landmarks(self.names, points, confidence, present & inside)
+        return Landmarks(self.names, points, confidence, present)
