@@ -47,6 +47,7 @@ class MedSapiensSlicerParameterNode:
     inputVolume: vtkMRMLScalarVolumeNode
     view: Annotated[str, Choice([WHOLE_IMAGE, "Red", "Green", "Yellow"])] = WHOLE_IMAGE
     model: str = ATLAS      # a catalogue name, LOCAL_FILE or ATLAS (set from the model box by the widget)
+    atlasDeformable: bool = False
     modelFile: str = ""
     adapter: str = ""
     device: Annotated[str, Choice(["auto", "cpu", "cuda"])] = "auto"
@@ -79,7 +80,7 @@ class MedSapiensSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.timer.connect("timeout()", self.onPoll)
 
         self.ui.modelComboBox.addItems(self.logic.modelChoices())
-        self.ui.modelComboBox.connect("currentTextChanged(QString)", lambda text: self._set("model", text))
+        self.ui.modelComboBox.connect("currentTextChanged(QString)", self.onModelChanged)
         self.ui.modelPathLineEdit.connect("currentPathChanged(QString)", lambda path: self._set("modelFile", path))
         self.ui.adapterPathLineEdit.connect("currentPathChanged(QString)", lambda path: self._set("adapter", path))
         self.ui.detectButton.connect("clicked(bool)", self.onDetect)
@@ -130,6 +131,10 @@ class MedSapiensSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.modelPathLineEdit.currentPath = node.modelFile
             self.ui.adapterPathLineEdit.currentPath = node.adapter
 
+    def onModelChanged(self, text: str) -> None:
+        self._set("model", text)
+        self.ui.atlasDeformableCheckBox.enabled = text == ATLAS
+
     def _set(self, name: str, value: str) -> None:
         if self._parameterNode:
             setattr(self._parameterNode, name, value)
@@ -142,7 +147,8 @@ class MedSapiensSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _modelSpec(self) -> dict:
         p = self._parameterNode
         return {"model": p.model, "path": p.modelFile, "adapter": p.adapter, "device": p.device,
-                "precision": p.precision, "cases": self._trainingCases() if p.model == ATLAS else None}
+                "precision": p.precision, "cases": self._trainingCases() if p.model == ATLAS else None,
+                "deformable": p.atlasDeformable}
 
     def onDetect(self) -> None:
         if self.task or not ensure_engine():
@@ -306,11 +312,11 @@ class MedSapiensSlicerLogic(ScriptedLoadableModuleLogic, MedSapiensLogic):
     def detectCase(self, spec: dict, case, progress=None, cancel=None):
         """Load (or reuse) the detector of `spec` and detect on `case`; runs on the worker thread."""
         from medsapiens import load_detector
-        from medsapiens.atlas import AtlasDetector
+        from medsapiens.atlas import AtlasDetector, AtlasSettings
         from medsapiens.training import Cancelled
 
         if spec["model"] == ATLAS:
-            detector = AtlasDetector(spec["cases"])
+            detector = AtlasDetector(spec["cases"], AtlasSettings(deformable=spec["deformable"]))
         else:
             model = spec["path"] if spec["model"] == LOCAL_FILE else spec["model"]
             key = (model, spec["adapter"], spec["device"], spec["precision"])

@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    ".mrk.json + image pairs")
     p.add_argument("--atlas-cases", metavar="ID,ID,...", help="with a landmarks.csv atlas: the rows to use "
                                                                "(image stems; default all)")
+    p.add_argument("--atlas-deformable", action="store_true", help="with --atlas: add a B-spline stage "
+                   "(better for articulated anatomy such as hands; slower)")
     p.add_argument("--spacing", type=float, metavar="MM", help="pixel size for images whose file has none "
                                                              "(default: the file's, else 1 mm)")
     p.add_argument("--landmarks", help="expected landmark names (comma separated, or a landmarks.csv to take "
@@ -120,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="SDR radii in mm (default 2 2.5 3 4)")
     p.add_argument("--atlas", help="evaluate the weight-free atlas detector from this data set instead")
     p.add_argument("--atlas-cases", metavar="ID,ID,...", help="the atlas rows to use (image stems)")
+    p.add_argument("--atlas-deformable", action="store_true", help="with --atlas: add a B-spline stage")
     _add_model_options(p)
     p.set_defaults(run=_evaluate)
 
@@ -179,6 +182,7 @@ def _detect(args) -> int:
         raise InputError(f"several images share the name {sorted(clash)[0]}; their outputs would overwrite each other")
     detector = load_detector(model, adapter=args.adapter, base=args.base, atlas=args.atlas, device=args.device,
                              atlas_cases=args.atlas_cases.split(",") if args.atlas_cases else None,
+                             atlas_deformable=args.atlas_deformable,
                              precision=args.precision, input_size=args.input_size, flip_test=args.flip_test,
                              landmarks=_expected_landmarks(args.landmarks))
     args.out.mkdir(parents=True, exist_ok=True)
@@ -309,6 +313,7 @@ def _evaluate(args) -> int:
     rows = _rows(args.rows, len(ds), ds.path)
     detector = load_detector(args.model, adapter=args.adapter, base=args.base, atlas=args.atlas,
                              atlas_cases=args.atlas_cases.split(",") if args.atlas_cases else None,
+                             atlas_deformable=args.atlas_deformable,
                              device=args.device, precision=args.precision, input_size=args.input_size,
                              flip_test=args.flip_test)
     bar = tqdm(total=len(rows), desc="evaluate", unit="image", file=sys.stderr)

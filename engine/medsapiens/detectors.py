@@ -18,22 +18,23 @@ class Detector(Protocol):
     def detect(self, case: Case) -> Landmarks: ...
 
 
-def load_detector(model=None, *, adapter=None, base=None, atlas=None, atlas_cases=None, device=None,
-                  precision="fp32", input_size=None, flip_test=False, landmarks=None, progress=True) -> Detector:
+def load_detector(model=None, *, adapter=None, base=None, atlas=None, atlas_cases=None, atlas_deformable=False,
+                  device=None, precision="fp32", input_size=None, flip_test=False, landmarks=None,
+                  progress=True) -> Detector:
     """Build a detector.
 
     model: a weight file or catalogue name (any layout of checkpoints.py). adapter: a LoRA file applied on
     `model`; base: the Sapiens checkpoint under a MedSapiens/adapter file given as `model`. atlas: a data set
     (landmarks.csv or folder of .mrk.json + images) for the weight-free atlas detector; atlas_cases: the
-    rows of a landmarks.csv atlas to use (image stems; default all).
+    rows of a landmarks.csv atlas to use (image stems; default all); atlas_deformable: AtlasSettings.deformable.
     landmarks: the landmark names the caller expects; anything else is refused.
     """
     if atlas is not None:
         if model is not None or adapter is not None or base is not None:
             raise InputError("--atlas works without model weights; give either an atlas or a model")
-        from .atlas import AtlasDetector
+        from .atlas import AtlasDetector, AtlasSettings
 
-        detector = AtlasDetector.from_path(atlas, atlas_cases)
+        detector = AtlasDetector.from_path(atlas, atlas_cases, AtlasSettings(deformable=atlas_deformable))
     else:
         if model is None:
             raise InputError("no model given: pass a weight file, a catalogue name, or --atlas")
