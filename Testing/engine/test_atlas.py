@@ -6,7 +6,7 @@ import pytest
 import SimpleITK as sitk
 
 from medsapiens import Case, InputError, Landmarks, load_detector
-from medsapiens.atlas import AtlasDetector
+from medsapiens.atlas import AtlasDetector, AtlasSettings
 from medsapiens.cli import main
 from medsapiens.markups import write_markups
 
@@ -40,10 +40,11 @@ def warped_copy(case: Case, seed=0):
     return Case(warped.astype(np.uint8), case.spacing, moved, name=case.name + "_warped")
 
 
-def test_registration_recovers_a_known_warp_of_a_real_radiograph(ceph):
+@pytest.mark.parametrize("deformable", [False, True], ids=["affine+local", "bspline+local"])
+def test_registration_recovers_a_known_warp_of_a_real_radiograph(ceph, deformable):
     case = ceph.case(0)
     target = warped_copy(case)
-    found = AtlasDetector([case]).detect(target)
+    found = AtlasDetector([case], AtlasSettings(deformable=deformable)).detect(target)
     err = np.linalg.norm(found.points - target.landmarks.points, axis=1)
     assert np.median(err) < 1.0 and np.percentile(err, 90) < 2.0, err
 
@@ -90,10 +91,10 @@ def test_atlas_from_markups_folder_and_cli(tmp_path, ceph, capsys):
         case = ceph.case(i)
         sitk.WriteImage(sitk.GetImageFromArray(case.image), str(folder / f"{case.name}.png"))
         write_markups(folder / f"{case.name}.mrk.json", case.landmarks, Case(case.image, 1.0))
-    detector = load_detector(atlas=folder)
-    assert detector.names == ceph.names and len(detector.atlases) == 2
+    detector = load_detector(atlas=folder, atlas_deformable=True)
+    assert detector.names == ceph.names and len(detector.atlases) == 2 and detector.settings.deformable
     image = ceph.root / ceph.rows[60].image
-    assert main(["detect", "--atlas", str(ceph.path), "--atlas-cases", "001,002", str(image),
+    assert main(["detect", "--atlas", str(ceph.path), "--atlas-cases", "001,002", "--atlas-deformable", str(image),
                  "--out", str(tmp_path / "out"), "--spacing", "0.254"]) == 0
     doc = json.loads((tmp_path / "out" / "061.mrk.json").read_text())
     assert [p["label"] for p in doc["markups"][0]["controlPoints"]] == ceph.names
