@@ -1,6 +1,7 @@
 """The weight-free atlas detector on real radiographs and the offline demo."""
 import json
 
+import cv2
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -70,6 +71,20 @@ def test_one_atlas_on_the_identical_image_returns_its_points(ceph):
     assert (found.present == ok).all()
     err = np.linalg.norm(found.points[ok] - case.landmarks.points[ok], axis=1)
     assert np.median(err) < 0.5 and err.max() < 2.0, err  # stochastic MI sampling: sub-pixel, not exact
+
+
+def test_local_windows_keep_their_size_on_finely_sampled_atlases(ceph):
+    """A 2.5x finer radiograph gets 2.5x the local steps (same anatomy per window) and its own points back."""
+    case = ceph.case(1)
+    fine = cv2.resize(case.image, None, fx=2.5, fy=2.5, interpolation=cv2.INTER_CUBIC)
+    lm = case.landmarks
+    big = Case(fine, case.spacing[0] / 2.5, Landmarks(lm.names, (lm.points + 0.5) * 2.5 - 0.5, present=lm.present))
+    detector = AtlasDetector([big])
+    scale = max(fine.shape) / detector.settings.level_side
+    assert [step for step, _ in detector.levels] == pytest.approx([s * scale for s, _ in detector.settings.levels])
+    found = detector.detect(big)
+    err = np.linalg.norm(found.points[lm.present] - big.landmarks.points[lm.present], axis=1)
+    assert np.median(err) < 1.0 and err.max() < 5.0, err
 
 
 def test_refused_atlases(ceph):

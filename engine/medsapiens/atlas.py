@@ -31,6 +31,7 @@ class AtlasSettings:
     local_side: int = 512  # working size of the B-spline stage
     bspline_mesh: int = 4  # B-spline control-point mesh per side
     levels: tuple = ((8, 15), (4, 15), (2, 15), (1, 15))  # local alignment: (px step, half window in steps)
+    level_side: int = 1000  # the steps hold for atlases up to this longest side (px); larger ones scale them
     iterations: int = 30  # Adam steps per level
     rate: float = 0.05  # Adam step, in px steps (window shift) and window edges (affine part)
     fusion_ncc: float = 0.1  # an atlas whose local NCC is this much below the best one's counts e^-1 as much
@@ -63,10 +64,10 @@ class _Prepared:
     fine_mask: sitk.Image | None = None
 
 
-def _prepare(case: Case, s: AtlasSettings) -> _Prepared:
+def _prepare(case: Case, s: AtlasSettings, levels: tuple) -> _Prepared:
     full = sitk.GetImageFromArray((to_rgb255(case.image).mean(axis=2) / 255.0).astype(np.float32))  # grey 0..1
     levels = {step: torch.from_numpy(sitk.GetArrayFromImage(
-        sitk.SmoothingRecursiveGaussian(full, 0.5 * step) if step > 1 else full)) for step, _ in s.levels}
+        sitk.SmoothingRecursiveGaussian(full, 0.5 * step) if step > 1 else full)) for step, _ in levels}
     prepared = _Prepared(_working_image(full, s.global_side), levels)
     if s.deformable:
         prepared.fine = _working_image(full, s.local_side)
@@ -150,14 +151,14 @@ def _mapping(transform: sitk.Transform, atlas_p: _Prepared) -> torch.Tensor:
     return torch.from_numpy((sitk.GetArrayFromImage(field) + np.stack([xs, ys], -1)).astype(np.float32))
 
 
-def locate(atlas: Case, atlas_p: _Prepared, target_p: _Prepared, s: AtlasSettings):
+def locate(atlas: Case, atlas_p: _Prepared, target_p: _Prepared, s: AtlasSettings, levels: tuple):
     """Where one atlas puts its landmarks on the target (K x 2 px, NaN where the atlas has none) and how well
     each landmark's neighbourhood matched (K local NCC, -inf where none)."""
     mapping = _mapping(register(atlas_p, target_p, s), atlas_p)
     warped = {step: sample(image, mapping) for step, image in target_p.levels.items()}  # target in atlas space
     ok = atlas.landmarks.present
     start = torch.from_numpy(atlas.landmarks.points[ok]).float()
-    moved, score = align_windows(atlas_p.levels, warped, start, s.levels, s.iterations, s.rate)
+    moved, score = align_windows(atlas_p.levels, warped, start, levels, s.iterations, s.rate)
     h, w = mapping.shape[:2]
     off_grid = ((moved < 0) | (moved > torch.tensor([w - 1, h - 1]))).any(dim=1)  # drifted out of the atlas
     moved[off_grid] = start[off_grid]  # such a window keeps the global stage's answer, as the weakest vote
@@ -185,7 +186,10 @@ class AtlasDetector:
                                  f"{atlases[0].label} has {short_list(names)}; all atlases need the same set")
         self.names = list(names)
         self.settings = settings
-        self.atlases = [(a, _prepare(a, settings)) for a in atlases]
+        # the local stage works in atlas pixels: windows keep their anatomical size on finer-sampled atlases
+        scale = max(1.0, max(max(a.image.shape[:2]) for a in atlases) / settings.level_side)
+        self.levels = tuple((step * scale, half) for step, half in settings.levels)
+        self.atlases = [(a, _prepare(a, settings, self.levels)) for a in atlases]
 
     @classmethod
     def from_path(cls, path, ids: list[str] | None = None, settings: AtlasSettings = AtlasSettings()) -> AtlasDetector:
@@ -196,8 +200,8 @@ class AtlasDetector:
 
     def detect(self, case: Case) -> Landmarks:
         s = self.settings
-        target = _prepare(case, s)
-        votes = [locate(atlas, prepared, target, s) for atlas, prepared in self.atlases]
+        target = _prepare(case, s, self.levels)
+        votes = [locate(atlas, prepared, target, s, self.levels) for atlas, prepared in self.atlases]
         stack = np.stack([v[0] for v in votes])  # (atlases, K, 2)
         scores = np.stack([v[1] for v in votes])  # (atlases, K)
         with np.errstate(invalid="ignore"):
