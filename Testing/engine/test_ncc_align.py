@@ -3,16 +3,14 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from medsapiens.atlas import AtlasSettings
+from medsapiens.atlas import AtlasSettings, pyramid
 from medsapiens.ncc_align import align_windows, ncc, sample
 
 SETTINGS = AtlasSettings()
 
 
-def pyramid(image: np.ndarray) -> dict:
-    full = sitk.GetImageFromArray(image.astype(np.float32) / 255.0)
-    return {step: torch.from_numpy(sitk.GetArrayFromImage(sitk.SmoothingRecursiveGaussian(full, 0.5 * step)
-                                                          if step > 1 else full)) for step, _ in SETTINGS.levels}
+def levels_of(image: np.ndarray) -> dict:
+    return pyramid(sitk.GetImageFromArray(image.astype(np.float32) / 255.0), SETTINGS.levels)
 
 
 def test_sample_is_bilinear_in_pixel_coordinates():
@@ -43,7 +41,7 @@ def test_known_local_affine_maps_of_a_real_radiograph_are_recovered(ceph):
     points = case.landmarks.points[case.landmarks.present]
     points = points[(points > 80).all(axis=1) & (points < [w - 80, h - 80]).all(axis=1)]
     truth = (points - c + shift @ a.T) @ np.linalg.inv(a).T + c
-    found, score = align_windows(pyramid(grey), pyramid(moving), torch.from_numpy(points).float(), SETTINGS.levels,
+    found, score = align_windows(levels_of(grey), levels_of(moving), torch.from_numpy(points).float(), SETTINGS.levels,
                                  SETTINGS.iterations, SETTINGS.rate)
     err = np.linalg.norm(found.numpy() - truth, axis=1)
     moved = np.linalg.norm(points - truth, axis=1)

@@ -64,11 +64,15 @@ class _Prepared:
     fine_mask: sitk.Image | None = None
 
 
+def pyramid(full: sitk.Image, levels: tuple) -> dict:
+    """px step -> the full-resolution image (torch, H x W) smoothed for sampling at that step."""
+    return {step: torch.from_numpy(sitk.GetArrayFromImage(
+        sitk.SmoothingRecursiveGaussian(full, 0.5 * step) if step > 1 else full)) for step, _ in levels}
+
+
 def _prepare(case: Case, s: AtlasSettings, levels: tuple) -> _Prepared:
     full = sitk.GetImageFromArray((to_rgb255(case.image).mean(axis=2) / 255.0).astype(np.float32))  # grey 0..1
-    levels = {step: torch.from_numpy(sitk.GetArrayFromImage(
-        sitk.SmoothingRecursiveGaussian(full, 0.5 * step) if step > 1 else full)) for step, _ in levels}
-    prepared = _Prepared(_working_image(full, s.global_side), levels)
+    prepared = _Prepared(_working_image(full, s.global_side), pyramid(full, levels))
     if s.deformable:
         prepared.fine = _working_image(full, s.local_side)
     if case.landmarks is not None:
