@@ -286,7 +286,7 @@ class MedSapiensSlicerLogic(ScriptedLoadableModuleLogic, MedSapiensLogic):
     def modelChoices(self) -> list:
         add_engine_to_path()
         try:
-            from medsapiens.catalogue import catalogue
+            from medsapiens.models.catalogue import catalogue
 
             names = list(catalogue())
         except ImportError:  # engine dependencies not installed yet
@@ -294,13 +294,13 @@ class MedSapiensSlicerLogic(ScriptedLoadableModuleLogic, MedSapiensLogic):
         return [ATLAS, LOCAL_FILE, *names]
 
     def resolveModel(self, model: str, progress=None) -> str:
-        from medsapiens.catalogue import resolve
+        from medsapiens.models.catalogue import resolve
 
         return str(resolve(model, progress=progress or False))
 
     def confirmDownload(self, spec: dict) -> bool:
         """Ask before the first download of a catalogue model."""
-        from medsapiens.catalogue import cached_path, catalogue
+        from medsapiens.models.catalogue import cached_path, catalogue
 
         entry = catalogue().get(spec["model"])
         if entry is None or cached_path(entry).exists():
@@ -312,8 +312,8 @@ class MedSapiensSlicerLogic(ScriptedLoadableModuleLogic, MedSapiensLogic):
     def detectCase(self, spec: dict, case, progress=None, cancel=None):
         """Load (or reuse) the detector of `spec` and detect on `case`; runs on the worker thread."""
         from medsapiens import load_detector
-        from medsapiens.atlas import AtlasDetector, AtlasSettings
-        from medsapiens.training import Cancelled
+        from medsapiens.detectors.atlas import AtlasDetector, AtlasSettings
+        from medsapiens.training.loops import Cancelled
 
         if spec["model"] == ATLAS:
             detector = AtlasDetector(spec["cases"], AtlasSettings(deformable=spec["deformable"]))
@@ -390,7 +390,7 @@ class MedSapiensSlicerTest(ScriptedLoadableModuleTest):
     def test_atlas_detection_writes_new_node(self):
         import numpy as np
 
-        from medsapiens.atlas import AtlasDetector
+        from medsapiens.detectors.atlas import AtlasDetector
         from medsapiens.phantom import phantom_case
 
         atlas = AtlasDetector([phantom_case(s) for s in range(2)])

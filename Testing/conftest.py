@@ -16,16 +16,21 @@ def data_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def ceph(data_dir):
-    from medsapiens.datasets import Dataset
+    from medsapiens.io.datasets import Dataset
 
     return Dataset(data_dir / "ceph_hamedan" / "landmarks.csv")
 
 
 def overfit(model, case, input_hw, steps=60, lr=3e-3, sigma=3.0):
     """Train `model` on one real case for a few steps (real warp, codec and loss) so its peaks mean something."""
-    from medsapiens.codec import UDPCodec
-    from medsapiens.heatmap_detector import image_tensor, normalise
-    from medsapiens.warp import apply_affine, image_box, udp_warp_matrix, warp_image
+    from medsapiens.detectors.heatmap import image_tensor, normalise
+    from medsapiens.models.codec import UDPCodec
+    from medsapiens.models.warp import (
+        apply_affine,
+        image_box,
+        udp_warp_matrix,
+        warp_image,
+    )
 
     wh = input_hw[::-1]
     codec = UDPCodec(wh, (wh[0] // 4, wh[1] // 4), sigma=sigma)
@@ -47,7 +52,7 @@ def overfit(model, case, input_hw, steps=60, lr=3e-3, sigma=3.0):
 @pytest.fixture(scope="session")
 def fitted_micro(ceph):
     """A micro model fitted to ceph case 001 at 256 x 192 (19 landmarks)."""
-    from medsapiens.model import SapiensPose
+    from medsapiens.models.sapiens import SapiensPose
 
     torch.manual_seed(0)
     model = SapiensPose("micro", len(ceph.names), (16, 12))
@@ -57,7 +62,7 @@ def fitted_micro(ceph):
 @pytest.fixture(scope="session")
 def fitted_file(tmp_path_factory, fitted_micro, ceph):
     """fitted_micro saved as this project's model file."""
-    from medsapiens.adapter_file import save_trained
+    from medsapiens.models.adapter_file import save_trained
 
     path = tmp_path_factory.mktemp("model") / "ceph_micro.safetensors"
     return save_trained(path, fitted_micro, ceph.names, (256, 192), 3.0)

@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 from medsapiens import Case, Landmarks
-from medsapiens.atlas import AtlasDetector, AtlasSettings
-from medsapiens.datasets import Dataset
-from medsapiens.metrics import format_summary, radial_errors, summary
+from medsapiens.analysis.metrics import format_summary, radial_errors, summary
+from medsapiens.detectors.atlas import AtlasDetector, AtlasSettings
+from medsapiens.io.datasets import Dataset
 
 
 def upsampled(case: Case, f: float) -> Case:

@@ -36,7 +36,7 @@ def matmul_rate(dtype, n=2048, reps=5) -> float:
 
 def multiply_adds(arch: str, hw, k: int) -> float:
     """Analytic count for SapiensPose (matches the reference's 1.6 T for 0.3b at 1024 x 768, K = 308)."""
-    from medsapiens.model import ARCHS, grid_size
+    from medsapiens.models.sapiens import ARCHS, grid_size
 
     a = ARCHS[arch]
     gh, gw = grid_size(hw)
@@ -51,9 +51,9 @@ def run_one(hw, precision, reps) -> dict:
     """In this (fresh) process: build 0.3b, detect `reps` times on a real radiograph, report times and points."""
     import resource
 
-    from medsapiens.heatmap_detector import HeatmapDetector
-    from medsapiens.images import read_image
-    from medsapiens.model import SapiensPose
+    from medsapiens.detectors.heatmap import HeatmapDetector
+    from medsapiens.io.images import read_image
+    from medsapiens.models.sapiens import SapiensPose
 
     torch.manual_seed(0)
     model = SapiensPose("sapiens_0.3b", 19)
@@ -65,7 +65,7 @@ def run_one(hw, precision, reps) -> dict:
         t = time.perf_counter()
         result = detector.detect(case)
         times.append(time.perf_counter() - t)
-    from medsapiens.warp import apply_affine, image_box, udp_warp_matrix
+    from medsapiens.models.warp import apply_affine, image_box, udp_warp_matrix
 
     center, scale = image_box(*case.size)
     warp = udp_warp_matrix(center, scale, 0.0, hw[::-1])

@@ -15,9 +15,9 @@ import sys
 import time
 from pathlib import Path
 
-from medsapiens.adapter_file import load_weights
-from medsapiens.datasets import Dataset
-from medsapiens.metrics import format_sdr
+from medsapiens.analysis.metrics import format_sdr
+from medsapiens.io.datasets import Dataset
+from medsapiens.models.adapter_file import load_weights
 
 VARIANTS = {
     "all-blocks": ["--augment", "reference"],  # LoRA on every block: whole backbone forward + backward per step

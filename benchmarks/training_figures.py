@@ -17,8 +17,8 @@ import sys
 import time
 from pathlib import Path
 
-from medsapiens.datasets import Dataset
-from medsapiens.metrics import format_sdr
+from medsapiens.analysis.metrics import format_sdr
+from medsapiens.io.datasets import Dataset
 
 SETS = {"ceph_hamedan": [2, 2.5, 3, 4], "hand_dha": [2, 4, 10]}
 OTHER = {"ceph_hamedan": "hand_dha", "hand_dha": "ceph_hamedan"}

@@ -142,7 +142,7 @@ class MedSapiensLogic:
         """
         from dataclasses import replace
 
-        from medsapiens.training import FINETUNE_DEFAULTS, FinetuneSettings, finetune
+        from medsapiens.training.loops import FINETUNE_DEFAULTS, FinetuneSettings, finetune
 
         device = settings.pop("device", None)
         ft = {k: settings.pop(k) for k in ("views_per_case", "lora_blocks") if k in settings}
@@ -152,7 +152,7 @@ class MedSapiensLogic:
     @staticmethod
     def userModelsDir() -> Path:
         """Where adapters trained in Slicer are kept (beside the download cache)."""
-        from medsapiens.catalogue import cache_dir
+        from medsapiens.models.catalogue import cache_dir
 
         path = Path(cache_dir()).parent / "adapters"
         path.mkdir(parents=True, exist_ok=True)

@@ -5,11 +5,10 @@ import cv2
 import numpy as np
 import pytest
 import SimpleITK as sitk
-
 from medsapiens import Case, InputError, Landmarks, load_detector
-from medsapiens.atlas import AtlasDetector, AtlasSettings
 from medsapiens.cli import main
-from medsapiens.markups import write_markups
+from medsapiens.detectors.atlas import AtlasDetector, AtlasSettings
+from medsapiens.io.markups import write_markups
 
 
 def warped_copy(case: Case, seed=0):

@@ -7,10 +7,9 @@ from functools import partial
 
 import pytest
 import torch
-
 from medsapiens import InputError, load_detector
-from medsapiens.catalogue import catalogue, resolve
-from medsapiens.model import SapiensPose
+from medsapiens.models.catalogue import catalogue, resolve
+from medsapiens.models.sapiens import SapiensPose
 
 
 @pytest.fixture

@@ -5,12 +5,11 @@ import argparse
 import numpy as np
 import pytest
 import torch
-
 from medsapiens import InputError, load_detector
-from medsapiens.adapter_file import save_trained
-from medsapiens.checkpoints import build_model, read_checkpoint
-from medsapiens.lora import add_lora, lora_state_dict, to_medsapiens
-from medsapiens.model import SapiensPose
+from medsapiens.models.adapter_file import save_trained
+from medsapiens.models.checkpoints import build_model, read_checkpoint
+from medsapiens.models.lora import add_lora, lora_state_dict, to_medsapiens
+from medsapiens.models.sapiens import SapiensPose
 
 X = torch.randn(2, 3, 256, 192, generator=torch.Generator().manual_seed(0))
 

@@ -1,9 +1,14 @@
 """UDP codec and the crop warp: exact round trips and agreement between image and point mappings."""
 import numpy as np
 import torch
-
-from medsapiens.codec import UDPCodec
-from medsapiens.warp import apply_affine, image_box, invert_affine, udp_warp_matrix, warp_image
+from medsapiens.models.codec import UDPCodec
+from medsapiens.models.warp import (
+    apply_affine,
+    image_box,
+    invert_affine,
+    udp_warp_matrix,
+    warp_image,
+)
 
 
 def test_encode_decode_recovers_subpixel_points():

@@ -3,10 +3,9 @@ import subprocess
 import sys
 
 import numpy as np
-
 from medsapiens.cli import main
-from medsapiens.datasets import Dataset
-from medsapiens.markups import landmarks_from_markups, read_markups
+from medsapiens.io.datasets import Dataset
+from medsapiens.io.markups import landmarks_from_markups, read_markups
 
 
 def test_detect_writes_markups_and_csv_that_slicer_reads(tmp_path, fitted_file, ceph, capsys, scene):
@@ -83,8 +82,8 @@ def test_help_everywhere():
 def test_bf16_landmarks_agree_with_fp32_on_a_fitted_model(fitted_micro, ceph):
     import copy
 
-    from medsapiens.heatmap_detector import HeatmapDetector
-    from medsapiens.warp import image_box
+    from medsapiens.detectors.heatmap import HeatmapDetector
+    from medsapiens.models.warp import image_box
 
     case = ceph.case(0)
     runs = {p: HeatmapDetector(copy.deepcopy(fitted_micro), ceph.names, (256, 192), 3.0, device="cpu",

@@ -1,12 +1,11 @@
 """Every supported image format reads into a Case with the file's spacing and pixel -> LPS geometry."""
-import numpy as np
 import nrrd
+import numpy as np
 import pytest
 import SimpleITK as sitk
-
 from medsapiens import InputError
-from medsapiens.images import read_image
-from medsapiens.intensity import to_rgb255
+from medsapiens.io.images import read_image
+from medsapiens.io.intensity import to_rgb255
 
 
 def ramp(dtype, h=40, w=30):

@@ -1,9 +1,8 @@
 """MRE / SDR as the field defines them, on the real inter-observer pair of the cephalogram set."""
 import numpy as np
-
 from medsapiens import Landmarks
-from medsapiens.datasets import Dataset
-from medsapiens.metrics import radial_errors, summary
+from medsapiens.analysis.metrics import radial_errors, summary
+from medsapiens.io.datasets import Dataset
 
 
 def test_inter_observer_reference_of_the_ceph_set(data_dir, ceph):

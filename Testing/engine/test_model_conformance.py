@@ -1,8 +1,7 @@
 """The module tree and parameter shapes of the official Sapiens pose checkpoints, for every official size."""
 import pytest
 import torch
-
-from medsapiens.model import ARCHS, SapiensPose, grid_size
+from medsapiens.models.sapiens import ARCHS, SapiensPose, grid_size
 
 # From the reference (shared/reference/sapiens.md): width, depth, MLP hidden per size.
 OFFICIAL = {"sapiens_0.3b": (1024, 24, 4096), "sapiens_0.6b": (1280, 32, 5120),

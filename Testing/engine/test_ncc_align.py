@@ -2,9 +2,8 @@
 import numpy as np
 import SimpleITK as sitk
 import torch
-
-from medsapiens.atlas import AtlasSettings, pyramid
-from medsapiens.ncc_align import align_windows, ncc, sample
+from medsapiens.detectors.atlas import AtlasSettings, pyramid
+from medsapiens.detectors.ncc_align import align_windows, ncc, sample
 
 SETTINGS = AtlasSettings()
 

@@ -10,8 +10,7 @@ import math
 import cv2
 import numpy as np
 import torch
-
-from medsapiens.heatmap_detector import HeatmapDetector, normalise
+from medsapiens.detectors.heatmap import HeatmapDetector, normalise
 
 
 def reference_warp(center, scale, out_w, out_h):

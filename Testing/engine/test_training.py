@@ -3,23 +3,30 @@ DDP with two CPU processes, and `evaluate` reports; real radiographs and real tr
 import json
 import os
 import subprocess
-from dataclasses import replace
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-
-from medsapiens.adapter_file import load_weights
-from medsapiens.augment import NONE, random_view
-from medsapiens.checkpoints import read_checkpoint
+from medsapiens.analysis.metrics import radial_errors
 from medsapiens.cli import main
-from medsapiens.detectors import load_detector
-from medsapiens.metrics import radial_errors
-from medsapiens.model import SapiensPose
-from medsapiens.training import (Cancelled, FinetuneSettings, Settings, Tail, finetune, lr_factor, param_groups,
-                                 train)
+from medsapiens.detectors.factory import load_detector
+from medsapiens.models.adapter_file import load_weights
+from medsapiens.models.checkpoints import read_checkpoint
+from medsapiens.models.sapiens import SapiensPose
+from medsapiens.training.augment import NONE, random_view
+from medsapiens.training.loops import (
+    Cancelled,
+    FinetuneSettings,
+    Settings,
+    Tail,
+    finetune,
+    lr_factor,
+    param_groups,
+    train,
+)
 
 HW = (256, 192)
 
@@ -128,7 +135,7 @@ def test_finetune_cancel_leaves_the_previous_adapter(tmp_path, fitted_file, firs
 
 
 def test_finetune_cli_from_markups_folder_and_bad_inputs(tmp_path, fitted_file, ceph, capsys):
-    from medsapiens.markups import write_markups
+    from medsapiens.io.markups import write_markups
 
     folder = tmp_path / "cases"
     folder.mkdir()
@@ -184,9 +191,9 @@ def test_torchrun_two_cpu_processes_end_with_the_same_weights(tmp_path, ceph):
     script = tmp_path / "ddp.py"
     script.write_text(
         "import sys, torch\n"
-        "from medsapiens.datasets import Dataset\n"
-        "from medsapiens.training import Settings, train\n"
-        "import medsapiens.training as training\n"
+        "from medsapiens.io.datasets import Dataset\n"
+        "from medsapiens.training.loops import Settings, train\n"
+        "import medsapiens.training.loops as training\n"
         "ds = Dataset(sys.argv[1])\n"
         "fit = training.fit\n"
         "def spy(net, *a, **k):\n"

@@ -5,13 +5,12 @@ import math
 import numpy as np
 import pytest
 import vtk
-from vtk.util.numpy_support import numpy_to_vtk
-
-from MedSapiensSlicerLib.logic import MedSapiensLogic
 from medsapiens import InputError, Landmarks
-from medsapiens.detectors import load_detector
-from medsapiens.images import read_image
-from medsapiens.markups import write_markups
+from medsapiens.detectors.factory import load_detector
+from medsapiens.io.images import read_image
+from medsapiens.io.markups import write_markups
+from MedSapiensSlicerLib.logic import MedSapiensLogic
+from vtk.util.numpy_support import numpy_to_vtk
 
 
 def rotation(axis, degrees):

@@ -35,7 +35,14 @@ def test_ui_holds_every_widget_the_module_uses(panel):
 
 
 def test_widget_kinds_fit_their_use(panel):
-    from PySide6.QtWidgets import QComboBox, QDoubleSpinBox, QLineEdit, QProgressBar, QPushButton, QTableWidget
+    from PySide6.QtWidgets import (
+        QComboBox,
+        QDoubleSpinBox,
+        QLineEdit,
+        QProgressBar,
+        QPushButton,
+        QTableWidget,
+    )
 
     w = widgets(panel)
     kinds = {"detectButton": QPushButton, "finetuneButton": QPushButton, "cancelButton": QPushButton,
@@ -71,7 +78,8 @@ def test_cmake_ships_every_script_and_resource():
     listed = set(re.findall(r"[\w/.]+\.(?:py|ui|png|txt|json)\b", module_cmake))
     shipped = {str(p.relative_to(MODULE)) for p in MODULE.rglob("*") if p.is_file() and p.suffix in
                (".py", ".ui", ".png", ".txt") and "__pycache__" not in p.parts and p.name != "CMakeLists.txt"}
-    engine = {f"medsapiens/{p.name}" for p in ENGINE.iterdir() if p.suffix in (".py", ".json")}
+    engine = {str(p.relative_to(ENGINE.parent)) for p in ENGINE.rglob("*") if p.suffix in (".py", ".json")
+              and "__pycache__" not in p.parts}
     assert shipped | engine == listed
     top = (MODULE.parent / "CMakeLists.txt").read_text()
     for var in ("HOMEPAGE", "CATEGORY", "CONTRIBUTORS", "DESCRIPTION", "ICONURL", "SCREENSHOTURLS", "DEPENDS"):
@@ -80,9 +88,8 @@ def test_cmake_ships_every_script_and_resource():
 
 
 def test_panel_screenshot(tmp_path, panel):
-    from PySide6.QtGui import QImage
-
     from panel_screenshot import screenshot
+    from PySide6.QtGui import QImage
 
     out = screenshot(tmp_path / "panel.png")
     image = QImage(str(out))

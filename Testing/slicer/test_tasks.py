@@ -1,7 +1,6 @@
 """BackgroundTask, as the panel uses it: a real fine-tune on a worker thread, progress drained by polling, Cancel."""
 import time
 
-
 from MedSapiensSlicerLib.logic import MedSapiensLogic
 from MedSapiensSlicerLib.tasks import BackgroundTask
 
@@ -24,7 +23,7 @@ def test_result_and_error_reach_the_polling_thread():
 
 
 def test_cancel_stops_a_real_finetune_and_keeps_the_previous_adapter(tmp_path, fitted_file, ceph):
-    from medsapiens.training import Cancelled
+    from medsapiens.training.loops import Cancelled
 
     out = tmp_path / "task.safetensors"
     out.write_bytes(b"previous adapter")

@@ -10,11 +10,11 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+from .analysis.metrics import CEPH_RADII
 from .errors import InputError
-from .augment import PRESETS
-from .metrics import CEPH_RADII
-from .model import ARCHS
-from .training import DEFAULT_ARCH, FINETUNE_DEFAULTS, FinetuneSettings, Settings
+from .models.sapiens import ARCHS
+from .training.augment import PRESETS
+from .training.loops import DEFAULT_ARCH, FINETUNE_DEFAULTS, FinetuneSettings, Settings
 
 ARCH_NAMES = list(ARCHS)
 TRAIN_DEFAULTS = Settings()
@@ -151,7 +151,7 @@ def _expected_landmarks(spec: str | None):
     if spec is None:
         return None
     if spec.endswith(".csv"):
-        from .datasets import Dataset
+        from .io.datasets import Dataset
 
         return Dataset(spec).names
     return [s.strip() for s in spec.split(",") if s.strip()]
@@ -160,10 +160,10 @@ def _expected_landmarks(spec: str | None):
 def _detect(args) -> int:
     from tqdm import tqdm
 
-    from .datasets import write_landmarks_csv
-    from .detectors import load_detector
-    from .images import read_image
-    from .markups import write_markups
+    from .detectors.factory import load_detector
+    from .io.datasets import write_landmarks_csv
+    from .io.images import read_image
+    from .io.markups import write_markups
 
     if args.atlas:
         model, images = None, args.inputs
@@ -253,8 +253,8 @@ def _flip_pairs(spec: str | None, names: list[str]) -> list[tuple[int, int]]:
 
 
 def _finetune(args) -> int:
-    from .datasets import load_cases
-    from .training import check_cases, finetune
+    from .io.datasets import load_cases
+    from .training.loops import check_cases, finetune
 
     cases = load_cases(args.data, args.cases.split(",") if args.cases else None)
     names = check_cases(cases)
@@ -273,8 +273,8 @@ def _finetune(args) -> int:
 
 
 def _train(args) -> int:
-    from .datasets import Dataset
-    from .training import train, union_names
+    from .io.datasets import Dataset
+    from .training.loops import train, union_names
 
     if args.epochs is None and args.time_budget is None:
         raise InputError("give --epochs, --time-budget or both")
@@ -302,10 +302,10 @@ def _train(args) -> int:
 def _evaluate(args) -> int:
     from tqdm import tqdm
 
-    from .datasets import Dataset
-    from .detectors import load_detector
-    from .evaluation import evaluate, write_report
-    from .metrics import format_summary
+    from .analysis.evaluation import evaluate, write_report
+    from .analysis.metrics import format_summary
+    from .detectors.factory import load_detector
+    from .io.datasets import Dataset
 
     if (args.model is None) == (args.atlas is None):
         raise InputError("give either MODEL or --atlas")
@@ -329,7 +329,7 @@ def _evaluate(args) -> int:
 
 
 def _models(args) -> int:
-    from .catalogue import cache_dir, catalogue
+    from .models.catalogue import cache_dir, catalogue
 
     for entry in catalogue().values():
         print(f"{entry.name}\t{entry.layout}\t{entry.url}")

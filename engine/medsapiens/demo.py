@@ -8,13 +8,13 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from .atlas import AtlasDetector
-from .atomic import atomic_write
+from .analysis.metrics import CEPH_RADII, format_summary, radial_errors, summary
 from .case import Case, Landmarks
-from .datasets import Dataset, write_landmarks_csv
+from .detectors.atlas import AtlasDetector
 from .errors import InputError
-from .markups import write_markups
-from .metrics import CEPH_RADII, format_summary, radial_errors, summary
+from .io.atomic import atomic_write
+from .io.datasets import Dataset, write_landmarks_csv
+from .io.markups import write_markups
 from .phantom import phantom_case
 
 

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import atomic_write, atomic_write_text
-from .case import Landmarks
-from .datasets import Dataset
-from .errors import InputError, short_list
+from ..case import Landmarks
+from ..errors import InputError, short_list
+from ..io.atomic import atomic_write, atomic_write_text
+from ..io.datasets import Dataset
 from .metrics import CEPH_RADII, format_summary, radial_errors, summary
 
 WORST_SHOWN = 3
@@ -105,7 +105,7 @@ def _plots(ev: Evaluation, dataset: Dataset, out: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .intensity import to_rgb255
+    from ..io.intensity import to_rgb255
 
     paths = []
     rows = ev.per_landmark()

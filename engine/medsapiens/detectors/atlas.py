@@ -18,9 +18,9 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from .case import Case, Landmarks
-from .errors import InputError, short_list
-from .intensity import to_rgb255
+from ..case import Case, Landmarks
+from ..errors import InputError, short_list
+from ..io.intensity import to_rgb255
 from .ncc_align import align_windows, sample
 
 
@@ -198,7 +198,7 @@ class AtlasDetector:
     @classmethod
     def from_path(cls, path, ids: list[str] | None = None, settings: AtlasSettings = AtlasSettings()) -> AtlasDetector:
         """A landmarks.csv (all rows, or those of `ids`) or a folder of `.mrk.json` + image pairs."""
-        from .datasets import load_cases
+        from ..io.datasets import load_cases
 
         return cls(load_cases(path, ids), settings)
 

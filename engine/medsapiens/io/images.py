@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .case import Case
-from .errors import InputError
+from ..case import Case
+from ..errors import InputError
 
 PLAIN_FORMATS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 SUFFIXES = PLAIN_FORMATS + (".nrrd", ".nhdr", ".nii", ".nii.gz", ".mha", ".mhd", ".dcm", "")

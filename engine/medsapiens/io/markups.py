@@ -10,9 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ..case import Case, Landmarks
+from ..errors import InputError
 from .atomic import atomic_write_text
-from .case import Case, Landmarks
-from .errors import InputError
 
 SCHEMA = ("https://raw.githubusercontent.com/slicer/slicer/master/Modules/Loadable/Markups/Resources/"
           "Schema/markups-schema-v1.0.3.json#")

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from ..errors import InputError
+from ..io.atomic import atomic_write, atomic_write_text
 from .adapter_file import sha256_of
-from .atomic import atomic_write, atomic_write_text
-from .errors import InputError
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,7 @@ class Entry:
 
 
 def catalogue(path=None) -> dict[str, Entry]:
-    source = Path(path) if path else resources.files("medsapiens") / "models.json"
+    source = Path(path) if path else resources.files("medsapiens.models") / "models.json"
     data = json.loads(source.read_text(encoding="utf-8"))
     fields = set(Entry.__dataclass_fields__)
     return {m["name"]: Entry(**{k: v for k, v in m.items() if k in fields}) for m in data["models"]}

@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..errors import InputError, describe_mismatch
 from . import adapter_file, lora
-from .errors import InputError, describe_mismatch
-from .model import SapiensPose, arch_name_for
+from .sapiens import SapiensPose, arch_name_for
 
 BASE_LAYOUTS = ("pose", "pretrain", "torchscript", "export", "model")
 NEEDS_BASE = ("medsapiens", "adapter")

@@ -21,13 +21,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import adapter_file, lora
+from ..case import Case
+from ..detectors.heatmap import PRECISIONS, image_tensor, normalise, pick_device
+from ..errors import InputError, short_list
+from ..models import adapter_file, lora
+from ..models.codec import DEFAULT_SIGMA, UDPCodec
+from ..models.sapiens import ARCHS, SapiensPose, grid_size
 from .augment import MILD, NONE, REFERENCE, Augment, random_view
-from .case import Case
-from .codec import DEFAULT_SIGMA, UDPCodec
-from .errors import InputError, short_list
-from .heatmap_detector import PRECISIONS, image_tensor, normalise, pick_device
-from .model import ARCHS, SapiensPose, grid_size
 
 DEFAULT_ARCH = "tiny"
 DEFAULT_INPUT_HW = (256, 192)
@@ -266,8 +266,8 @@ def finetune(base, cases: list[Case], out, *, flip_pairs=(), settings: FinetuneS
 
 
 def _model_for_finetune(base, names, input_hw) -> tuple[SapiensPose, Path | None]:
-    from .catalogue import resolve
-    from .checkpoints import base_for_training, read_checkpoint
+    from ..models.catalogue import resolve
+    from ..models.checkpoints import base_for_training, read_checkpoint
 
     if str(base) in ARCHS and not Path(str(base)).exists():
         return SapiensPose(str(base), len(names), grid_size(input_hw)), None
@@ -380,7 +380,7 @@ def _save_model(out, model, names, s: Settings, cases, step, opt) -> None:
 
 
 def _resume(path, names, s: Settings):
-    from .checkpoints import build_model, read_checkpoint
+    from ..models.checkpoints import build_model, read_checkpoint
 
     ckpt = read_checkpoint(path)
     if ckpt.layout != "model":

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .atomic import atomic_write
+from ..io.atomic import atomic_write
 
 FORMAT = "medsapiens-weights/1"
 KINDS = ("adapter", "model", "state")
@@ -55,8 +55,8 @@ def is_weights_file(path) -> bool:
 
 
 def load_weights(path) -> tuple[dict[str, torch.Tensor], dict]:
-    from safetensors.torch import load_file
     from safetensors import safe_open
+    from safetensors.torch import load_file
 
     with safe_open(str(path), framework="pt") as f:
         meta = json.loads(f.metadata()["metadata"])

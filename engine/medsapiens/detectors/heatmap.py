@@ -4,11 +4,17 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .case import Case, Landmarks
-from .codec import DEFAULT_SIGMA, UDPCodec
-from .intensity import to_rgb255
-from .model import MEAN, STD, SapiensPose
-from .warp import apply_affine, image_box, invert_affine, udp_warp_matrix, warp_image
+from ..case import Case, Landmarks
+from ..io.intensity import to_rgb255
+from ..models.codec import DEFAULT_SIGMA, UDPCodec
+from ..models.sapiens import MEAN, STD, SapiensPose
+from ..models.warp import (
+    apply_affine,
+    image_box,
+    invert_affine,
+    udp_warp_matrix,
+    warp_image,
+)
 
 DEFAULT_INPUT_HW = (1024, 768)
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}

@@ -3,13 +3,13 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from .case import Case, Landmarks
-from .catalogue import catalogue, resolve
-from .checkpoints import NEEDS_BASE, build_model, read_checkpoint
-from .codec import DEFAULT_SIGMA
-from .errors import InputError, short_list
-from .heatmap_detector import DEFAULT_INPUT_HW, HeatmapDetector
-from .lora import has_lora, merge_lora
+from ..case import Case, Landmarks
+from ..errors import InputError, short_list
+from ..models.catalogue import catalogue, resolve
+from ..models.checkpoints import NEEDS_BASE, build_model, read_checkpoint
+from ..models.codec import DEFAULT_SIGMA
+from ..models.lora import has_lora, merge_lora
+from .heatmap import DEFAULT_INPUT_HW, HeatmapDetector
 
 
 class Detector(Protocol):

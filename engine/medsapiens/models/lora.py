@@ -12,7 +12,7 @@ import re
 import torch
 from torch import nn
 
-from .errors import InputError, describe_mismatch
+from ..errors import InputError, describe_mismatch
 
 RANKS = {"qkv": 4, "proj": 8}  # alpha equals the rank
 DROPOUT = 0.1
@@ -25,7 +25,10 @@ def add_lora(model: nn.Module, blocks=None, dropout: float = DROPOUT) -> nn.Modu
 
     B starts at zero, so the wrapped model computes what it did before.
     """
-    from peft import LoraConfig, inject_adapter_in_model  # heavy import, only when LoRA is used
+    from peft import (  # heavy import, only when LoRA is used
+        LoraConfig,
+        inject_adapter_in_model,
+    )
 
     which = r"\d+" if blocks is None else "|".join(str(int(b)) for b in blocks)
     config = LoraConfig(r=RANKS["qkv"], lora_alpha=RANKS["qkv"], lora_dropout=dropout,

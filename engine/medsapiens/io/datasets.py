@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ..case import Case, Landmarks
+from ..errors import InputError
 from .atomic import atomic_write_text
-from .case import Case, Landmarks
-from .errors import InputError
 from .images import read_image
 
 

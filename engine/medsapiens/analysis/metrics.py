@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .case import Landmarks
+from ..case import Landmarks
 
 CEPH_RADII = (2.0, 2.5, 3.0, 4.0)
 

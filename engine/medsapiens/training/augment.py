@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .warp import apply_affine, image_box, udp_warp_matrix, warp_image
+from ..models.warp import apply_affine, image_box, udp_warp_matrix, warp_image
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,1 @@
+"""What is computed from landmarks: error metrics, evaluation reports."""

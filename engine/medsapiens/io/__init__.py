@@ -1,0 +1,1 @@
+"""Reading and writing images, volumes, landmark files and data sets; atomic writes."""
