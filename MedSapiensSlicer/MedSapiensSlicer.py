@@ -6,6 +6,7 @@ worker thread (MedSapiensSlicerLib.tasks.BackgroundTask) drained by a QTimer, wi
 """
 import logging
 import re
+import unittest
 from typing import Annotated, Optional
 
 import qt
@@ -17,7 +18,8 @@ from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoada
                                            ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
 from slicer.util import VTKObservationMixin
 
-from MedSapiensSlicerLib.dependencies import add_engine_to_path, ensure_engine
+from MedSapiensSlicerLib.dependencies import (EngineInstaller, InstallError, add_engine_to_path, missing,
+                                               slicer_version_problem)
 from MedSapiensSlicerLib.logic import MedSapiensLogic
 from MedSapiensSlicerLib.tasks import BackgroundTask
 
@@ -31,7 +33,7 @@ class MedSapiensSlicer(ScriptedLoadableModule):
     def __init__(self, parent):
         ScriptedLoadableModule.__init__(self, parent)
         self.parent.title = "MedSapiens"
-        self.parent.categories = ["Landmarks"]
+        self.parent.categories = ["Quantification"]
         self.parent.dependencies = []
         self.parent.contributors = ["MedSapiens for 3D Slicer developers"]
         self.parent.helpText = (
@@ -79,7 +81,8 @@ class MedSapiensSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.timer.setInterval(POLL_MS)
         self.timer.connect("timeout()", self.onPoll)
 
-        self.ui.modelComboBox.addItems(self.logic.modelChoices())
+        self.installer = EngineInstaller(on_installed=self.refreshModelChoices)
+        self.refreshModelChoices()
         self.ui.modelComboBox.connect("currentTextChanged(QString)", self.onModelChanged)
         self.ui.modelPathLineEdit.connect("currentPathChanged(QString)", lambda path: self._set("modelFile", path))
         self.ui.adapterPathLineEdit.connect("currentPathChanged(QString)", lambda path: self._set("adapter", path))
@@ -93,6 +96,10 @@ class MedSapiensSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.initializeParameterNode()
+        versionProblem = slicer_version_problem(slicer.app.majorVersion, slicer.app.minorVersion)
+        if versionProblem:
+            logging.warning(versionProblem)
+            self.ui.statusLabel.text = versionProblem
 
     def cleanup(self) -> None:
         self.onCancel()
@@ -131,6 +138,34 @@ class MedSapiensSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.modelPathLineEdit.currentPath = node.modelFile
             self.ui.adapterPathLineEdit.currentPath = node.adapter
 
+    def refreshModelChoices(self) -> None:
+        """Fill the model box (catalogue names appear once the engine's packages are installed); keeps the choice."""
+        box = self.ui.modelComboBox
+        current = box.currentText
+        wasBlocked = box.blockSignals(True)
+        box.clear()
+        box.addItems(self.logic.modelChoices())
+        box.blockSignals(wasBlocked)
+        if current:
+            box.setCurrentText(current)
+
+    def _engineReady(self) -> bool:
+        """True when the engine's packages are installed; otherwise asks once and installs them (one at a time)."""
+        if self.installer.busy:
+            self.ui.statusLabel.text = "Python packages are being installed; try again when that is done."
+            return False
+        if not self.installer.missing():
+            return True
+        self.ui.statusLabel.text = "Installing Python packages..."
+        try:
+            ready = self.installer.ensure()
+        except InstallError as e:
+            self.ui.statusLabel.text = f"Install failed: {e}"
+            slicer.util.errorDisplay(f"MedSapiens set-up failed: {e}", windowTitle="MedSapiens set-up")
+            return False
+        self.ui.statusLabel.text = "Python packages installed." if ready else "Nothing was installed."
+        return ready
+
     def onModelChanged(self, text: str) -> None:
         self._set("model", text)
         self.ui.atlasDeformableCheckBox.enabled = text == ATLAS
@@ -151,7 +186,7 @@ class MedSapiensSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 "deformable": p.atlasDeformable}
 
     def onDetect(self) -> None:
-        if self.task or not ensure_engine():
+        if self.task or not self._engineReady():
             return
         with slicer.util.tryWithErrorDisplay("Detection failed.", waitCursor=True):
             p = self._parameterNode
@@ -173,7 +208,7 @@ class MedSapiensSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._start(BackgroundTask(self.logic.detectCase, spec, case), done, "Detecting")
 
     def onFinetune(self) -> None:
-        if self.task or not ensure_engine():
+        if self.task or not self._engineReady():
             return
         with slicer.util.tryWithErrorDisplay("Fine-tuning failed.", waitCursor=True):
             p = self._parameterNode
@@ -208,7 +243,6 @@ class MedSapiensSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         with slicer.util.tryWithErrorDisplay("Cannot add this case.", waitCursor=True):
             if not p.inputVolume or not p.trainingMarkups:
                 raise ValueError("choose the input volume and your annotated points first")
-            ensure_engine(ask=False)
             self.logic.trainingCase(p.inputVolume, p.trainingMarkups, self._sliceNode())  # refuses bad cases now
             self.cases.append((p.inputVolume.GetID(), p.trainingMarkups.GetID(), p.view))
             self._showCases()
@@ -338,18 +372,29 @@ class _Fraction:
 
 
 class MedSapiensSlicerTest(ScriptedLoadableModuleTest):
-    """The logic scenarios inside Slicer: exact geometry on an oblique reformat, and a weight-free detection."""
+    """The logic scenarios inside Slicer: exact geometry on an oblique reformat, and a weight-free detection.
+
+    Installs nothing: a scenario that needs the engine's Python packages is skipped, with a message, where they
+    are missing. Run by "Reload and Test" (runTest) or by slicer.testing.runUnitTest (each test_ method).
+    """
 
     def setUp(self):
+        add_engine_to_path()
         slicer.mrmlScene.Clear()
 
     def runTest(self):
-        if not ensure_engine(ask=False):
-            raise RuntimeError("the MedSapiens engine's Python packages could not be installed")
-        self.setUp()
-        self.test_oblique_slice_geometry()
-        self.setUp()
-        self.test_atlas_detection_writes_new_node()
+        for test in (self.test_oblique_slice_geometry, self.test_atlas_detection_writes_new_node):
+            self.setUp()
+            try:
+                test()
+            except unittest.SkipTest as e:
+                self.delayDisplay(f"Skipped {test.__name__}: {e}")
+
+    def _needEngine(self):
+        absent = missing()
+        if absent:
+            self.skipTest("the engine's Python packages are not installed (" + ", ".join(map(str, absent)) +
+                          "); the module installs them on first use")
 
     def _blobVolume(self, points):
         import numpy as np
@@ -388,6 +433,7 @@ class MedSapiensSlicerTest(ScriptedLoadableModuleTest):
         self.delayDisplay("Oblique slice geometry OK")
 
     def test_atlas_detection_writes_new_node(self):
+        self._needEngine()
         import numpy as np
 
         from medsapiens.detectors.atlas import AtlasDetector

@@ -57,8 +57,19 @@ def load_panel(ui_path: Path = UI):
     return app, panel
 
 
+def model_choices() -> list[str]:
+    """The model box's entries as the module fills them once the engine is installed: atlas, local file, catalogue."""
+    import json
+
+    catalogue = json.loads((UI.parents[3] / "engine" / "medsapiens" / "models" / "models.json").read_text())
+    return ["Atlas from my annotated cases", "Local file", *(m["name"] for m in catalogue["models"])]
+
+
 def screenshot(out: Path, width: int = 420) -> Path:
+    from PySide6.QtWidgets import QComboBox
+
     _, panel = load_panel()
+    panel.findChild(QComboBox, "modelComboBox").addItems(model_choices())
     panel.resize(width, panel.sizeHint().height() + 40)
     panel.show()
     image = panel.grab().toImage()
