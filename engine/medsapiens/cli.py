@@ -28,8 +28,10 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adapter", help="LoRA adapter file applied on MODEL (this project's format)")
     p.add_argument("--base", help="Sapiens checkpoint under a MedSapiens LoRA file given as MODEL")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: CUDA when present)")
-    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
-                   help="inference precision (default fp32; bf16 pays off on GPUs and CPUs with bf16 units)")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="inference precision (default auto: bf16 on GPUs that support it and on CPUs with native "
+                        "bf16 instructions (AVX512-BF16 or AMX: AMD Zen 4/5, Intel Xeon since Sapphire Rapids) where "
+                        "it measures faster than fp32; fp32 elsewhere)")
     p.add_argument("--input-size", nargs=2, type=int, metavar=("H", "W"),
                    help="network input size (default: the model's, 1024 768 for Sapiens)")
     p.add_argument("--flip-test", action="store_true", help="average with the mirrored image (slower)")

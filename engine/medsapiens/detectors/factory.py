@@ -19,7 +19,7 @@ class Detector(Protocol):
 
 
 def load_detector(model=None, *, adapter=None, base=None, atlas=None, atlas_cases=None, atlas_deformable=False,
-                  device=None, precision="fp32", input_size=None, flip_test=False, landmarks=None,
+                  device=None, precision="auto", input_size=None, flip_test=False, landmarks=None,
                   progress=True) -> Detector:
     """Build a detector.
 
@@ -27,7 +27,8 @@ def load_detector(model=None, *, adapter=None, base=None, atlas=None, atlas_case
     `model`; base: the Sapiens checkpoint under a MedSapiens/adapter file given as `model`. atlas: a data set
     (landmarks.csv or folder of .mrk.json + images) for the weight-free atlas detector; atlas_cases: the
     rows of a landmarks.csv atlas to use (image stems; default all); atlas_deformable: AtlasSettings.deformable.
-    landmarks: the landmark names the caller expects; anything else is refused.
+    landmarks: the landmark names the caller expects; anything else is refused. precision: "auto" (bf16 where the
+    device computes it natively and faster, see heatmap.pick_precision), "fp32" or "bf16".
     """
     if atlas is not None:
         if model is not None or adapter is not None or base is not None:

@@ -1,6 +1,9 @@
 """The MedSapiens detector: whole-image box -> UDP warp -> ViT + heatmap head -> DARK-UDP decode -> image pixels."""
 from __future__ import annotations
 
+import time
+from functools import cache
+
 import numpy as np
 import torch
 
@@ -18,6 +21,7 @@ from ..models.warp import (
 
 DEFAULT_INPUT_HW = (1024, 768)
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+PRECISION_CHOICES = ("auto", *PRECISIONS)
 
 
 def pick_device(device: str | None) -> torch.device:
@@ -26,6 +30,44 @@ def pick_device(device: str | None) -> torch.device:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("--device cuda asked for, but this PyTorch sees no CUDA GPU")
     return torch.device(device)
+
+
+def pick_precision(precision: str, device: torch.device) -> str:
+    """"auto" -> "bf16" where the device has native bf16 arithmetic (and, on CPUs, it measures faster than fp32),
+    else "fp32"; "fp32" and "bf16" are kept as given."""
+    if precision not in PRECISION_CHOICES:
+        raise ValueError(f"precision must be one of {', '.join(PRECISION_CHOICES)}")
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    if device.type == "cpu" and cpu_has_native_bf16() and bf16_matmul_is_faster():
+        return "bf16"
+    return "fp32"
+
+
+def cpu_has_native_bf16() -> bool:
+    """x86 bf16 instructions (AVX512-BF16: AMD Zen 4/5, Intel Cooper Lake; AMX-BF16: Intel Sapphire Rapids on).
+    Other CPUs (and PyTorch before torch.cpu.get_capabilities) count as without."""
+    capabilities = getattr(torch.cpu, "get_capabilities", dict)()
+    return bool(capabilities.get("avx512_bf16") or capabilities.get("amx_bf16"))
+
+
+@cache
+def bf16_matmul_is_faster(n: int = 1024, reps: int = 3) -> bool:
+    """Times an n^3 product in nn.Linear's layout in both precisions (a fraction of a second, once per process)."""
+
+    def fastest(dtype):
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        torch.nn.functional.linear(a, b)  # warm-up (oneDNN primitive creation)
+        times = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            torch.nn.functional.linear(a, b)
+            times.append(time.perf_counter() - t)
+        return min(times)
+
+    return fastest(torch.bfloat16) < fastest(torch.float32)
 
 
 def normalise(images: torch.Tensor) -> torch.Tensor:
@@ -43,17 +85,16 @@ class HeatmapDetector:
     """Detects a fixed, named landmark set with a SapiensPose model; `detect(case) -> Landmarks`."""
 
     def __init__(self, model: SapiensPose, names: list[str], input_hw=DEFAULT_INPUT_HW, sigma=DEFAULT_SIGMA,
-                 flip_pairs=(), flip_test=False, device=None, precision="fp32", min_confidence=0.0):
+                 flip_pairs=(), flip_test=False, device=None, precision="auto", min_confidence=0.0):
         if len(names) != model.num_keypoints:
             raise ValueError(f"{len(names)} landmark names for a head with {model.num_keypoints} outputs")
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}")
         self.names = list(names)
         self.input_hw = tuple(int(v) for v in input_hw)
         if any(v < 32 or v % 16 for v in self.input_hw):
             raise ValueError(f"input size must be multiples of 16, at least 32; got {self.input_hw}")
         self.device = pick_device(device)
-        self.dtype = PRECISIONS[precision]
+        self.precision = pick_precision(precision, self.device)
+        self.dtype = PRECISIONS[self.precision]
         self.model = model.to(self.device, self.dtype).eval()
         self.codec = UDPCodec(self.input_hw[::-1], (self.input_hw[1] // 4, self.input_hw[0] // 4), sigma)
         self.flip_index = np.arange(len(names))

