@@ -53,7 +53,7 @@ class MedSapiensSlicerParameterNode:
     modelFile: str = ""
     adapter: str = ""
     device: Annotated[str, Choice(["auto", "cpu", "cuda"])] = "auto"
-    precision: Annotated[str, Choice(["fp32", "bf16"])] = "fp32"
+    precision: Annotated[str, Choice(["auto", "fp32", "bf16"])] = "auto"
     outputMarkups: vtkMRMLMarkupsFiducialNode
     trainingMarkups: vtkMRMLMarkupsFiducialNode
     timeBudget: Annotated[float, WithinRange(30, 3600)] = 300

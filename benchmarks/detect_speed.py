@@ -9,10 +9,11 @@
    other processes on a shared machine inflate much less than wall time.
 3. bf16 vs fp32 landmarks (input pixels) where the heatmaps have trained peaks: a micro Sapiens fitted to one real
    cephalogram (the test suite's recipe), on that image and unseen ones; and the 0.3b architecture whose final 1x1
-   layer is fitted by least squares to three cephalograms on fp32 features of the random-weight network (random
+   layer is fitted by least squares to `--big-images` cephalograms on fp32 features of the random-weight network (random
    backbone and deconvolutions: no trained 0.3b is available here).
 Usage:
-    python benchmarks/detect_speed.py [--reps 3] [--threads 1 --clock cpu] [--sizes 1024x768] [--skip ...]
+    python benchmarks/detect_speed.py [--reps 3] [--threads 1 --clock cpu] [--sizes 1024x768] [--big-images 3]
+                                      [--skip kernels detect landmarks]
 """
 from __future__ import annotations
 
@@ -185,6 +186,7 @@ def main():
     p.add_argument("--sizes", nargs="+", default=["1024x768"])
     p.add_argument("--threads", type=int, help="torch threads (default: PyTorch's, one per core)")
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall")
+    p.add_argument("--big-images", type=int, default=3, help="cephalograms the 0.3b final layer is fitted on")
     p.add_argument("--skip", nargs="*", default=[], choices=("kernels", "detect", "landmarks"))
     p.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -222,9 +224,10 @@ def main():
             print(f"bf16 vs fp32, micro fitted on 001, images 001-005, 256 x 192, attention={kernel}: median "
                   f"{r['median']:.3f}, max {r['max']:.3f} input px (fp32 to annotation: median {r['fp32_to_truth']:.1f})")
         hw = tuple(int(v) for v in args.sizes[0].split("x"))
-        big = fitted_final_layer(ds, hw, range(3))
-        r = landmark_difference(big, ds, range(3), hw)
-        print(f"bf16 vs fp32, 0.3b (random weights, final layer fitted on 001-003), images 001-003, "
+        rows = range(args.big_images)
+        big = fitted_final_layer(ds, hw, rows)
+        r = landmark_difference(big, ds, rows, hw)
+        print(f"bf16 vs fp32, 0.3b (random weights, final layer fitted on the first {len(rows)} images), same images, "
               f"{args.sizes[0]}: median {r['median']:.3f}, max {r['max']:.3f} input px "
               f"(fp32 to annotation: median {r['fp32_to_truth']:.1f})", flush=True)
 
