@@ -82,7 +82,8 @@ def attention_kernels(reps, timer) -> None:
     flops = 4 * heads * n * n * d
     for name, dtype in DTYPES.items():
         q, k, v = x.to(dtype).permute(2, 0, 3, 1, 4)  # strided views, as the fused qkv gives them
-        kernels = {"sdpa": lambda: F.scaled_dot_product_attention(q, k, v), "blocked": lambda: blocked_attention(q, k, v)}
+        kernels = {"sdpa": lambda: F.scaled_dot_product_attention(q, k, v),
+                   "blocked": lambda: blocked_attention(q, k, v)}
         times = {kernel: [] for kernel in kernels}
         with torch.inference_mode():
             for f in kernels.values():
@@ -222,7 +223,8 @@ def main():
         for kernel in ("sdpa", "rule"):
             r = landmark_difference(micro, ds, range(5), (256, 192), kernel)
             print(f"bf16 vs fp32, micro fitted on 001, images 001-005, 256 x 192, attention={kernel}: median "
-                  f"{r['median']:.3f}, max {r['max']:.3f} input px (fp32 to annotation: median {r['fp32_to_truth']:.1f})")
+                  f"{r['median']:.3f}, max {r['max']:.3f} input px "
+                  f"(fp32 to annotation: median {r['fp32_to_truth']:.1f})")
         hw = tuple(int(v) for v in args.sizes[0].split("x"))
         rows = range(args.big_images)
         big = fitted_final_layer(ds, hw, rows)
