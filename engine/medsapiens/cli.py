@@ -72,8 +72,20 @@ def build_parser() -> argparse.ArgumentParser:
                                                              "(default: the file's, else 1 mm)")
     p.add_argument("--landmarks", help="expected landmark names (comma separated, or a landmarks.csv to take "
                                        "them from); another set is refused")
+    p.add_argument("--analyze", action="store_true", help="also run the cephalometric analysis (needs the ISBI "
+                                                          "landmark names): DIR/analysis.csv and a report")
     _add_model_options(p)
     p.set_defaults(run=_detect)
+
+    p = sub.add_parser("analyze", help="cephalometric analysis of landmarks: ANB, SNB, SNA, ODI, APDI, FHI, FHA, MW",
+                       description="Cephalometric measurements and classes of the ISBI 2015 challenge (Wang et al., "
+                                   "Medical Image Analysis 2016, Table 2) from landmarks with the ISBI names (S, N, "
+                                   "Or, Po, A, B, Pog, Me, Gn, Go, LIT, UIT, ..., PNS, ANS). Writes one row per "
+                                   "image to --out and prints a report (class names, normal ranges).")
+    p.add_argument("landmarks", type=Path, metavar="landmarks.csv|DIR",
+                   help="a landmarks CSV (as `detect` writes), or a folder with one or with .mrk.json + images")
+    p.add_argument("--out", required=True, type=Path, help="analysis CSV to write")
+    p.set_defaults(run=_analyze)
 
     p = sub.add_parser("finetune", help="train a LoRA adapter for a landmark set from a few annotated cases",
                        description="Fine-tune an adapter (LoRA on the frozen base + a head for the cases' landmarks) "
@@ -187,6 +199,8 @@ def _detect(args) -> int:
                              atlas_deformable=args.atlas_deformable,
                              precision=args.precision, input_size=args.input_size, flip_test=args.flip_test,
                              landmarks=_expected_landmarks(args.landmarks))
+    if args.analyze:
+        _check_cephalometric(detector.names, "the model")
     args.out.mkdir(parents=True, exist_ok=True)
     rows, failed = [], 0
     for path, stem in tqdm(list(zip(images, stems)), desc="detect", unit="image", file=sys.stderr,
@@ -203,7 +217,51 @@ def _detect(args) -> int:
         rows.append((os.path.relpath(path.resolve(), args.out.resolve()), *case.size, case.spacing[0], result))
     if rows:
         print(write_landmarks_csv(args.out / "landmarks.csv", rows))
+        if args.analyze:
+            _write_analysis([(image, lm, (spacing, spacing)) for image, _, _, spacing, lm in rows],
+                            args.out / "analysis.csv", "the model")
     return 1 if failed else 0
+
+
+def _analyze(args) -> int:
+    from .io.datasets import landmark_sets
+
+    items = landmark_sets(args.landmarks)
+    _check_cephalometric(items[0][1].names, args.landmarks)
+    _write_analysis(items, args.out, args.landmarks)
+    return 0
+
+
+def _check_cephalometric(names, source) -> None:
+    """Refuse a landmark set from which no measure can be computed; warn once for measures it cannot give."""
+    from .analysis.cephalometry import MEASURES, USED_LANDMARKS
+    from .errors import short_list
+
+    absent = [n for n in USED_LANDMARKS if n not in names]
+    if all(set(m.landmarks) & set(absent) for m in MEASURES):
+        raise InputError(f"{source}: no cephalometric measure can be computed from landmarks {short_list(names)}: "
+                         f"the analysis needs {', '.join(USED_LANDMARKS)} (ISBI 2015 names)")
+    lost = [m.name for m in MEASURES if set(m.landmarks) & set(absent)]
+    if lost:
+        print(f"medsapiens: warning: {source}: no {', '.join(absent)} in the landmark set, so "
+              f"{', '.join(lost)} stay empty", file=sys.stderr)
+
+
+def _write_analysis(items, out: Path, source) -> None:
+    """Analyse (image, landmarks, spacing) items: the CSV to `out`, its path and a report to stdout."""
+    from .analysis.cephalometry import analyze, class_legend, format_report, write_analysis_csv
+
+    rows = [(image, analyze(lm, spacing)) for image, lm, spacing in items]
+    for (image, measurements), (_, lm, _) in zip(rows, items):
+        for r in measurements:
+            lacking = [n for n in r.missing if n in lm.names]  # not the set's own gaps, warned about once
+            if lacking:
+                print(f"medsapiens: warning: {image}: {r.name} not computed (missing {', '.join(lacking)})",
+                      file=sys.stderr)
+    print(write_analysis_csv(out, rows))
+    print(class_legend())
+    for image, measurements in rows:
+        print(format_report(image, measurements))
 
 
 def _rows(spec: str | None, n: int, what) -> list[int]:

@@ -1,1 +1,1 @@
-"""What is computed from landmarks: error metrics, evaluation reports."""
+"""What is computed from landmarks: error metrics, evaluation reports, cephalometric analysis."""

@@ -155,3 +155,13 @@ def landmarks_csv(rows: list[tuple[str, int, int, float, Landmarks]]) -> str:
 
 def write_landmarks_csv(path, rows) -> Path:
     return atomic_write_text(path, landmarks_csv(rows))
+
+
+def landmark_sets(path) -> list[tuple[str, Landmarks, tuple[float, float]]]:
+    """(image, landmarks in pixels, spacing) per image of a landmarks.csv or of a folder (its landmarks.csv, else
+    its `.mrk.json` + image pairs). A CSV is read without its images; a `.mrk.json` needs its image's pixel grid.
+    """
+    path = Path(path)
+    if path.is_dir() and not (path / "landmarks.csv").is_file():
+        return [(c.name, c.landmarks, c.spacing) for c in load_cases(path)]
+    return [(r.image, r.landmarks, (r.spacing, r.spacing)) for r in Dataset(path).rows]
