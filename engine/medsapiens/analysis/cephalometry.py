@@ -68,10 +68,15 @@ class Measure:
                 return band
         return self.bands[-1]
 
+    @property
+    def symbol(self) -> str:
+        """The unit as written after a number: '°', ' mm', or nothing for a ratio."""
+        return {"deg": "°", "mm": " mm", "": ""}[self.unit]
+
     def band_range(self, band: Band) -> str:
-        """'3.2-5.7 deg', '< 3.2 deg', '> 5.7 deg' for one band (the normal range for band 1)."""
+        """'3.2-5.7°', '< 3.2°', '> 5.7°' for one band (the normal range for band 1)."""
         i = self.bands.index(band)
-        unit = {"deg": "°", "mm": " mm", "": ""}[self.unit]
+        unit = self.symbol
         if i == 0:
             return f"{'<=' if band.inclusive else '<'} {band.limit:g}{unit}"
         previous = self.bands[i - 1]
@@ -193,6 +198,10 @@ class Measurement:
             return ""
         return f"{self.value:.{digits + (self.measure.unit == '')}f}"
 
+    def text(self) -> str:
+        """The value with its unit as a report shows it ('0.71°', '2.95 mm', '0.552'); empty when not computed."""
+        return self.formatted_value() + self.measure.symbol if self.band else ""
+
 
 def covers(names) -> bool:
     """Whether a landmark set holds every landmark the analysis reads (the ISBI 19 do)."""
@@ -252,12 +261,10 @@ def format_report(image: str, measurements: list[Measurement]) -> str:
     """A readable block for one image: value, normal range, class number and name per measure."""
     lines = [f"{image}:"]
     for r in measurements:
-        unit = {"deg": "°", "mm": " mm", "": ""}[r.measure.unit]
         if r.band is None:
             lines.append(f"  {r.name:<5} {'-':>9}   normal {r.normal_range:<13} not computed (missing "
                          f"{', '.join(r.missing)})")
         else:
-            value = r.formatted_value() + unit
-            lines.append(f"  {r.name:<5} {value:>9}   normal {r.normal_range:<13} class {r.band.number}: "
+            lines.append(f"  {r.name:<5} {r.text():>9}   normal {r.normal_range:<13} class {r.band.number}: "
                          f"{r.band.name}")
     return "\n".join(lines)
