@@ -45,7 +45,8 @@ REFERENCE = ("Wang et al., A benchmark for comparison of dental radiography anal
 
 @dataclass(frozen=True)
 class Band:
-    """One class of a measure: values below `limit` (or up to and including it, if `inclusive`) above the previous band."""
+    """One class of a measure: the values above the previous band's limit and below `limit` (or equal, if
+    `inclusive`)."""
 
     number: int
     name: str
