@@ -187,6 +187,8 @@ def main():
     p.add_argument("--sizes", nargs="+", default=["1024x768"])
     p.add_argument("--threads", type=int, help="torch threads (default: PyTorch's, one per core)")
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall")
+    p.add_argument("--configs", nargs="+", default=["fp32:rule", "bf16:sdpa", "bf16:rule"],
+                   help="detect runs as precision:kernel (kernel sdpa = the engine before models/attention.py)")
     p.add_argument("--big-images", type=int, default=3, help="cephalograms the 0.3b final layer is fitted on")
     p.add_argument("--skip", nargs="*", default=[], choices=("kernels", "detect", "landmarks"))
     p.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
@@ -205,7 +207,7 @@ def main():
         for size in args.sizes:
             hw = tuple(int(v) for v in size.split("x"))
             macs = multiply_adds(ARCH, hw, 19)
-            for precision, kernel in (("fp32", "rule"), ("bf16", "sdpa"), ("bf16", "rule")):
+            for precision, kernel in (c.split(":") for c in args.configs):
                 cmd = [sys.executable, __file__, "--child", size, precision, kernel, "--reps", str(args.reps),
                        "--clock", args.clock] + (["--threads", str(args.threads)] if args.threads else [])
                 r = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.splitlines()[-1])
