@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from .errors import InputError
 from .models.sapiens import ARCHS
 from .training.augment import PRESETS
 from .training.loops import DEFAULT_ARCH, FINETUNE_DEFAULTS, FinetuneSettings, Settings
+from .training.refine import REFINE_DEFAULTS
 
 ARCH_NAMES = list(ARCHS)
 TRAIN_DEFAULTS = Settings()
@@ -37,10 +39,11 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--flip-test", action="store_true", help="average with the mirrored image (slower)")
 
 
-def _add_training_options(p: argparse.ArgumentParser, defaults: Settings) -> None:
+def _add_training_options(p: argparse.ArgumentParser, defaults: Settings, lr_help: str | None = None) -> None:
     hw = defaults.input_hw
     augment = _preset_name(defaults.augment)
-    p.add_argument("--lr", type=float, default=defaults.lr, help=f"peak learning rate (default {defaults.lr:g})")
+    p.add_argument("--lr", type=float, default=defaults.lr,
+                   help=f"peak learning rate (default {lr_help or format(defaults.lr, 'g')})")
     p.add_argument("--input-size", nargs=2, type=int, default=list(hw), metavar=("H", "W"),
                    help=f"network input size (default {hw[0]} {hw[1]})")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: CUDA when present)")
@@ -87,25 +90,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="analysis CSV to write")
     p.set_defaults(run=_analyze)
 
-    p = sub.add_parser("finetune", help="train a LoRA adapter for a landmark set from a few annotated cases",
-                       description="Fine-tune an adapter (LoRA on the frozen base + a head for the cases' landmarks) "
-                                   "from a few annotated cases; written atomically to OUT.")
-    p.add_argument("--base", required=True, help="base model: weight file or catalogue name; or an architecture "
-                                                 f"({', '.join(ARCH_NAMES)}) to train every weight from scratch")
+    p = sub.add_parser("finetune", help="train an adapter for a landmark set from a few annotated cases",
+                       description="Fine-tune an adapter from a few annotated cases; written atomically to OUT. "
+                                   "Without --base (the default): a patch refiner on top of the weight-free atlas of "
+                                   "the cases, with its error and the atlas's estimated on held-out cases; the file "
+                                   "carries the atlas, so `detect --adapter OUT IMAGE...` needs nothing else. With "
+                                   "--base: LoRA on the frozen base + a head for the cases' landmarks.")
+    p.add_argument("--base", help="base model: weight file or catalogue name; or an architecture "
+                                  f"({', '.join(ARCH_NAMES)}) to train every weight from scratch (default: none, "
+                                  "refine the atlas)")
     p.add_argument("--data", required=True, type=Path, help="landmarks.csv, or a folder of .mrk.json + images")
     p.add_argument("--cases", metavar="ID,ID,...", help="the annotated cases to learn from (image stems; default "
                                                          "all of --data)")
     p.add_argument("--out", required=True, type=Path, help="adapter file to write (.safetensors)")
-    p.add_argument("--time-budget", type=float, default=FINETUNE_DEFAULTS.time_budget, metavar="S",
-                   help=f"training time in seconds (default {FINETUNE_DEFAULTS.time_budget:g})")
-    p.add_argument("--steps", type=int, help="stop after this many steps (default: the time budget decides)")
+    p.add_argument("--time-budget", type=float, metavar="S",
+                   help=f"training time in seconds (default {REFINE_DEFAULTS.time_budget:g} on the atlas, "
+                        f"{FINETUNE_DEFAULTS.time_budget:g} with --base)")
+    p.add_argument("--steps", type=int, help=f"optimiser steps (default {REFINE_DEFAULTS.steps} per fold on the "
+                                             "atlas; with --base the time budget decides)")
+    p.add_argument("--atlas-deformable", action="store_true", help="without --base: the atlas adds a B-spline "
+                   "stage (better for articulated anatomy such as hands; slower)")
+    p.add_argument("--keep-worse", action="store_true", help="without --base: write the adapter even when it was "
+                   "worse than the atlas on the held-out cases (default: say so and write nothing)")
+    p.add_argument("--fresh", action="store_true", help="without --base: do not warm-start from the adapter "
+                   "already at OUT")
     views = FinetuneSettings.views_per_case
-    p.add_argument("--views", type=int, default=views, help=f"augmented views per case, made once (default {views})")
-    p.add_argument("--lora-blocks", type=int, metavar="N", help="LoRA on the last N blocks only; the blocks below "
-                                                                "run once per view (default: all blocks)")
-    p.add_argument("--flip-pairs", metavar="A:B,...", help="symmetric landmark pairs (names); enables mirroring")
-    _add_training_options(p, FINETUNE_DEFAULTS)
-    p.set_defaults(run=_finetune)
+    p.add_argument("--views", type=int, default=views, help=f"with --base: augmented views per case, made once "
+                                                            f"(default {views})")
+    p.add_argument("--lora-blocks", type=int, metavar="N", help="with --base: LoRA on the last N blocks only; the "
+                                                                "blocks below run once per view (default: all)")
+    p.add_argument("--flip-pairs", metavar="A:B,...", help="with --base: symmetric landmark pairs (names); enables "
+                                                           "mirroring")
+    _add_training_options(p, FINETUNE_DEFAULTS, f"{REFINE_DEFAULTS.lr:g}; {FINETUNE_DEFAULTS.lr:g} with --base")
+    p.set_defaults(run=_finetune, lr=None)  # each kind of fine-tuning has its own default
+
 
     p = sub.add_parser("train", help="train a whole model on one data set (specialist) or several (generalist)",
                        description="Train a model from scratch on annotated data sets; several --data make a "
@@ -174,13 +192,13 @@ def _expected_landmarks(spec: str | None):
 def _detect(args) -> int:
     from tqdm import tqdm
 
-    from .detectors.factory import load_detector
+    from .detectors.factory import is_refined_atlas, load_detector
     from .io.datasets import write_landmarks_csv
     from .io.images import read_image
     from .io.markups import write_markups
 
-    if args.atlas:
-        model, images = None, args.inputs
+    if args.atlas or (args.adapter and is_refined_atlas(args.adapter)):
+        model, images = None, args.inputs  # the atlas, or an adapter that carries its atlas
     else:
         if len(args.inputs) < 2:
             raise InputError("detect needs MODEL and at least one IMAGE (or --atlas and images)")
@@ -278,7 +296,7 @@ def _rows(spec: str | None, n: int, what) -> list[int]:
 
 
 class _Bar:
-    """A tqdm bar on stderr driven by training.Progress (percent of the run, smoothed loss)."""
+    """A tqdm bar on stderr driven by training.Progress: phase, percent of it, step / total, time left, loss."""
 
     def __init__(self, header: str):
         self.header, self.bar, self.phase = header, None, None
@@ -293,13 +311,18 @@ class _Bar:
             self.phase = p.phase
             self.bar.set_description(p.phase)
         self.bar.n = round(100 * p.fraction, 1)
-        if p.phase == "train":
-            self.bar.set_postfix_str(f"step {p.step} loss {p.loss:.3f}", refresh=False)
+        parts = [f"step {p.step}" + (f"/{p.total}" if p.total else "")] if p.phase.startswith("train") else []
+        if p.remaining is not None:
+            parts.append(f"{p.remaining:.0f} s left")
+        if p.loss == p.loss:  # not NaN
+            parts.append(f"loss {p.loss:.3f}")
+        self.bar.set_postfix_str(" ".join(parts), refresh=False)
         self.bar.refresh()
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+            self.bar = None
 
 
 def _flip_pairs(spec: str | None, names: list[str]) -> list[tuple[int, int]]:
@@ -314,21 +337,54 @@ def _flip_pairs(spec: str | None, names: list[str]) -> list[tuple[int, int]]:
 
 def _finetune(args) -> int:
     from .io.datasets import load_cases
+    from .models.adapter_file import load_weights
     from .training.loops import check_cases, finetune
 
     cases = load_cases(args.data, args.cases.split(",") if args.cases else None)
     names = check_cases(cases)
-    settings = FinetuneSettings(replace(FINETUNE_DEFAULTS, input_hw=tuple(args.input_size), lr=args.lr,
-                                        steps=args.steps, time_budget=args.time_budget, seed=args.seed,
-                                        augment=PRESETS[args.augment]),
+    if args.base is None:
+        return _finetune_on_atlas(args, cases)
+    settings = FinetuneSettings(replace(FINETUNE_DEFAULTS, input_hw=tuple(args.input_size),
+                                        lr=args.lr or FINETUNE_DEFAULTS.lr, steps=args.steps, seed=args.seed,
+                                        augment=PRESETS[args.augment], time_budget=args.time_budget or FINETUNE_DEFAULTS.time_budget),
                                 args.views, args.lora_blocks)
     bar = _Bar(f"fine-tuning on {len(cases)} cases: {', '.join(c.label for c in cases)}")
+    t0 = time.monotonic()
     try:
         out = finetune(args.base, cases, args.out, flip_pairs=_flip_pairs(args.flip_pairs, names),
                        settings=settings, device=args.device, precision=args.precision, progress=bar)
     finally:
         bar.close()
-    print(out)
+    meta = load_weights(out)[1]
+    phases = ", ".join(f"{k} {v:.1f} s" for k, v in meta["phase_seconds"].items())
+    print(f"{out}  {meta['steps']} steps  {time.monotonic() - t0:.1f} s  {phases}")
+    return 0
+
+
+def _finetune_on_atlas(args, cases) -> int:
+    from .detectors.atlas import AtlasSettings
+    from .training.refine import NotBetter, finetune_on_atlas
+
+    settings = replace(REFINE_DEFAULTS, seed=args.seed, lr=args.lr or REFINE_DEFAULTS.lr, atlas=AtlasSettings(deformable=args.atlas_deformable),
+                       steps=args.steps or REFINE_DEFAULTS.steps,
+                       time_budget=args.time_budget or REFINE_DEFAULTS.time_budget)
+    bar = _Bar(f"fine-tuning on the atlas of {len(cases)} cases: {', '.join(c.label for c in cases)}")
+    try:
+        result = finetune_on_atlas(cases, args.out, settings=settings, progress=bar, warm_start=not args.fresh,
+                                   keep_worse=args.keep_worse)
+    except NotBetter as e:
+        bar.close()
+        print(f"medsapiens: {e}", file=sys.stderr)
+        return 1
+    finally:
+        bar.close()
+    est = result.estimate
+    print(f"held-out error ({est['method']}): atlas {est['atlas_mre_mm']:.2f} mm, refined {est['refined_mre_mm']:.2f}"
+          f" mm; refining {sum(est['use_refined'])} of {len(est['use_refined'])} landmarks", file=sys.stderr)
+    if not result.better:
+        print("medsapiens: warning: the adapter was worse than the atlas on the held-out cases (written anyway: "
+              "--keep-worse)", file=sys.stderr)
+    print(result.line())
     return 0
 
 

@@ -29,8 +29,17 @@ def load_detector(model=None, *, adapter=None, base=None, atlas=None, atlas_case
     rows of a landmarks.csv atlas to use (image stems; default all); atlas_deformable: AtlasSettings.deformable.
     landmarks: the landmark names the caller expects; anything else is refused. precision: "auto" (bf16 where the
     device computes it natively and faster, see heatmap.pick_precision), "fp32" or "bf16".
+    An atlas-refiner adapter (`finetune` without a base) carries its atlas cases: give it as `adapter` (or
+    `model`) alone.
     """
-    if atlas is not None:
+    refined = [p for p in (model, adapter) if p is not None and is_refined_atlas(p)]
+    if refined:
+        if atlas is not None or base is not None or (model is not None and adapter is not None):
+            raise InputError(f"{refined[0]}: an atlas-refiner adapter carries its own atlas; give it alone")
+        from .refiner import load_refined_atlas
+
+        detector = load_refined_atlas(refined[0])
+    elif atlas is not None:
         if model is not None or adapter is not None or base is not None:
             raise InputError("--atlas works without model weights; give either an atlas or a model")
         from .atlas import AtlasDetector, AtlasSettings
@@ -63,6 +72,14 @@ def load_detector(model=None, *, adapter=None, base=None, atlas=None, atlas_case
         raise InputError(f"the model detects {len(detector.names)} landmarks ({short_list(detector.names)}), not the "
                          f"expected set of {len(landmarks)} ({short_list(landmarks)})")
     return detector
+
+
+def is_refined_atlas(path) -> bool:
+    """True for an adapter file written by `finetune` on the atlas (no base model)."""
+    from ..models.adapter_file import kind_of
+    from .refiner import KIND
+
+    return kind_of(path) == KIND
 
 
 def _catalogue_names(model) -> list[str] | None:

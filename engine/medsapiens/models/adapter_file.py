@@ -2,6 +2,7 @@
 
 kind "adapter": LoRA matrices (peft names) + head, applied on a base checkpoint identified by its SHA256.
 kind "model": a whole backbone + head (models trained here), no base needed.
+kind "atlas-refiner": networks that refine the atlas + the atlas cases themselves (detectors/refiner.py).
 kind "state": the optimizer state beside a model in training (`<model>.state`), to resume it.
 Metadata: landmark names, flip pairs, input size, sigma, architecture, base identity, training cases, date.
 Written atomically: a temporary file in the same folder, fsync, then rename over the target.
@@ -19,7 +20,7 @@ import torch
 from ..io.atomic import atomic_write
 
 FORMAT = "medsapiens-weights/1"
-KINDS = ("adapter", "model", "state")
+KINDS = ("adapter", "model", "state", "atlas-refiner")
 
 
 def sha256_of(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
@@ -41,17 +42,31 @@ def save_weights(path, tensors: dict[str, torch.Tensor], metadata: dict, kind: s
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header))
 
 
-def is_weights_file(path) -> bool:
-    """True for a safetensors file written by save_weights."""
+def _header(path) -> dict | None:
     try:
         with open(path, "rb") as f:
             n = int.from_bytes(f.read(8), "little")
             if not 2 <= n <= 100_000_000:
-                return False
+                return None
             header = json.loads(f.read(n))
     except (OSError, ValueError):
-        return False
-    return header.get("__metadata__", {}).get("format") == FORMAT
+        return None
+    meta = header.get("__metadata__", {}) if isinstance(header, dict) else {}
+    return meta if meta.get("format") == FORMAT else None
+
+
+def is_weights_file(path) -> bool:
+    """True for a safetensors file written by save_weights."""
+    return _header(path) is not None
+
+
+def kind_of(path) -> str | None:
+    """The kind of a file written by save_weights (read from its header only), else None."""
+    meta = _header(path)
+    try:
+        return json.loads(meta["metadata"]).get("kind") if meta else None
+    except (KeyError, ValueError):
+        return None
 
 
 def load_weights(path) -> tuple[dict[str, torch.Tensor], dict]:

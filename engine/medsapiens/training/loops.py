@@ -53,10 +53,12 @@ class Settings:
 @dataclass
 class Progress:
     step: int
-    fraction: float   # of the run, by steps or time, whichever is further
+    fraction: float   # of the phase, by steps or time, whichever is further
     loss: float
-    elapsed: float
+    elapsed: float    # seconds in this phase
     phase: str = "train"
+    total: int | None = None       # steps of the phase, where known
+    remaining: float | None = None  # estimated seconds left in the whole run, where known
 
 
 class Cancelled(Exception):
@@ -138,8 +140,10 @@ def masked_mse(pred, target, weight) -> torch.Tensor:
 
 def fit(net: nn.Module, params: list[dict], next_batch: Callable[[int], tuple], settings: Settings, device,
         precision: str = "fp32", progress=None, cancel=None, start_step: int = 0, optimizer_state=None,
-        on_checkpoint=None, checkpoint_every: float | None = None) -> dict:
+        on_checkpoint=None, checkpoint_every: float | None = None, loss_fn=None) -> dict:
     """The loop: `next_batch(step) -> (inputs, target, weight)`; returns steps, seconds, last loss, optimizer.
+
+    loss_fn(pred, target, weight) -> scalar; default the masked heatmap MSE.
 
     Stops at settings.steps or settings.time_budget (all ranks agree under DDP); raises Cancelled on cancel().
     """
@@ -171,7 +175,7 @@ def fit(net: nn.Module, params: list[dict], next_batch: Callable[[int], tuple], 
         x, target, weight = (t.to(device) for t in next_batch(step))
         with autocast:
             pred = net(x)
-        loss = masked_mse(pred, target, weight)
+        loss = (loss_fn or masked_mse)(pred, target, weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, settings.clip)
@@ -180,7 +184,9 @@ def fit(net: nn.Module, params: list[dict], next_batch: Callable[[int], tuple], 
         loss_value = loss.item()
         smooth = loss_value if smooth is None else 0.9 * smooth + 0.1 * loss_value
         if progress:
-            progress(Progress(step, min(p, 1.0), smooth, time.monotonic() - t0))
+            spent = time.monotonic() - t0
+            progress(Progress(step, min(p, 1.0), smooth, spent, total=settings.steps,
+                              remaining=spent * (1 - p) / p if p > 0 else None))
         if on_checkpoint and checkpoint_every and time.monotonic() - last_save > checkpoint_every:
             on_checkpoint(step, opt)
             last_save = time.monotonic()
@@ -247,9 +253,14 @@ def finetune(base, cases: list[Case], out, *, flip_pairs=(), settings: FinetuneS
         model.head.requires_grad_(True)
     model.to(dev)
     grid = grid_size(s.input_hw)
+    phase_seconds = {}
+    t0 = time.monotonic()
     inputs, targets, weights = _fixed_views(cases, names, s, flip_pairs, settings.views_per_case, progress, cancel)
+    phase_seconds["views"] = round(time.monotonic() - t0, 1)
     if start > 0:
+        t0 = time.monotonic()
         inputs = _frozen_tokens(model, inputs, start, dev, progress, cancel)
+        phase_seconds["features"] = round(time.monotonic() - t0, 1)
     net = Tail(model, start, grid) if start > 0 else model
     rng = np.random.default_rng(s.seed)
 
@@ -259,10 +270,11 @@ def finetune(base, cases: list[Case], out, *, flip_pairs=(), settings: FinetuneS
 
     result = fit(net, param_groups(model, s.lr, s.weight_decay, s.layer_decay), next_batch, s, dev, precision,
                  progress, cancel)
+    phase_seconds["train"] = round(result["seconds"], 1)
     return adapter_file.save_trained(
         out, model.cpu(), names, s.input_hw, s.sigma, base=base_path, flip_pairs=[list(p) for p in flip_pairs],
         training_cases=[c.label for c in cases], steps=result["steps"], train_seconds=round(result["seconds"], 1),
-        views_per_case=settings.views_per_case)
+        views_per_case=settings.views_per_case, phase_seconds=phase_seconds)
 
 
 def _model_for_finetune(base, names, input_hw) -> tuple[SapiensPose, Path | None]:

@@ -1,0 +1,189 @@
+"""Fine-tuning on top of the atlas: real patch training on real cephalograms, the held-out estimate, the file
+that carries its atlas (detect --adapter alone), warm start, cancel in every phase, the worse-than-atlas line."""
+import re
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from medsapiens.cli import main
+from medsapiens.detectors.factory import load_detector
+from medsapiens.detectors.refiner import (
+    PatchNet,
+    Refiner,
+    RefinerConfig,
+    grey,
+)
+from medsapiens.io.markups import read_markups
+from medsapiens.models.adapter_file import load_weights
+from medsapiens.training.loops import Cancelled
+from medsapiens.training.refine import (
+    NotBetter,
+    PatchSampler,
+    RefineSettings,
+    _warm,
+    finetune_on_atlas,
+    folds_of,
+)
+
+# small and quick: two cases (two folds, one-atlas leave-one-out), a 32-sample patch, few steps
+QUICK = RefineSettings(steps=16, batch=16, patch=32, width=8, time_budget=120)
+
+
+@pytest.fixture(scope="module")
+def two_cases(ceph):
+    return [ceph.case(0), ceph.case(1)]
+
+
+@pytest.fixture(scope="module")
+def adapter(two_cases, tmp_path_factory):
+    out = tmp_path_factory.mktemp("refine") / "task.safetensors"
+    result = finetune_on_atlas(two_cases, out, settings=QUICK, keep_worse=True)
+    return out, result
+
+
+def test_patch_refiner_learns_a_landmark_from_real_patches(ceph):
+    """A few hundred real steps on one cephalogram: the refined points land nearer the truth than the offset
+    starting points they were given (the network learned the landmarks' appearance, not nothing)."""
+    case = ceph.case(0)
+    names = case.landmarks.names
+    s = replace(RefineSettings(), batch=32, patch=48, width=8)
+    cfg = RefinerConfig(48, 1.0, 8, prior_sigma=12.0)
+    sampler = PatchSampler([case], names, cfg, s, offset_px=8.0)
+    torch.manual_seed(0)
+    net = PatchNet(len(names), 8)
+    opt = torch.optim.AdamW(net.parameters(), 3e-3)
+    rng = np.random.default_rng(0)
+    from medsapiens.training.refine import soft_cross_entropy
+
+    for _ in range(150):
+        x, t, k = sampler.batch(rng)
+        loss = soft_cross_entropy(net(x), t, k)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    truth = case.landmarks.points
+    start = truth + np.random.default_rng(1).normal(0, 8.0, truth.shape).clip(-14, 14)
+    refined = Refiner([net], cfg, np.ones(len(names), bool)).refine(grey(case), start, case.landmarks.present)
+    before = np.linalg.norm(start - truth, axis=1).mean()
+    after = np.linalg.norm(refined - truth, axis=1).mean()
+    assert after < 0.6 * before, (before, after)
+
+
+def test_adapter_carries_its_atlas_and_its_held_out_estimate(adapter, two_cases):
+    out, result = adapter
+    tensors, meta = load_weights(out)
+    assert meta["kind"] == "atlas-refiner"
+    assert [c["label"] for c in meta["cases"]] == [c.label for c in two_cases]
+    assert all(re.fullmatch(r"[0-9a-f]{64}", c["sha256"]) for c in meta["cases"])
+    est = meta["estimate"]
+    assert est["method"] == "leave-one-case-out" and est["held_out_cases"] == [["001"], ["002"]]
+    assert np.isfinite(est["atlas_mre_mm"]) and np.isfinite(est["refined_mre_mm"])
+    assert len(meta["use_refined"]) == len(two_cases[0].landmarks.names)
+    assert meta["steps"] == result.steps == 2 * QUICK.steps and meta["schedule_complete"]
+    assert tensors["case0.image"].dtype == torch.uint8
+    assert set(result.phase_seconds) == {"atlas", "train", "estimate", "save"}
+
+
+def test_detect_with_the_adapter_alone(adapter, ceph, tmp_path, capsys):
+    """`detect --adapter A IMAGE` with no model and no atlas: the file is all it needs, and the result is the
+    same as the Python detector's."""
+    out, _ = adapter
+    image = ceph.root / ceph.rows[5].image
+    assert main(["detect", "--adapter", str(out), str(image), "--out", str(tmp_path / "det"),
+                 "--spacing", str(ceph.rows[5].spacing)]) == 0
+    written = read_markups(tmp_path / "det" / f"{image.stem}.mrk.json")
+    case = ceph.case(5)
+    found = load_detector(adapter=str(out)).detect(case)
+    assert written.names == found.names
+    ok = found.present
+    assert ok.sum() >= len(ok) - 1
+    # the same pipeline twice: ITK's threaded metric may move the atlas a little, not more
+    assert np.nanmedian(np.linalg.norm(written.points[ok] - found.points[ok], axis=1)) < 1.0
+
+
+def test_damaged_atlas_case_is_refused(adapter, tmp_path):
+    from medsapiens.errors import InputError
+    from medsapiens.models.adapter_file import save_weights
+
+    out, _ = adapter
+    tensors, meta = load_weights(out)
+    tensors["case1.image"] = tensors["case1.image"].clone()
+    tensors["case1.image"][10, 10] ^= 1
+    meta.pop("kind"), meta.pop("created")
+    bad = save_weights(tmp_path / "bad.safetensors", tensors, meta, "atlas-refiner")
+    with pytest.raises(InputError, match="checksum"):
+        load_detector(adapter=str(bad))
+
+
+def test_warm_start_continues_from_the_adapter_with_half_the_steps(adapter, two_cases, tmp_path):
+    out, _ = adapter
+    target = tmp_path / "task.safetensors"
+    target.write_bytes(out.read_bytes())
+    before, _ = load_weights(target)
+    # one warm step at warm-up lr: the networks stay where the previous adapter left them
+    result = finetune_on_atlas(two_cases, target, settings=replace(QUICK, steps=2), keep_worse=True)
+    after, meta = load_weights(target)
+    assert meta["warm_started"] and meta["steps_per_fold"] == 1 and result.steps == 2
+    key = "fold0.down1.0.0.weight"
+    moved = (after[key] - before[key]).abs().max()
+    fresh = (PatchNet(len(two_cases[0].landmarks.names), QUICK.width).state_dict()["down1.0.0.weight"]
+             - before[key]).abs().max()
+    assert moved < 0.05 * fresh
+
+
+def test_warm_start_never_uses_a_network_that_saw_the_held_out_case():
+    previous = {"folds": [["001"], ["002"], ["003"]], "nets": {0: "a", 1: "b", 2: "c"}}
+    assert _warm(previous, {"002"}) == "b"  # fold 1 was trained on 001 and 003 only
+    assert _warm(previous, {"004"}) in ("a", "b", "c")  # a new case: no previous network saw it
+    assert _warm({"folds": [["001", "002"], ["003"]], "nets": {0: "a", 1: "b"}}, {"001"}) == "a"
+    assert _warm(None, {"001"}) is None
+    assert folds_of(3) == [[0], [1], [2]] and folds_of(7) == [[0, 5], [1, 6], [2], [3], [4]]
+
+
+@pytest.mark.parametrize("phase", ["atlas", "train", "estimate", "save"])
+def test_cancel_in_each_phase_leaves_the_previous_adapter_byte_identical(adapter, two_cases, tmp_path, phase):
+    out, _ = adapter
+    target = tmp_path / "task.safetensors"
+    target.write_bytes(out.read_bytes())
+    original = target.read_bytes()
+    seen = []
+    progress = lambda p: seen.append(p.phase)  # noqa: E731
+    cancel = lambda: bool(seen) and seen[-1].startswith(phase)  # noqa: E731
+    with pytest.raises(Cancelled):
+        finetune_on_atlas(two_cases, target, settings=QUICK, progress=progress, cancel=cancel, keep_worse=True)
+    assert seen[-1].startswith(phase)
+    assert target.read_bytes() == original
+    assert [p.name for p in tmp_path.iterdir()] == ["task.safetensors"]  # no temporary file left
+
+
+def test_worse_than_atlas_says_so_in_one_line_and_writes_nothing(ceph, data_dir, tmp_path, capsys):
+    """A refiner thrown off by a learning rate of 1000 scatters the points: worse than the atlas on the held-out
+    cases, so finetune keeps the previous file and says so in one line on stderr (exit 1)."""
+    target = tmp_path / "task.safetensors"
+    target.write_bytes(b"the user's previous adapter")
+    with pytest.raises(NotBetter):
+        finetune_on_atlas([ceph.case(0), ceph.case(1)], target,
+                          settings=replace(QUICK, steps=2, lr=1000.0))
+    assert target.read_bytes() == b"the user's previous adapter"
+    capsys.readouterr()
+    # the same through the command line
+    import medsapiens.cli as cli
+
+    code = cli.main(["finetune", "--data", str(data_dir / "ceph_hamedan" / "landmarks.csv"), "--cases", "001,002",
+                     "--out", str(target), "--steps", "2", "--lr", "1000"])
+    err = capsys.readouterr()
+    assert code == 1 and err.out == ""
+    lines = [ln for ln in err.err.splitlines() if "worse than the atlas" in ln]
+    assert len(lines) == 1 and "not written" in lines[0]
+    assert target.read_bytes() == b"the user's previous adapter"
+
+
+def test_cli_finetune_prints_one_summary_line(data_dir, tmp_path, capsys):
+    target = tmp_path / "task.safetensors"
+    assert main(["finetune", "--data", str(data_dir / "ceph_hamedan" / "landmarks.csv"), "--cases", "001,002",
+                 "--out", str(target), "--steps", "8", "--keep-worse"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1
+    assert re.fullmatch(rf"{re.escape(str(target))}  16 steps  [0-9.]+ s  atlas [0-9.]+ s, train [0-9.]+ s, "
+                        r"estimate [0-9.]+ s, save [0-9.]+ s", out[0]), out[0]

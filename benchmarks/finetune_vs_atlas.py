@@ -1,0 +1,80 @@
+"""Fine-tuned adapter (atlas + refiner) against the atlas alone, from the same cases, scored in the same run.
+
+    python benchmarks/finetune_vs_atlas.py ../shared/data/ceph_hamedan ../shared/data/hand_dha
+
+Per data set: `finetune` with its defaults on the first cases (default 3), timed (wall and CPU seconds, load
+average); then every scored image (rows 51- by default) is detected once by the adapter's atlas, and the
+adapter refines that same atlas answer, so both figures come from identical atlas runs. Prints MRE, SDR,
+the ratio adapter / atlas, and the held-out estimate the adapter recorded.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+from medsapiens.analysis.metrics import format_summary, radial_errors, summary
+from medsapiens.detectors.factory import load_detector
+from medsapiens.io.datasets import Dataset
+from medsapiens.training.refine import REFINE_DEFAULTS, NotBetter, finetune_on_atlas
+
+RADII = {"hand_dha": (2, 4, 10)}
+
+
+def cpu_seconds() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("data", type=Path, nargs="+", help="data set folders (with landmarks.csv)")
+    p.add_argument("--cases", type=int, default=3, help="annotated cases: the first rows (default 3)")
+    p.add_argument("--first-scored", type=int, default=51, help="1-based row where scoring starts (default 51)")
+    p.add_argument("--limit", type=int, help="score only this many images")
+    p.add_argument("--steps", type=int, default=REFINE_DEFAULTS.steps, help="steps per fold (default: finetune's)")
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results/finetune_vs_atlas"))
+    args = p.parse_args()
+    for folder in args.data:
+        ds = Dataset(folder / "landmarks.csv")
+        radii = RADII.get(folder.name, (2, 2.5, 3, 4))
+        cases = [ds.case(i) for i in range(args.cases)]
+        out = args.out / f"{folder.name}.safetensors"
+        out.unlink(missing_ok=True)  # a fresh run, no warm start
+        t, c, load = time.perf_counter(), cpu_seconds(), os.getloadavg()[0]
+        try:
+            result = finetune_on_atlas(cases, out, settings=replace(REFINE_DEFAULTS, steps=args.steps))
+        except NotBetter as e:
+            print(f"{folder.name}: {e}")
+            continue
+        print(f"{folder.name}: finetune on {', '.join(c.label for c in cases)}: {result.line()}; "
+              f"{time.perf_counter() - t:.0f} s wall, {cpu_seconds() - c:.0f} s CPU, load {load:.1f} -> "
+              f"{os.getloadavg()[0]:.1f}", flush=True)
+        est = result.estimate
+        print(f"  held-out estimate ({est['method']}): atlas {est['atlas_mre_mm']:.2f} mm, refined "
+              f"{est['refined_mre_mm']:.2f} mm; refines {sum(est['use_refined'])} of {len(est['use_refined'])} "
+              "landmarks", flush=True)
+        detector = load_detector(adapter=out)
+        scored = list(range(args.first_scored - 1, len(ds)))[: args.limit]
+        adapter_err, atlas_err, seconds = [], [], []
+        for i in scored:
+            case = ds.case(i)
+            t = time.perf_counter()
+            refined, atlas = detector.detect_both(case)
+            seconds.append(time.perf_counter() - t)
+            adapter_err.append(radial_errors(refined, case.landmarks, case.spacing))
+            atlas_err.append(radial_errors(atlas, case.landmarks, case.spacing))
+        s_adapter, s_atlas = summary(np.array(adapter_err), radii), summary(np.array(atlas_err), radii)
+        rows = f"{ds.rows[scored[0]].id}..{ds.rows[scored[-1]].id}"
+        print(f"  atlas   ({len(scored)} images {rows}): {format_summary(s_atlas)}")
+        print(f"  adapter ({len(scored)} images {rows}): {format_summary(s_adapter)}; "
+              f"{np.median(seconds):.2f} s/image (median, atlas included)")
+        print(f"  ratio adapter / atlas MRE: {s_adapter['mre_mm'] / s_atlas['mre_mm']:.3f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,213 @@
+"""The atlas, refined: a small CNN looks at a full-resolution patch around each atlas estimate and moves it.
+
+The weight-free atlas (atlas.py) already puts every landmark in its neighbourhood; what a few annotated cases
+can still teach is the landmark's exact local appearance. One small encoder-decoder, shared by all landmarks
+(one output map per landmark), reads a grey patch centred on the atlas estimate and scores every cell of the
+patch as the landmark's position (log-probabilities). The atlas's own error (measured leave-one-case-out when
+fine-tuning) is the prior: posterior = network scores + log N(atlas estimate, sigma). Several networks (one
+per training fold) are averaged. Per landmark the adapter keeps the atlas's answer where the held-out cases
+said the atlas was better.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..case import Case, Landmarks
+from ..errors import InputError
+from ..io.intensity import to_rgb255
+from ..models import adapter_file
+
+KIND = "atlas-refiner"  # the adapter file kind (adapter_file.py)
+
+
+@dataclass(frozen=True)
+class RefinerConfig:
+    patch: int = 64        # patch side in samples (the output grid is patch / 2)
+    step: float = 1.0      # image px per patch sample
+    width: int = 12        # channels of the first stage (then 2x, 4x, 6x)
+    prior_sigma: float = 8.0  # px: the atlas's error per axis, the prior around its estimate
+
+    @property
+    def cells(self) -> int:
+        return self.patch // 2
+
+
+def _block(cin, cout, stride=1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.GroupNorm(4, cout), nn.ReLU(inplace=True))
+
+
+class PatchNet(nn.Module):
+    """(B, 1, P, P) standardised patches -> (B, K, P/2, P/2) scores, one map per landmark (a small U-Net)."""
+
+    def __init__(self, num_landmarks: int, width: int = 12):
+        super().__init__()
+        w = width
+        self.down1 = nn.Sequential(_block(1, w, 2), _block(w, 2 * w))            # P/2
+        self.down2 = nn.Sequential(_block(2 * w, 4 * w, 2), _block(4 * w, 4 * w))  # P/4
+        self.down3 = nn.Sequential(_block(4 * w, 6 * w, 2), _block(6 * w, 6 * w))  # P/8
+        self.up3 = nn.Conv2d(6 * w, 4 * w, 1)
+        self.fuse2 = _block(4 * w, 4 * w)
+        self.up2 = nn.Conv2d(4 * w, 2 * w, 1)
+        self.fuse1 = _block(2 * w, 2 * w)
+        self.out = nn.Conv2d(2 * w, num_landmarks, 1)
+
+    def forward(self, x):
+        a = self.down1(x)
+        b = self.down2(a)
+        c = self.down3(b)
+        b = self.fuse2(b + F.interpolate(self.up3(c), size=b.shape[-2:], mode="bilinear", align_corners=False))
+        a = self.fuse1(a + F.interpolate(self.up2(b), size=a.shape[-2:], mode="bilinear", align_corners=False))
+        return self.out(a)
+
+
+def grey(case: Case) -> torch.Tensor:
+    """The image as the atlas sees it: H x W float 0..255."""
+    return torch.from_numpy(to_rgb255(case.image).mean(axis=2).astype(np.float32))
+
+
+def patch_grid(centres: torch.Tensor, cfg: RefinerConfig, angle=None, scale=None) -> torch.Tensor:
+    """(B, P, P, 2) image px (x, y) of each patch sample: patch offsets rotated / scaled about the centre."""
+    half = (cfg.patch - 1) / 2
+    t = (torch.arange(cfg.patch, dtype=torch.float32) - half) * cfg.step
+    offsets = torch.stack(torch.meshgrid(t, t, indexing="xy"), -1)  # P x P x 2 (x, y)
+    if angle is None:
+        return centres[:, None, None] + offsets
+    c, s = torch.cos(angle) * scale, torch.sin(angle) * scale
+    rot = torch.stack([torch.stack([c, -s], -1), torch.stack([s, c], -1)], -2)  # B x 2 x 2
+    return centres[:, None, None] + torch.einsum("bij,hwj->bhwi", rot, offsets)
+
+
+def sample_patches(image: torch.Tensor, grid_px: torch.Tensor) -> torch.Tensor:
+    """(B, 1, P, P) bilinear samples of one H x W image at (B, P, P, 2) px; outside the image: the edge value."""
+    h, w = image.shape
+    g = torch.stack([(2 * grid_px[..., 0] + 1) / w - 1, (2 * grid_px[..., 1] + 1) / h - 1], -1)
+    return F.grid_sample(image[None, None].expand(len(g), 1, h, w), g, mode="bilinear", padding_mode="border",
+                         align_corners=False)
+
+
+def standardise(patches: torch.Tensor) -> torch.Tensor:
+    mean = patches.mean((-1, -2), keepdim=True)
+    std = patches.std((-1, -2), keepdim=True)
+    return (patches - mean) / (std + 4.0)  # + 4 grey levels: flat patches stay near 0, not noise x 1000
+
+
+def cell_centres(cfg: RefinerConfig) -> torch.Tensor:
+    """(cells,) patch-sample coordinate of each output cell's centre, relative to the patch centre."""
+    return (torch.arange(cfg.cells, dtype=torch.float32) * 2 + 0.5) - (cfg.patch - 1) / 2
+
+
+def log_prior(cfg: RefinerConfig) -> torch.Tensor:
+    """(cells, cells) log N(0, prior_sigma) over the output cells (the patch is centred on the atlas estimate)."""
+    t = cell_centres(cfg) * cfg.step
+    d2 = t[None, :] ** 2 + t[:, None] ** 2
+    return -d2 / (2 * cfg.prior_sigma ** 2)
+
+
+def decode(log_p: torch.Tensor, cfg: RefinerConfig) -> torch.Tensor:
+    """(B, C, C) log-probabilities -> (B, 2) offsets (x, y) in image px from the patch centre: the probability-
+    weighted mean over the 5 x 5 cells around the best one."""
+    b, n, _ = log_p.shape
+    best = log_p.reshape(b, -1).argmax(1)
+    by, bx = best // n, best % n
+    t = cell_centres(cfg)
+    r = torch.arange(-2, 3)
+    ys = (by[:, None] + r).clamp(0, n - 1)
+    xs = (bx[:, None] + r).clamp(0, n - 1)
+    window = log_p[torch.arange(b)[:, None, None], ys[:, :, None], xs[:, None, :]]  # B x 5 x 5
+    w = torch.softmax(window.reshape(b, -1), 1).reshape(b, 5, 5)
+    x = (w * t[xs][:, None, :]).sum((1, 2))
+    y = (w * t[ys][:, :, None]).sum((1, 2))
+    return torch.stack([x, y], 1) * cfg.step
+
+
+class Refiner:
+    """Networks (one per fold) + config: `refine(image, points, present) -> points` for the landmarks in `use`."""
+
+    def __init__(self, nets: list[PatchNet], cfg: RefinerConfig, use: np.ndarray):
+        self.nets = [n.eval() for n in nets]
+        self.cfg = cfg
+        self.use = np.asarray(use, bool)
+
+    @torch.inference_mode()
+    def log_probs(self, image: torch.Tensor, centres: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """(B, C, C) network log-probabilities (fold average) of landmarks `index` around `centres`."""
+        x = standardise(sample_patches(image, patch_grid(centres, self.cfg)))
+        total = 0
+        for net in self.nets:
+            out = net(x)[torch.arange(len(index)), index]
+            total = total + torch.log_softmax(out.reshape(len(index), -1), 1).reshape(out.shape)
+        return total / len(self.nets)
+
+    def refine(self, image: torch.Tensor, points: np.ndarray, present: np.ndarray, use=None) -> np.ndarray:
+        """Points moved by the networks (image px), for present landmarks in `use` (default self.use)."""
+        use = self.use if use is None else np.asarray(use, bool)
+        ks = np.flatnonzero(present & use)
+        out = points.copy()
+        if not len(ks):
+            return out
+        centres = torch.from_numpy(points[ks]).float()
+        log_p = self.log_probs(image, centres, torch.from_numpy(ks)) + log_prior(self.cfg)
+        out[ks] = (centres + decode(log_p, self.cfg)).double().numpy()
+        return out
+
+    def config(self) -> dict:
+        return asdict(self.cfg)
+
+
+class RefinedAtlasDetector:
+    """atlas -> refiner, `detect(case) -> Landmarks`; `detect_both` also returns the atlas's own answer."""
+
+    def __init__(self, atlas, refiner: Refiner, meta: dict | None = None):
+        self.atlas, self.refiner, self.meta = atlas, refiner, meta or {}
+        self.names = atlas.names
+
+    def detect_both(self, case: Case) -> tuple[Landmarks, Landmarks]:
+        found = self.atlas.detect(case)
+        points = self.refiner.refine(grey(case), found.points, found.present)
+        return Landmarks(self.names, points, found.confidence, found.present), found
+
+    def detect(self, case: Case) -> Landmarks:
+        return self.detect_both(case)[0]
+
+
+def case_checksum(case: Case, names: list[str]) -> str:
+    """SHA256 of the grey image as the detector sees it and the landmarks: what 'this case' means in the file."""
+    h = hashlib.sha256()
+    h.update(np.ascontiguousarray(grey(case).round().to(torch.uint8).numpy()).tobytes())
+    h.update(np.nan_to_num(case.landmarks.subset(names).points, nan=-1.0).astype("<f8").tobytes())
+    return h.hexdigest()
+
+
+def load_refined_atlas(path) -> RefinedAtlasDetector:
+    """The detector an atlas-refiner adapter describes; everything it needs is in the file (checksummed)."""
+    tensors, meta = adapter_file.load_weights(path)
+    if meta.get("kind") != KIND:
+        raise InputError(f"{path}: a {meta.get('kind')} file, not an atlas-refiner adapter")
+    names = meta["landmark_names"]
+    cases = []
+    for j, info in enumerate(meta["cases"]):
+        image = tensors[f"case{j}.image"].numpy()
+        points = tensors[f"case{j}.points"].numpy()
+        case = Case(image, tuple(info["spacing"]), Landmarks(names, points, present=np.isfinite(points).all(1)),
+                    name=info["label"])
+        if case_checksum(case, names) != info["sha256"]:
+            raise InputError(f"{path}: atlas case {info['label']} does not match its checksum; the file is damaged")
+        cases.append(case)
+    from .atlas import AtlasDetector, AtlasSettings
+
+    a = dict(meta["atlas_settings"])
+    a["levels"] = tuple(tuple(v) for v in a["levels"])
+    atlas = AtlasDetector(cases, AtlasSettings(**a))
+    cfg = RefinerConfig(**meta["refiner"])
+    nets = []
+    for f in range(len(meta["folds"])):
+        net = PatchNet(len(names), cfg.width)
+        net.load_state_dict({k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith(f"fold{f}.")})
+        nets.append(net)
+    return RefinedAtlasDetector(atlas, Refiner(nets, cfg, np.array(meta["use_refined"])), meta)
