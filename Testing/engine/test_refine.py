@@ -47,23 +47,23 @@ def test_patch_refiner_learns_a_landmark_from_real_patches(ceph):
     starting points they were given (the network learned the landmarks' appearance, not nothing)."""
     case = ceph.case(0)
     names = case.landmarks.names
-    s = replace(RefineSettings(), batch=32, patch=48, width=8)
-    cfg = RefinerConfig(48, 1.0, 8, prior_sigma=12.0)
-    sampler = PatchSampler([case], names, cfg, s, offset_px=8.0)
+    s = replace(RefineSettings(), batch=16, patch=32, width=8)
+    cfg = RefinerConfig(32, 1.0, 8, prior_sigma=8.0)
+    sampler = PatchSampler([case], names, cfg, s, offset_px=5.0)
     torch.manual_seed(0)
     net = PatchNet(len(names), 8)
     opt = torch.optim.AdamW(net.parameters(), 3e-3)
     rng = np.random.default_rng(0)
     from medsapiens.training.refine import soft_cross_entropy
 
-    for _ in range(150):
+    for _ in range(120):
         x, t, k = sampler.batch(rng)
         loss = soft_cross_entropy(net(x), t, k)
         opt.zero_grad()
         loss.backward()
         opt.step()
     truth = case.landmarks.points
-    start = truth + np.random.default_rng(1).normal(0, 8.0, truth.shape).clip(-14, 14)
+    start = truth + np.random.default_rng(1).normal(0, 5.0, truth.shape).clip(-8, 8)
     refined = Refiner([net], cfg, np.ones(len(names), bool)).refine(grey(case), start, case.landmarks.present)
     before = np.linalg.norm(start - truth, axis=1).mean()
     after = np.linalg.norm(refined - truth, axis=1).mean()
@@ -92,14 +92,15 @@ def test_detect_with_the_adapter_alone(adapter, ceph, tmp_path, capsys):
     image = ceph.root / ceph.rows[5].image
     assert main(["detect", "--adapter", str(out), str(image), "--out", str(tmp_path / "det"),
                  "--spacing", str(ceph.rows[5].spacing)]) == 0
-    written = read_markups(tmp_path / "det" / f"{image.stem}.mrk.json")
+    names, lps, _, present = read_markups(tmp_path / "det" / f"{image.stem}.mrk.json")
     case = ceph.case(5)
     found = load_detector(adapter=str(out)).detect(case)
-    assert written.names == found.names
+    assert names == found.names and (present == found.present).all()
     ok = found.present
     assert ok.sum() >= len(ok) - 1
     # the same pipeline twice: ITK's threaded metric may move the atlas a little, not more
-    assert np.nanmedian(np.linalg.norm(written.points[ok] - found.points[ok], axis=1)) < 1.0
+    written = lps[:, :2] / np.array(case.spacing)
+    assert np.median(np.linalg.norm(written[ok] - found.points[ok], axis=1)) < 1.0
 
 
 def test_damaged_atlas_case_is_refused(adapter, tmp_path):

@@ -16,6 +16,7 @@ fold's held-out case, with half the steps.
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -280,7 +281,9 @@ def _estimate(names, labels, folds, atlas_loo, refined_loo, truth, spacing) -> d
     """Held-out errors (mm): overall and per landmark, atlas vs refined; which landmarks to refine."""
     err_a = np.linalg.norm((atlas_loo - truth) * spacing, axis=2)  # cases x K, NaN where missing
     err_r = np.linalg.norm((refined_loo - truth) * spacing, axis=2)
-    a_k, r_k = np.nanmean(err_a, 0), np.nanmean(err_r, 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a landmark no held-out case has: NaN, said as None
+        a_k, r_k = np.nanmean(err_a, 0), np.nanmean(err_r, 0)
     use = [bool(np.isfinite(r) and (not np.isfinite(a) or r <= a)) for a, r in zip(a_k, r_k)]
     chosen = np.where(np.array(use)[None], err_r, err_a)
     rnd = lambda v: None if not np.isfinite(v) else round(float(v), 3)  # noqa: E731
