@@ -2,6 +2,7 @@
 DDP with two CPU processes, and `evaluate` reports; real radiographs and real training steps throughout."""
 import json
 import os
+import re
 import subprocess
 import sys
 from dataclasses import replace
@@ -146,7 +147,9 @@ def test_finetune_cli_from_markups_folder_and_bad_inputs(tmp_path, fitted_file, 
     out = tmp_path / "a.safetensors"
     assert main(["finetune", "--base", str(fitted_file), "--data", str(folder), "--out", str(out), "--steps", "3",
                  "--views", "2", "--lora-blocks", "1", "--device", "cpu"]) == 0
-    assert capsys.readouterr().out.strip() == str(out)
+    line = capsys.readouterr().out.strip()  # `<adapter path>  <steps> steps  <seconds> s  <phase times>`
+    assert re.fullmatch(rf"{re.escape(str(out))}  3 steps  [0-9.]+ s  views [0-9.]+ s, features [0-9.]+ s, "
+                        r"train [0-9.]+ s", line), line
     # same landmark set as the base: its head is kept whole and only LoRA + head are stored
     ckpt = read_checkpoint(out)
     assert ckpt.meta["training_cases"] == ["001", "002"] and not any(k.startswith("backbone.") and ".lora_" not in k
