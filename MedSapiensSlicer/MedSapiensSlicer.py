@@ -18,6 +18,7 @@ from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoada
                                            ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
 from slicer.util import VTKObservationMixin
 
+from MedSapiensSlicerLib.analysis import analysisRows, writeAnalysisCSV
 from MedSapiensSlicerLib.dependencies import (EngineInstaller, InstallError, add_engine_to_path, missing,
                                                slicer_version_problem)
 from MedSapiensSlicerLib.logic import MedSapiensLogic
@@ -69,6 +70,7 @@ class MedSapiensSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNodeGuiTag = None
         self.task = None
         self.cases = []  # (volume node ID, markups node ID, view) rows of the cases table
+        self.analysisRows = None  # the analysis table's rows (MedSapiensSlicerLib.analysis.AnalysisRow)
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -92,6 +94,10 @@ class MedSapiensSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.addCaseButton.connect("clicked(bool)", self.onAddCase)
         self.ui.removeCaseButton.connect("clicked(bool)", self.onRemoveCase)
         self.ui.casesTable.horizontalHeader().setStretchLastSection(True)
+        self.ui.outputMarkupsSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.showAnalysis)
+        self.ui.exportAnalysisButton.connect("clicked(bool)", self.onExportAnalysis)
+        self.ui.analysisTable.horizontalHeader().setStretchLastSection(True)
+        self.ui.analysisWidget.visible = False
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
@@ -260,6 +266,37 @@ class MedSapiensSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             for c, text in enumerate((slicer.mrmlScene.GetNodeByID(v).GetName(),
                                       slicer.mrmlScene.GetNodeByID(m).GetName(), view)):
                 table.setItem(r, c, qt.QTableWidgetItem(text))
+
+    # ------------------------------------------------------------------------------- cephalometric analysis
+    def showAnalysis(self, node=None) -> None:
+        """The analysis table of the result node, shown when its landmarks are the ISBI cephalometric ones.
+
+        Needs only numpy and the engine's pure-Python analysis, so it runs before any engine install.
+        """
+        self.analysisRows = None
+        if node is not None:
+            with slicer.util.tryWithErrorDisplay("Cephalometric analysis failed."):
+                self.analysisRows = analysisRows(node)
+        rows = self.analysisRows or []
+        self.ui.analysisWidget.visible = bool(rows)
+        self.ui.analysisTable.setRowCount(len(rows))
+        for r, row in enumerate(rows):
+            for c, text in enumerate(row.cells()):
+                item = qt.QTableWidgetItem(text)
+                item.setToolTip(f"{row.description}; landmarks {row.landmarks}")
+                self.ui.analysisTable.setItem(r, c, item)
+
+    def onExportAnalysis(self) -> None:
+        node = self._parameterNode.outputMarkups if self._parameterNode else None
+        self.showAnalysis(node)  # the points as they are now
+        if not self.analysisRows:
+            return
+        path = qt.QFileDialog.getSaveFileName(slicer.util.mainWindow(), "Export cephalometric analysis",
+                                              f"{node.GetName()} analysis.csv", "CSV files (*.csv)")
+        if path:
+            with slicer.util.tryWithErrorDisplay("Could not write the analysis.", waitCursor=True):
+                writeAnalysisCSV(self.analysisRows, node.GetName(), path)
+                self.ui.statusLabel.text = f"Analysis saved to {path}."
 
     # ------------------------------------------------------------------------------------- background tasks
     def _start(self, task, done, label) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .analysis import PLANE_ATTRIBUTE, planeAttribute
 from .geometry import PlaneGeometry, resample, slice_plane, thickness_along
 
 LOW_CONFIDENCE = 0.5
@@ -96,6 +97,7 @@ class MedSapiensLogic:
             if not landmarks.present[i]:
                 node.SetNthControlPointPositionMissing(index)
         node.SetAttribute(SOURCE_ATTRIBUTE, source)
+        node.SetAttribute(PLANE_ATTRIBUTE, planeAttribute(geometry))  # for the analysis of the points later
         node.EndModify(wasModifying)
         return node
 

@@ -1,0 +1,102 @@
+"""The cephalometric analysis of a markups node: rows for the panel's table, and their CSV export.
+
+MRML only. The node's points are read back into the pixels of the image they were detected on, through the
+plane that `MedSapiensLogic.writeLandmarks` records on the node (PLANE_ATTRIBUTE), so the engine's measures
+(`medsapiens.analysis.cephalometry`) see the image as the detector did: the current positions count, so
+points the user moved are measured where they are now.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from .geometry import PlaneGeometry
+
+PLANE_ATTRIBUTE = "MedSapiens.PixelToRAS"  # 16 numbers, row by row: the pixel -> RAS matrix of the analysed plane
+CSV_COLUMNS = ("markups", "measure", "description", "value", "unit", "normal_range", "class", "class_name",
+               "landmarks")
+
+
+@dataclass(frozen=True)
+class AnalysisRow:
+    """One measure of the panel's table."""
+
+    measure: str
+    description: str
+    value: float            # NaN when not computed
+    value_text: str         # rounded, with its unit ("0.71°"); empty when not computed
+    unit: str               # "deg", "mm" or "" (a ratio)
+    normal_range: str
+    class_number: int | None
+    class_name: str         # or why the measure was not computed
+    landmarks: str          # the landmarks it reads, comma separated
+
+    def cells(self) -> tuple[str, str, str, str]:
+        """Measure, value, normal range, class: the text of the table's four columns."""
+        verdict = self.class_name if self.class_number is None else f"{self.class_number}: {self.class_name}"
+        return self.measure, self.value_text, self.normal_range, verdict
+
+
+def planeAttribute(geometry: PlaneGeometry) -> str:
+    return " ".join(f"{v:.17g}" for v in np.asarray(geometry.pixel_to_ras, dtype=float).ravel())
+
+
+def nodePlane(markupsNode) -> PlaneGeometry | None:
+    """The plane `writeLandmarks` recorded on the node, or None for a node it did not write."""
+    text = markupsNode.GetAttribute(PLANE_ATTRIBUTE) if markupsNode else None
+    try:
+        matrix = np.array([float(v) for v in text.split()]).reshape(4, 4)
+    except (AttributeError, ValueError):
+        return None
+    return PlaneGeometry(matrix, 0.0)
+
+
+def analysisRows(markupsNode, geometry: PlaneGeometry | None = None) -> list[AnalysisRow] | None:
+    """The analysis of the node's points (labels = ISBI landmark names) on `geometry`'s plane (default: the one
+    recorded on the node). None when the labels lack landmarks the analysis reads, or no plane is known.
+    """
+    from medsapiens import Landmarks
+    from medsapiens.analysis.cephalometry import analyze, covers
+
+    geometry = geometry or nodePlane(markupsNode)
+    if markupsNode is None or geometry is None:
+        return None
+    n = markupsNode.GetNumberOfControlPoints()
+    names = [markupsNode.GetNthControlPointLabel(i).strip() for i in range(n)]
+    if not covers(names) or len(set(names)) != n:
+        return None
+    ras, defined = np.zeros((n, 3)), np.zeros(n, bool)
+    for i in range(n):
+        markupsNode.GetNthControlPointPositionWorld(i, ras[i])
+        defined[i] = markupsNode.GetNthControlPointPositionStatus(i) == markupsNode.PositionDefined
+    pixels, _ = geometry.to_pixel(ras)
+    pixels[~defined] = np.nan
+    rows = []
+    for m in analyze(Landmarks(names, pixels, present=defined), geometry.spacing):
+        rows.append(AnalysisRow(
+            m.name, m.measure.title, m.value, m.text(), m.measure.unit, m.normal_range, m.class_number,
+            m.band.name if m.band else f"not computed (missing {', '.join(m.missing)})",
+            ", ".join(m.measure.landmarks)))
+    return rows
+
+
+def analysisCSV(rows: list[AnalysisRow], markupsName: str) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(CSV_COLUMNS)
+    for r in rows:
+        value = "" if math.isnan(r.value) else f"{r.value:.6g}"
+        writer.writerow([markupsName, r.measure, r.description, value, r.unit, r.normal_range,
+                         "" if r.class_number is None else r.class_number, r.class_name, r.landmarks])
+    return out.getvalue()
+
+
+def writeAnalysisCSV(rows: list[AnalysisRow], markupsName: str, path):
+    """Write the table to `path` atomically (a reader sees the old file or the whole new one); returns the path."""
+    from medsapiens.io.atomic import atomic_write_text
+
+    return atomic_write_text(path, analysisCSV(rows, markupsName))
