@@ -104,6 +104,7 @@ def test_analyze_reproduces_hand_computed_measures_on_three_cases(tmp_path, tabl
     report = capsys.readouterr().out
     assert str(out) in report
     assert "images/001.png:" in report and "normal 3.2-5.7°" in report and "open bite tendency" in report
+    assert "FHA   SN to mandibular plane (Go-Gn) angle [S, N, Go, Gn]: 1 normal (26.8-31.4°)" in report
 
 
 def test_facing_left_gives_the_same_analysis(table):

@@ -250,11 +250,11 @@ def write_analysis_csv(path, rows) -> Path:
 
 
 def class_legend() -> str:
-    """The class numbers of every measure with their names and ranges (what the CSV's *_class columns mean)."""
+    """Every measure's landmarks, class numbers, class names and ranges (what the CSV's *_class columns mean)."""
     lines = [f"Classes as in {REFERENCE}:"]
     for m in MEASURES:
         bands = "; ".join(f"{b.number} {b.name} ({m.band_range(b)})" for b in sorted(m.bands, key=lambda b: b.number))
-        lines.append(f"  {m.name:<5} {m.title}: {bands}")
+        lines.append(f"  {m.name:<5} {m.title} [{', '.join(m.landmarks)}]: {bands}")
     return "\n".join(lines)
 
 
