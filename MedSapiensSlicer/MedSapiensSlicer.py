@@ -162,7 +162,7 @@ class MedSapiensSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return False
         if not self.installer.missing():
             return True
-        self.ui.statusLabel.text = "Installing Python packages..."
+        self.ui.statusLabel.text = "Setting up the engine's Python packages..."
         try:
             ready = self.installer.ensure()
         except InstallError as e:

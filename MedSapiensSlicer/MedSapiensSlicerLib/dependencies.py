@@ -86,7 +86,7 @@ def describe(needed: list) -> str:
         have = installed_version(req.name)
         lines.append(f"  {req}  ({note}{f'; {have} is installed' if have else ''})")
     cuda = f" (up to {TORCH_CUDA_GB} GB with a CUDA build of PyTorch)" if any(r.name == "torch" for r in needed) else ""
-    return ("MedSapiens needs these Python packages, which are not installed yet:\n" + "\n".join(lines) +
+    return ("MedSapiens needs these Python packages (not installed yet, or older than it needs):\n" + "\n".join(lines) +
             f"\n\nDownload: about {total} MB{cuda}, once. Install them now?")
 
 

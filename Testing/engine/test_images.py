@@ -82,3 +82,17 @@ def test_intensity_rules():
     out = to_rgb255(wide)
     assert out.shape == (40, 30, 3) and out.min() == 0 and out.max() == 255
     assert np.percentile(out, 50) > 100
+
+
+def test_case_ids_from_file_names_and_folders(tmp_path):
+    from medsapiens.io.images import case_id
+
+    for name in ("001.png", "001.nii.gz", "001.NII.GZ", "001.nrrd", "001.mha", "001.mrk.json", "001.dcm", "001"):
+        assert case_id(tmp_path / name) == "001", name
+    series = tmp_path / "patient 7"
+    series.mkdir()
+    assert case_id(series) == "patient 7"  # a DICOM series folder is its name
+    assert case_id("ceph.001.png") == "ceph.001"  # only the format's suffix goes
+    assert case_id("1.2.840.113619.2.55") == "1.2.840.113619.2.55"  # a DICOM file named by its UID keeps it
+    sitk.WriteImage(sitk.GetImageFromArray(ramp(np.int16)), str(tmp_path / "scan.2.nii.gz"))
+    assert read_image(tmp_path / "scan.2.nii.gz").name == "scan.2"

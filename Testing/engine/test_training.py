@@ -171,7 +171,7 @@ def test_finetune_cli_from_markups_folder_and_bad_inputs(tmp_path, fitted_file, 
     assert read_checkpoint(out).layout == "adapter", "the failed runs left the adapter alone"
 
 
-def test_train_then_resume_continues_steps_and_optimizer(tmp_path, ceph):
+def test_train_then_resume_continues_steps_and_optimizer(tmp_path, ceph, capsys):
     cases = [ceph.case(i) for i in range(2)]
     out = tmp_path / "m.safetensors"
     s = Settings(input_hw=(128, 96), steps=3, batch=2)
@@ -186,8 +186,10 @@ def test_train_then_resume_continues_steps_and_optimizer(tmp_path, ceph):
     state, _ = load_weights(str(out) + ".state")
     assert meta["steps"] == 5 and all(v.item() == 5 for k, v in state.items() if k.endswith(".step"))
     assert not torch.equal(first["head.final_layer.weight"], second["head.final_layer.weight"])
+    capsys.readouterr()
     assert main(["train", "--data", str(ceph.path), "--rows", "0:2", "--epochs", "1", "--input-size", "64", "48",
                  "--resume", str(out), "--out", str(tmp_path / "y")]) == 2
+    assert capsys.readouterr().err.strip() == f"medsapiens: error: {out}: trained at input [128, 96], not [64, 48]"
 
 
 def test_torchrun_two_cpu_processes_end_with_the_same_weights(tmp_path, ceph):
@@ -235,4 +237,6 @@ def test_evaluate_writes_report_and_plots(tmp_path, fitted_file, ceph, capsys):
     assert "| S |" in (tmp_path / "report.md").read_text()
     for png in ("per_landmark.png", "sdr_curve.png", "worst_cases.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    capsys.readouterr()
     assert main(["evaluate", "--data", str(ceph.path), "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == "medsapiens: error: give either MODEL or --atlas"

@@ -153,7 +153,8 @@ def test_declined_dialog_installs_nothing(tmp_path, site, slicer_app, monkeypatc
     use_packaging(monkeypatch, packaging_512(site, calls))
     answer["ok"] = False
     refreshed = []
-    installer = EngineInstaller(requirements_file(tmp_path, "fake-peft>=0.12"), on_installed=lambda: refreshed.append(1))
+    installer = EngineInstaller(requirements_file(tmp_path, "fake-peft>=0.12"),
+                                on_installed=lambda: refreshed.append(1))
     assert installer.ensure() is False
     assert len(calls["dialogs"]) == 1 and calls["pip_ensure"] == [] and calls["pip_install"] == [] and not refreshed
     assert [str(r) for r in installer.missing()] == ["fake-peft>=0.12"]

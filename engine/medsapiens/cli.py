@@ -193,8 +193,8 @@ def _detect(args) -> int:
     from tqdm import tqdm
 
     from .detectors.factory import is_refined_atlas, load_detector
-    from .io.datasets import write_landmarks_csv
-    from .io.images import read_image
+    from .io.datasets import square_pixels, write_landmarks_csv
+    from .io.images import case_id, read_image
     from .io.markups import write_markups
 
     if args.atlas or (args.adapter and is_refined_atlas(args.adapter)):
@@ -204,12 +204,11 @@ def _detect(args) -> int:
             raise InputError("detect needs MODEL and at least one IMAGE (or --atlas and images)")
         model, images = args.inputs[0], args.inputs[1:]
     images = [Path(i) for i in images]
-    missing = [str(i) for i in images if not i.is_file()]
-    if missing:
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise InputError(f"{missing[0]}: no such image file{more}")
-    stems = [i.name.split(".")[0] for i in images]
-    clash = {s for s in stems if stems.count(s) > 1}
+    if not any(i.is_file() for i in images):
+        more = f" (nor the {len(images) - 1} others)" if len(images) > 1 else ""
+        raise InputError(f"{images[0]}: no such image file{more}")
+    ids = [case_id(i) for i in images]
+    clash = {s for s in ids if ids.count(s) > 1}
     if clash:
         raise InputError(f"several images share the name {sorted(clash)[0]}; their outputs would overwrite each other")
     detector = load_detector(model, adapter=args.adapter, base=args.base, atlas=args.atlas, device=args.device,
@@ -221,24 +220,35 @@ def _detect(args) -> int:
         _check_cephalometric(detector.names, "the model")
     args.out.mkdir(parents=True, exist_ok=True)
     rows, failed = [], 0
-    for path, stem in tqdm(list(zip(images, stems)), desc="detect", unit="image", file=sys.stderr,
+    # one image that cannot be read or detected on is reported in one line; the others go on (exit status 1)
+    for path, name in tqdm(list(zip(images, ids)), desc="detect", unit="image", file=sys.stderr,
                            disable=len(images) < 2):
         try:
             case = read_image(path, spacing=args.spacing)
-        except InputError as e:
-            print(f"medsapiens: error: {e}", file=sys.stderr)
+            result = detector.detect(case)
+        except (InputError, RuntimeError) as e:  # RuntimeError: ITK or torch failing on this image's content
+            reason = str(e) if isinstance(e, InputError) else f"{path}: detection failed ({_first_line(e)})"
+            tqdm.write(f"medsapiens: error: {reason}", file=sys.stderr)
             failed += 1
             continue
-        result = detector.detect(case)
-        out = write_markups(args.out / f"{stem}.mrk.json", result, case)
-        print(out)
-        rows.append((os.path.relpath(path.resolve(), args.out.resolve()), *case.size, case.spacing[0], result))
+        print(write_markups(args.out / f"{name}.mrk.json", result, case))
+        if not square_pixels(case.spacing):  # the .mrk.json holds the result; the CSV's one spacing_mm cannot
+            tqdm.write(f"medsapiens: error: {path}: its pixels are {case.spacing[0]:g} x {case.spacing[1]:g} mm, "
+                       "which the one spacing_mm of landmarks.csv cannot describe; left out of it", file=sys.stderr)
+            failed += 1
+            continue
+        rows.append((os.path.relpath(path.resolve(), args.out.resolve()), *case.size, case.spacing, result))
     if rows:
         print(write_landmarks_csv(args.out / "landmarks.csv", rows))
         if args.analyze:
-            _write_analysis([(image, lm, (spacing, spacing)) for image, _, _, spacing, lm in rows],
+            _write_analysis([(image, lm, spacing) for image, _, _, spacing, lm in rows],
                             args.out / "analysis.csv", "the model")
     return 1 if failed else 0
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0][:200]}" if text else type(error).__name__
 
 
 def _analyze(args) -> int:
@@ -335,11 +345,19 @@ def _flip_pairs(spec: str | None, names: list[str]) -> list[tuple[int, int]]:
     return pairs
 
 
+def _positive(**options) -> None:
+    """--time-budget 0, --steps 0 and the like would mean "train for no time at all": refused in one line."""
+    for name, value in options.items():
+        if value is not None and not value > 0:
+            raise InputError(f"--{name.replace('_', '-')} {value:g}: must be more than 0")
+
+
 def _finetune(args) -> int:
     from .io.datasets import load_cases
     from .models.adapter_file import load_weights
     from .training.loops import check_cases, finetune
 
+    _positive(time_budget=args.time_budget, steps=args.steps, views=args.views, lora_blocks=args.lora_blocks)
     cases = load_cases(args.data, args.cases.split(",") if args.cases else None)
     names = check_cases(cases)
     if args.base is None:
@@ -394,6 +412,7 @@ def _train(args) -> int:
 
     if args.epochs is None and args.time_budget is None:
         raise InputError("give --epochs, --time-budget or both")
+    _positive(epochs=args.epochs, time_budget=args.time_budget, batch=args.batch)
     sets = [Dataset(d) for d in args.data]
     names = union_names([d.names for d in sets])
     cases = [d.case(i) for d in sets for i in _rows(args.rows, len(d), d.path)]

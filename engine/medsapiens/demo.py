@@ -73,7 +73,7 @@ def run_demo(data: Path | None, out: Path, n_atlases: int = 3, n_cases: int = 4)
         image_path = out / f"{case.name}.png"
         _write_png(image_path, case.image)
         write_markups(out / f"{case.name}.mrk.json", found, case)
-        rows.append((image_path.name, *case.size, case.spacing[0], found))
+        rows.append((image_path.name, *case.size, case.spacing, found))
         print(f"  {case.name}: {mean_found[-1]:.2f} mm mean error, {time.perf_counter() - t:.1f} s", file=sys.stderr)
     write_landmarks_csv(out / "landmarks.csv", rows)
     worst = int(np.argmax(mean_found))

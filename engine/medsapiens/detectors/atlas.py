@@ -28,7 +28,7 @@ from .ncc_align import align_windows, sample
 class AtlasSettings:
     global_side: int = 256  # working size (longest side, px) of the similarity / affine stages
     deformable: bool = False  # add a B-spline stage: better on hands (fingers), worse and slower on skulls
-    local_side: int = 512  # working size of the B-spline stage
+    bspline_side: int = 512  # working size (longest side, px) of the B-spline stage
     bspline_mesh: int = 4  # B-spline control-point mesh per side
     levels: tuple = ((8, 15), (4, 15), (2, 15), (1, 15))  # local alignment: (px step, half window in steps)
     level_side: int = 1000  # the steps hold for atlases up to this longest side (px); larger ones scale them
@@ -74,7 +74,7 @@ def _prepare(case: Case, s: AtlasSettings, levels: tuple) -> _Prepared:
     full = sitk.GetImageFromArray((to_rgb255(case.image).mean(axis=2) / 255.0).astype(np.float32))  # grey 0..1
     prepared = _Prepared(_working_image(full, s.global_side), pyramid(full, levels))
     if s.deformable:
-        prepared.fine = _working_image(full, s.local_side)
+        prepared.fine = _working_image(full, s.bspline_side)
     if case.landmarks is not None:
         prepared.coarse_mask = _landmark_mask(prepared.coarse, case.landmarks, s.mask_margin)
         if s.deformable:

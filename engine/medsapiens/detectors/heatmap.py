@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from ..case import Case, Landmarks
+from ..errors import InputError
 from ..io.intensity import to_rgb255
 from ..models.codec import DEFAULT_SIGMA, UDPCodec
 from ..models.sapiens import MEAN, STD, SapiensPose
@@ -25,11 +26,19 @@ PRECISION_CHOICES = ("auto", *PRECISIONS)
 
 
 def pick_device(device: str | None) -> torch.device:
+    """cpu, cuda, cuda:N, or auto (CUDA when present); a device this machine lacks is an InputError (one line)."""
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda asked for, but this PyTorch sees no CUDA GPU")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise InputError(f"device {device!r}: expected cpu, cuda, cuda:N or auto") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"device {device!r}: this PyTorch sees no CUDA GPU (a CPU build, or no NVIDIA driver); "
+                         "use cpu or auto")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise InputError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    return dev
 
 
 def pick_precision(precision: str, device: torch.device) -> str:
@@ -85,7 +94,7 @@ class HeatmapDetector:
     """Detects a fixed, named landmark set with a SapiensPose model; `detect(case) -> Landmarks`."""
 
     def __init__(self, model: SapiensPose, names: list[str], input_hw=DEFAULT_INPUT_HW, sigma=DEFAULT_SIGMA,
-                 flip_pairs=(), flip_test=False, device=None, precision="auto", min_confidence=0.0):
+                 flip_pairs=(), flip_test=False, device=None, precision="auto"):
         if len(names) != model.num_keypoints:
             raise ValueError(f"{len(names)} landmark names for a head with {model.num_keypoints} outputs")
         self.names = list(names)
@@ -101,7 +110,6 @@ class HeatmapDetector:
         for a, b in flip_pairs:
             self.flip_index[a], self.flip_index[b] = b, a
         self.flip_test = flip_test
-        self.min_confidence = min_confidence
 
     @torch.inference_mode()
     def heatmaps(self, case: Case) -> tuple[torch.Tensor, np.ndarray]:
@@ -123,6 +131,6 @@ class HeatmapDetector:
         points, scores = self.codec.decode(hm)
         points = apply_affine(invert_affine(warp), points)
         confidence = np.clip(np.nan_to_num(scores), 0.0, 1.0)
-        present = np.isfinite(points).all(axis=1) & (scores > self.min_confidence)
+        present = np.isfinite(points).all(axis=1) & (scores > 0)  # a heatmap with no positive peak: not found
         points[~present] = np.nan
         return Landmarks(self.names, points, confidence, present)

@@ -1,6 +1,9 @@
 """Landmark data sets on disk: `landmarks.csv` (image,width,height,spacing_mm,<name>_x,<name>_y,...).
 
-Empty cells mark missing landmarks. Images are read lazily, relative to the CSV's folder.
+Empty cells mark missing landmarks. Images are read lazily, relative to the CSV's folder. `spacing_mm` is one
+number, the size of the row's square pixels: it sets the spacing of plain pictures (PNG, JPEG...), and a file
+that stores non-square pixels (NRRD, NIfTI, MHA, DICOM) cannot be described by it, so such a row is refused when
+read and such a case when written, each with a one-line error.
 """
 from __future__ import annotations
 
@@ -15,7 +18,9 @@ import numpy as np
 from ..case import Case, Landmarks
 from ..errors import InputError
 from .atomic import atomic_write_text
-from .images import read_image
+from .images import PLAIN_FORMATS, case_id, read_image, with_spacing
+
+SQUARE_TOLERANCE = 1e-6  # relative difference of the two pixel sizes still written as one spacing_mm
 
 
 @dataclass
@@ -28,7 +33,7 @@ class Row:
 
     @property
     def id(self) -> str:
-        return Path(self.image).stem
+        return case_id(self.image)
 
 
 class Dataset:
@@ -57,7 +62,11 @@ class Dataset:
     def case(self, i: int) -> Case:
         row = self.rows[i]
         image_path = self.root / row.image
-        case = read_image(image_path, spacing=row.spacing)
+        case = read_image(image_path)
+        if not image_path.name.lower().endswith(PLAIN_FORMATS) and not square_pixels(case.spacing):
+            raise InputError(f"{image_path}: its pixels are {case.spacing[0]:g} x {case.spacing[1]:g} mm, which "
+                             f"the one spacing_mm of {self.path} cannot describe; use .mrk.json files instead")
+        case = with_spacing(case, row.spacing)
         if case.size != (row.width, row.height):
             raise InputError(f"{image_path}: image is {case.size[0]} x {case.size[1]} px but {self.path} says "
                              f"{row.width} x {row.height}")
@@ -86,8 +95,8 @@ def _markups_folder(folder: Path) -> list[Case]:
 
     cases = []
     for mrk in sorted(folder.glob("*.mrk.json")):
-        stem = mrk.name[: -len(".mrk.json")]
-        images = [p for p in folder.iterdir() if p.name.split(".")[0] == stem and p != mrk]
+        stem = case_id(mrk)
+        images = sorted(p for p in folder.iterdir() if case_id(p) == stem and not p.name.endswith(".mrk.json"))
         if not images:
             raise InputError(f"{mrk}: no image named {stem}.* beside it")
         case = read_image(images[0])
@@ -137,8 +146,15 @@ def _read_csv(path: Path):
     return names, rows
 
 
-def landmarks_csv(rows: list[tuple[str, int, int, float, Landmarks]]) -> str:
-    """CSV text for (image, width, height, spacing, landmarks) rows; all rows must share one landmark set."""
+def square_pixels(spacing) -> bool:
+    """True when (sx, sy) is one size: what the one spacing_mm of a landmarks CSV can describe."""
+    sx, sy = spacing
+    return abs(sx - sy) <= SQUARE_TOLERANCE * max(sx, sy)
+
+
+def landmarks_csv(rows: list[tuple[str, int, int, tuple[float, float], Landmarks]]) -> str:
+    """CSV text for (image, width, height, (sx, sy) mm, landmarks) rows; all rows must share one landmark set and
+    have square pixels (spacing_mm is one number: InputError otherwise)."""
     names = rows[0][4].names
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
@@ -146,10 +162,13 @@ def landmarks_csv(rows: list[tuple[str, int, int, float, Landmarks]]) -> str:
     for image, width, height, spacing, lm in rows:
         if lm.names != names:
             raise ValueError("all rows of a landmarks CSV need the same landmark names")
+        if not square_pixels(spacing):
+            raise InputError(f"{image}: its pixels are {spacing[0]:g} x {spacing[1]:g} mm, which the one "
+                             "spacing_mm of a landmarks CSV cannot describe")
         cells = []
         for p, ok in zip(lm.points, lm.present):
             cells += [f"{p[0]:.3f}", f"{p[1]:.3f}"] if ok else ["", ""]
-        writer.writerow([image, width, height, f"{spacing:.6g}"] + cells)
+        writer.writerow([image, width, height, f"{spacing[0]:.6g}"] + cells)
     return out.getvalue()
 
 

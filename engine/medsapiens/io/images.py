@@ -14,7 +14,20 @@ from ..case import Case
 from ..errors import InputError
 
 PLAIN_FORMATS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
-SUFFIXES = PLAIN_FORMATS + (".nrrd", ".nhdr", ".nii", ".nii.gz", ".mha", ".mhd", ".dcm", "")
+# What a file name ends with to say its format rather than its case (compound ones first). Any other name is
+# the case id as it is: a DICOM file without a suffix or named by a UID with dots, a DICOM series folder.
+FORMAT_SUFFIXES = (".nii.gz", ".mrk.json", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm", ".dicom") + PLAIN_FORMATS
+
+
+def case_id(path) -> str:
+    """The case a file or folder belongs to: `001.nii.gz`, `001.mrk.json`, `001.png` and a DICOM series folder
+    `001/` are all case "001"; `ceph.001.png` is "ceph.001". The one place where file names become case ids."""
+    name = Path(path).name
+    lower = name.lower()
+    for suffix in FORMAT_SUFFIXES:
+        if lower.endswith(suffix) and len(name) > len(suffix):
+            return name[: -len(suffix)]
+    return name
 
 
 def read_image(path, spacing: float | None = None) -> Case:
@@ -32,18 +45,19 @@ def read_image(path, spacing: float | None = None) -> Case:
     if not np.isfinite(geometry).all():
         raise InputError(f"{path}: the file's spacing or orientation is not finite (NaN or infinity)")
     sx, sy = np.linalg.norm(geometry[:3, 0]), np.linalg.norm(geometry[:3, 1])
-    if spacing is not None:
-        geometry[:3, 0] *= spacing / sx
-        geometry[:3, 1] *= spacing / sy
-        sx = sy = spacing
     if not (sx > 0 and sy > 0):
         raise InputError(f"{path}: the file's pixel spacing is zero")
-    return Case(plane, (sx, sy), name=_stem(path), pixel_to_lps=geometry)
+    case = Case(plane, (sx, sy), name=case_id(path), pixel_to_lps=geometry)
+    return case if spacing is None else with_spacing(case, spacing)
 
 
-def _stem(path: Path) -> str:
-    name = path.name
-    return name[: -len(".nii.gz")] if name.lower().endswith(".nii.gz") else path.stem
+def with_spacing(case: Case, spacing: float) -> Case:
+    """The case with square pixels of `spacing` mm, keeping its origin and directions (the file's own sizes go)."""
+    geometry = case.pixel_to_lps.copy()
+    geometry[:3, 0] *= spacing / case.spacing[0]
+    geometry[:3, 1] *= spacing / case.spacing[1]
+    return Case(case.image, (spacing, spacing), case.landmarks, case.name, geometry)
+
 
 
 def _read_sitk(path: Path):

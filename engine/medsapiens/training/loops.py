@@ -149,6 +149,10 @@ def fit(net: nn.Module, params: list[dict], next_batch: Callable[[int], tuple], 
     """
     if settings.steps is None and settings.time_budget is None:
         raise ValueError("give steps or a time budget")
+    if (settings.steps is not None and settings.steps < 1) or (settings.time_budget is not None
+                                                               and not settings.time_budget > 0):
+        raise InputError(f"training needs at least one step and a time budget above 0 (steps {settings.steps}, "
+                         f"time budget {settings.time_budget} s)")
     opt = torch.optim.AdamW(params, betas=(0.9, 0.999))
     if optimizer_state is not None:
         opt.load_state_dict(optimizer_state)
