@@ -51,7 +51,10 @@ def add_engine_to_path() -> None:
 
 def requirements(path: Path = REQUIREMENTS) -> list:
     """The requirement lines of requirements.txt as packaging Requirements."""
-    from packaging.requirements import Requirement
+    try:
+        from packaging.requirements import Requirement
+    except ImportError:  # not every Slicer release ships `packaging` itself; its pip carries a copy
+        from pip._vendor.packaging.requirements import Requirement
 
     return [Requirement(line.strip()) for line in Path(path).read_text().splitlines()
             if line.strip() and not line.lstrip().startswith(("#", "-"))]

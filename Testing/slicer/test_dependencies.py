@@ -135,6 +135,14 @@ def test_missing_checks_installed_versions_against_the_requirements(tmp_path, si
     assert deps.missing() == []
 
 
+def test_missing_works_without_the_packaging_distribution(tmp_path, site, monkeypatch):
+    """A Slicer without `packaging` itself still has pip, whose vendored copy reads the requirements."""
+    for name in ("packaging", "packaging.requirements"):
+        monkeypatch.setitem(sys.modules, name, None)  # import fails, as where it is not installed
+    path = requirements_file(tmp_path, "numpy>=1.0", "numpy-but-not-installed>=1.0")
+    assert [str(r) for r in deps.missing(path)] == ["numpy-but-not-installed>=1.0"]
+
+
 def test_requirements_agree_with_the_engine_package():
     """requirements.txt names the engine's dependencies with the same minimum versions, less what Slicer bundles."""
     import tomllib
