@@ -62,7 +62,7 @@ def test_bad_inputs_exit_non_zero_with_one_line(tmp_path, fitted_file, ceph):
     cases = [  # (arguments, exit status: 1 = an image of the batch failed, 2 = bad input; the one line)
         ([fitted_file, corrupt, "--out", tmp_path / "o1"], 1, "corrupt.png: not a readable image"),
         ([text, image, "--out", tmp_path / "o2"], 2, "model.pth: not a PyTorch checkpoint"),
-        ([fitted_file, image, "--out", tmp_path / "o3", "--spacing", "nan"], 1, "spacing must be a positive"),
+        ([fitted_file, image, "--out", tmp_path / "o3", "--spacing", "nan"], 2, "--spacing nan: must be a positive"),
         ([fitted_file, tmp_path / "absent.png", "--out", tmp_path / "o4"], 2, "absent.png: no such image file"),
         ([fitted_file, image, "--out", tmp_path / "o5", "--landmarks", "A,B"], 2, "not the expected set"),
     ]

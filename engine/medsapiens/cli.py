@@ -5,6 +5,7 @@ Exit status: 0 success, 1 some inputs failed, 2 bad usage or input (one line on 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -203,6 +204,8 @@ def _detect(args) -> int:
         if len(args.inputs) < 2:
             raise InputError("detect needs MODEL and at least one IMAGE (or --atlas and images)")
         model, images = args.inputs[0], args.inputs[1:]
+    if args.spacing is not None and not (math.isfinite(args.spacing) and args.spacing > 0):
+        raise InputError(f"--spacing {args.spacing:g}: must be a positive number of mm")
     images = [Path(i) for i in images]
     if not any(i.is_file() for i in images):
         more = f" (nor the {len(images) - 1} others)" if len(images) > 1 else ""
