@@ -1,8 +1,9 @@
 """MedSapiens: detect named anatomical landmarks on the current slice or a 2D radiograph, and fine-tune adapters.
 
 The widget only wires the panel (Resources/UI/MedSapiensSlicer.ui) to MedSapiensSlicerLogic, whose behaviour
-lives in MedSapiensSlicerLib.logic.MedSapiensLogic (MRML only; tested on slicer-core). Engine work runs on a
-worker thread (MedSapiensSlicerLib.tasks.BackgroundTask) drained by a QTimer, with progress and Cancel.
+lives in MedSapiensSlicerLib.logic.MedSapiensLogic (MRML only; tested on slicer-core). Engine work runs in a
+separate process of Slicer's Python (MedSapiensSlicerLib.worker_client.EngineWorker), kept warm between clicks;
+a QTimer applies its replies on the main thread (progress, result, Cancel).
 """
 import logging
 import re
@@ -22,7 +23,6 @@ from MedSapiensSlicerLib.analysis import analysisRows, writeAnalysisCSV
 from MedSapiensSlicerLib.dependencies import (EngineInstaller, InstallError, add_engine_to_path, missing,
                                                slicer_version_problem)
 from MedSapiensSlicerLib.logic import MedSapiensLogic
-from MedSapiensSlicerLib.tasks import BackgroundTask
 
 WHOLE_IMAGE = "Whole 2D image"
 ATLAS = "Atlas from my annotated cases"
@@ -68,8 +68,7 @@ class MedSapiensSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = None
         self._parameterNode = None
         self._parameterNodeGuiTag = None
-        self.task = None
-        self.cases = []  # (volume node ID, markups node ID, view) rows of the cases table
+        self.job = None  # the engine request running now (MedSapiensSlicerLib.worker_client.Job)
         self.analysisRows = None  # the analysis table's rows (MedSapiensSlicerLib.analysis.AnalysisRow)
 
     def setup(self) -> None:
@@ -79,6 +78,7 @@ class MedSapiensSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = MedSapiensSlicerLogic()
+        self.logic.onCasesChanged = self._showCases
         self.timer = qt.QTimer()
         self.timer.setInterval(POLL_MS)
         self.timer.connect("timeout()", self.onPoll)
@@ -101,6 +101,7 @@ class MedSapiensSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        slicer.app.connect("aboutToQuit()", self.cleanup)
         self.initializeParameterNode()
         versionProblem = slicer_version_problem(slicer.app.majorVersion, slicer.app.minorVersion)
         if versionProblem:
@@ -108,7 +109,10 @@ class MedSapiensSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.statusLabel.text = versionProblem
 
     def cleanup(self) -> None:
-        self.onCancel()
+        """Module closed or reloaded, or Slicer quitting: stop polling and end the engine worker."""
+        self.timer.stop()
+        self.job = None
+        self.logic.shutdown()
         self.removeObservers()
 
     def enter(self) -> None:
@@ -185,86 +189,45 @@ class MedSapiensSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         view = self._parameterNode.view
         return None if view == WHOLE_IMAGE else slicer.app.layoutManager().sliceWidget(view).mrmlSliceNode()
 
-    def _modelSpec(self) -> dict:
-        p = self._parameterNode
-        return {"model": p.model, "path": p.modelFile, "adapter": p.adapter, "device": p.device,
-                "precision": p.precision, "cases": self._trainingCases() if p.model == ATLAS else None,
-                "deformable": p.atlasDeformable}
-
     def onDetect(self) -> None:
-        if self.task or not self._engineReady():
+        if self.job or not self._engineReady():
             return
         with slicer.util.tryWithErrorDisplay("Detection failed.", waitCursor=True):
             p = self._parameterNode
-            sliceNode = self._sliceNode()
-            case, geometry = self.logic.caseFor(p.inputVolume, sliceNode)
-            spec = self._modelSpec()
-            if not self.logic.confirmDownload(spec):
+            options = self.logic.detectOptions(p)
+            if not self.logic.confirmDownload(options["model"]):
                 return
-            volumeName = p.inputVolume.GetName()
-
-            def done(landmarks):
-                node = self.logic.writeLandmarks(landmarks, geometry, f"{volumeName} landmarks",
-                                                 source=spec["model"])
-                self._parameterNode.outputMarkups = node
-                self.ui.landmarkNamesLabel.text = ", ".join(landmarks.names)
-                found = int(landmarks.present.sum())
-                return f"{found} of {len(landmarks)} landmarks placed in '{node.GetName()}'."
-
-            self._start(BackgroundTask(self.logic.detectCase, spec, case), done, "Detecting")
+            self._start(self.logic.startDetect(p.inputVolume, self._sliceNode(), **options), "Detecting")
 
     def onFinetune(self) -> None:
-        if self.task or not self._engineReady():
+        if self.job or not self._engineReady():
             return
         with slicer.util.tryWithErrorDisplay("Fine-tuning failed.", waitCursor=True):
             p = self._parameterNode
-            cases = self._trainingCases()
-            name = re.sub(r"[^A-Za-z0-9_.-]+", "-", p.adapterName).strip("-") or "adapter"
-            out = self.logic.userModelsDir() / f"{name}.safetensors"
-            base = p.modelFile if p.model == LOCAL_FILE else p.model
-            if base == ATLAS:
+            base = self.logic.detectOptions(p)["model"]
+            if base is None:
                 raise ValueError("choose the base model to fine-tune (a catalogue model or a local file)")
-            if not self.logic.confirmDownload({"model": base}):
+            if not self.logic.confirmDownload(base):
                 return
-
-            def done(path):
-                self.ui.adapterPathLineEdit.currentPath = str(path)
-                return f"Adapter saved to {path} and selected."
-
-            task = BackgroundTask(self.logic.finetune, cases, base, out,
-                                  time_budget=float(p.timeBudget), device=p.device)
-            self._start(task, done, "Fine-tuning")
-
-    def _trainingCases(self):
-        if not self.cases:
-            raise ValueError("add at least one annotated case (volume + points) to the table first")
-        scene = slicer.mrmlScene
-        return [self.logic.trainingCase(scene.GetNodeByID(v), scene.GetNodeByID(m),
-                                        None if view == WHOLE_IMAGE else
-                                        slicer.app.layoutManager().sliceWidget(view).mrmlSliceNode())
-                for v, m, view in self.cases]
+            name = re.sub(r"[^A-Za-z0-9_.-]+", "-", p.adapterName).strip("-") or "adapter"
+            out = self.logic.adaptersDir() / f"{name}.safetensors"
+            self._start(self.logic.startFinetune(base, out, device=p.device, time_budget=float(p.timeBudget)),
+                        "Fine-tuning")
 
     def onAddCase(self) -> None:
         p = self._parameterNode
         with slicer.util.tryWithErrorDisplay("Cannot add this case.", waitCursor=True):
-            if not p.inputVolume or not p.trainingMarkups:
-                raise ValueError("choose the input volume and your annotated points first")
-            self.logic.trainingCase(p.inputVolume, p.trainingMarkups, self._sliceNode())  # refuses bad cases now
-            self.cases.append((p.inputVolume.GetID(), p.trainingMarkups.GetID(), p.view))
-            self._showCases()
+            self.logic.addCase(p.inputVolume, p.trainingMarkups, self._sliceNode())  # refuses bad cases now
 
     def onRemoveCase(self) -> None:
-        rows = sorted({i.row() for i in self.ui.casesTable.selectedIndexes()}, reverse=True)
-        for r in rows:
-            del self.cases[r]
-        self._showCases()
+        self.logic.removeCases({i.row() for i in self.ui.casesTable.selectedIndexes()})
 
     def _showCases(self) -> None:
         table = self.ui.casesTable
-        table.setRowCount(len(self.cases))
-        for r, (v, m, view) in enumerate(self.cases):
-            for c, text in enumerate((slicer.mrmlScene.GetNodeByID(v).GetName(),
-                                      slicer.mrmlScene.GetNodeByID(m).GetName(), view)):
+        table.setRowCount(len(self.logic.cases))
+        for r, row in enumerate(self.logic.cases):
+            for c, text in enumerate((slicer.mrmlScene.GetNodeByID(row.volumeID).GetName(),
+                                      slicer.mrmlScene.GetNodeByID(row.markupsID).GetName(), row.plane)):
                 table.setItem(r, c, qt.QTableWidgetItem(text))
 
     # ------------------------------------------------------------------------------- cephalometric analysis
@@ -298,118 +261,108 @@ class MedSapiensSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 writeAnalysisCSV(self.analysisRows, node.GetName(), path)
                 self.ui.statusLabel.text = f"Analysis saved to {path}."
 
-    # ------------------------------------------------------------------------------------- background tasks
-    def _start(self, task, done, label) -> None:
-        self.task, self._done, self._label = task, done, label
+    # ---------------------------------------------------------------------------------- engine worker requests
+    def _start(self, job, label) -> None:
+        self.job, self._label = job, label
         self.ui.progressBar.setValue(0)
         self.ui.cancelButton.enabled = True
         self.ui.detectButton.enabled = self.ui.finetuneButton.enabled = False
         self.ui.statusLabel.text = f"{label}..."
         self.timer.start()
+        self.onPoll()  # a request the worker refused at once (it could not start) ends here
 
     def onPoll(self) -> None:
-        task = self.task
-        for p in task.poll():
-            fraction = getattr(p, "fraction", None)
-            if fraction is not None:
-                self.ui.progressBar.setValue(int(100 * fraction))
-                loss = f", loss {p.loss:.3f}" if getattr(p, "phase", "") == "train" else ""
-                self.ui.statusLabel.text = f"{self._label}: {getattr(p, 'phase', '')}{loss}, {task.elapsed:.0f} s"
-        if not task.done:
+        self.logic.poll()
+        job = self.job
+        if job is None:
+            return
+        self.ui.progressBar.setValue(int(100 * job.fraction))
+        self.ui.statusLabel.text = f"{self._label}: {job.message or 'starting the engine'}, {job.elapsed:.0f} s"
+        if not job.done:
             return
         self.timer.stop()
-        self.task = None
+        self.job = None
         self.ui.cancelButton.enabled = False
         self.ui.detectButton.enabled = self.ui.finetuneButton.enabled = True
-        if task.cancelled():  # a result that arrives after Cancel is dropped
+        if job.cancelled:
             self.ui.progressBar.setValue(0)
             self.ui.statusLabel.text = "Cancelled; nothing was changed."
-            return
-        if task.error:
-            error, trace = task.error
-            logging.error(trace)
+        elif job.error:
+            logging.error(f"MedSapiens: {job.error}")
             self.ui.progressBar.setValue(0)
-            self.ui.statusLabel.text = f"Error: {error}"
-            return
-        self.ui.progressBar.setValue(100)
-        with slicer.util.tryWithErrorDisplay("Could not store the result.", waitCursor=True):
-            self.ui.statusLabel.text = f"{self._done(task.result)} ({task.elapsed:.1f} s)"
+            self.ui.statusLabel.text = f"Error: {job.error}"
+        else:
+            with slicer.util.tryWithErrorDisplay("Could not store the result.", waitCursor=True):
+                self.ui.statusLabel.text = f"{self._finish(job)} ({job.elapsed:.1f} s)"
+
+    def _finish(self, job) -> str:
+        if job.kind == "finetune":
+            self.ui.adapterPathLineEdit.currentPath = job.result["adapter"]
+            return f"Adapter saved to {job.result['adapter']} and selected."
+        node = self.logic.finishDetect(job)
+        self._parameterNode.outputMarkups = node
+        names = [node.GetNthControlPointLabel(i) for i in range(node.GetNumberOfControlPoints())]
+        self.ui.landmarkNamesLabel.text = ", ".join(names)
+        placed = sum(node.GetNthControlPointPositionStatus(i) != node.PositionMissing for i in range(len(names)))
+        return f"{placed} of {len(names)} landmarks placed in '{node.GetName()}'."
 
     def onCancel(self) -> None:
-        if self.task:
-            self.task.cancel()
+        if self.job:
+            self.logic.cancel(self.job)
             self.ui.statusLabel.text = "Cancelling..."
 
 
 class MedSapiensSlicerLogic(ScriptedLoadableModuleLogic, MedSapiensLogic):
-    """The module's logic: MedSapiensLogic on slicer.mrmlScene, plus model choice and detector caching."""
+    """The module's logic: MedSapiensLogic on slicer.mrmlScene, plus the panel's model choices."""
 
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
-        MedSapiensLogic.__init__(self, slicer.mrmlScene)
         add_engine_to_path()
-        self._detector = None
-        self._detectorKey = None
+        MedSapiensLogic.__init__(self, slicer.mrmlScene)
 
     def getParameterNode(self):
         return MedSapiensSlicerParameterNode(super().getParameterNode())
 
     def modelChoices(self) -> list:
-        add_engine_to_path()
-        try:
-            from medsapiens.models.catalogue import catalogue
+        from medsapiens import api
 
-            names = list(catalogue())
-        except ImportError:  # engine dependencies not installed yet
+        try:
+            names = list(api.models())
+        except ImportError:  # the engine's Python packages are not installed yet
             names = []
         return [ATLAS, LOCAL_FILE, *names]
 
-    def resolveModel(self, model: str, progress=None) -> str:
-        from medsapiens.models.catalogue import resolve
+    def detectOptions(self, p: MedSapiensSlicerParameterNode) -> dict:
+        """startDetect's options for the chosen model: the atlas of the table's cases, a local file or a
+        catalogue model (`model` is None for the atlas)."""
+        if p.model == ATLAS:
+            return {"model": None, "atlas": True, "deformable": p.atlasDeformable}
+        model = p.modelFile if p.model == LOCAL_FILE else p.model
+        if not model:
+            raise ValueError("choose the model file")
+        return {"model": model, "adapter": p.adapter or None, "device": p.device, "precision": p.precision}
 
-        return str(resolve(model, progress=progress or False))
+    def confirmDownload(self, model) -> bool:
+        """Ask before the first download of a catalogue model (the worker downloads it, with progress)."""
+        from medsapiens import api
 
-    def confirmDownload(self, spec: dict) -> bool:
-        """Ask before the first download of a catalogue model."""
-        from medsapiens.models.catalogue import cached_path, catalogue
-
-        entry = catalogue().get(spec["model"])
-        if entry is None or cached_path(entry).exists():
+        entry = api.needs_download(model) if model else None
+        if entry is None:
             return True
         size = f"{entry.size / 2 ** 20:.0f} MB" if entry.size else "size unknown"
         return slicer.util.confirmOkCancelDisplay(f"Download {entry.name} ({size}) from {entry.url}?",
                                                   windowTitle="MedSapiens model download")
 
-    def detectCase(self, spec: dict, case, progress=None, cancel=None):
-        """Load (or reuse) the detector of `spec` and detect on `case`; runs on the worker thread."""
-        from medsapiens import load_detector
-        from medsapiens.detectors.atlas import AtlasDetector, AtlasSettings
-        from medsapiens.training.loops import Cancelled
+    @staticmethod
+    def adaptersDir():
+        from medsapiens import api
 
-        if spec["model"] == ATLAS:
-            detector = AtlasDetector(spec["cases"], AtlasSettings(deformable=spec["deformable"]))
-        else:
-            model = spec["path"] if spec["model"] == LOCAL_FILE else spec["model"]
-            key = (model, spec["adapter"], spec["device"], spec["precision"])
-            if key != self._detectorKey:
-                download = (lambda done, total: progress(_Fraction(done / total if total else 0.0, "download"))
-                            if progress else None)
-                self._detector = load_detector(self.resolveModel(model, download), adapter=spec["adapter"] or None,
-                                               device=spec["device"], precision=spec["precision"])
-                self._detectorKey = key
-            detector = self._detector
-        if cancel and cancel():
-            raise Cancelled("detection cancelled")
-        return detector.detect(case)
-
-
-class _Fraction:
-    def __init__(self, fraction, phase):
-        self.fraction, self.phase, self.loss = fraction, phase, float("nan")
+        return api.adapters_dir()
 
 
 class MedSapiensSlicerTest(ScriptedLoadableModuleTest):
-    """The logic scenarios inside Slicer: exact geometry on an oblique reformat, and a weight-free detection.
+    """The logic scenarios inside Slicer: exact geometry on an oblique reformat, and an atlas detection in the
+    engine worker.
 
     Installs nothing: a scenario that needs the engine's Python packages is skipped, with a message, where they
     are missing. Run by "Reload and Test" (runTest) or by slicer.testing.runUnitTest (each test_ method).
@@ -473,21 +426,33 @@ class MedSapiensSlicerTest(ScriptedLoadableModuleTest):
         self._needEngine()
         import numpy as np
 
-        from medsapiens.detectors.atlas import AtlasDetector
         from medsapiens.phantom import phantom_case
 
-        atlas = AtlasDetector([phantom_case(s) for s in range(2)])
-        target = phantom_case(100)
-        image = np.asarray(target.image, dtype="float32")[None]
-        ijk_to_ras = np.diag([-target.spacing[0], -target.spacing[1], 1.0, 1.0])
-        volume = slicer.util.addVolumeFromArray(image, ijk_to_ras)
+        def addPhantom(seed):
+            case = phantom_case(seed)
+            ijk_to_ras = np.diag([-case.spacing[0], -case.spacing[1], 1.0, 1.0])
+            volume = slicer.util.addVolumeFromArray(np.asarray(case.image, dtype="float32")[None], ijk_to_ras)
+            return case, volume, ijk_to_ras
+
+        logic = MedSapiensSlicerLogic()
+        for seed in range(2):  # two annotated atlas cases in the table
+            case, volume, ijk_to_ras = addPhantom(seed)
+            points = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", f"atlas {seed}")
+            for name, (x, y) in zip(case.landmarks.names, case.landmarks.points):
+                points.AddControlPoint(vtk.vtkVector3d(*(ijk_to_ras @ [x, y, 0, 1])[:3]), name)
+            logic.addCase(volume, points)
+        target, volume, _ = addPhantom(100)
         user = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "mine")
         user.AddControlPoint(vtk.vtkVector3d(1, 2, 0), "x")
-        logic = MedSapiensSlicerLogic()
-        node = logic.detect(volume, atlas)
+        try:
+            job = logic.wait(logic.startDetect(volume, atlas=True), timeout=300)
+            self.assertIsNone(job.error)
+            node = logic.finishDetect(job)
+        finally:
+            logic.shutdown()
         self.assertNotEqual(node.GetID(), user.GetID())
         self.assertEqual(user.GetNumberOfControlPoints(), 1)
         ras = np.array([node.GetNthControlPointPositionWorld(i) for i in range(node.GetNumberOfControlPoints())])
         truth = target.landmarks.points * target.spacing
         self.assertLess(np.median(np.linalg.norm(-ras[:, :2] - truth, axis=1)), 5.0)
-        self.delayDisplay("Atlas detection OK")
+        self.delayDisplay("Atlas detection in the engine worker OK")

@@ -69,6 +69,19 @@ def fitted_file(tmp_path_factory, fitted_micro, ceph):
     return save_trained(path, fitted_micro, ceph.names, (256, 192), 3.0)
 
 
+@pytest.fixture(scope="session")
+def micro_file(tmp_path_factory, ceph):
+    """An untrained micro model for the ceph landmarks (seeded), as a model file: for tests of plumbing and
+    timing, where what the weights say does not matter and training one would only cost time."""
+    from medsapiens.models.adapter_file import save_trained
+    from medsapiens.models.sapiens import SapiensPose
+
+    torch.manual_seed(0)
+    model = SapiensPose("micro", len(ceph.names), (16, 12))
+    return save_trained(tmp_path_factory.mktemp("model") / "ceph_micro_untrained.safetensors", model, ceph.names,
+                        (256, 192), 3.0)
+
+
 @pytest.fixture
 def scene():
     """A real MRML scene from slicer-core (Slicer's libraries, no application), with the logics Slicer sets up."""

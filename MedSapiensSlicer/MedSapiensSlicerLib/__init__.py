@@ -1,1 +1,1 @@
-"""The MedSapiens Slicer module's helpers: MRML logic, slice geometry, background tasks, dependency set-up."""
+"""The MedSapiens Slicer module's helpers: MRML logic, slice geometry, the engine worker's client, dependency set-up."""

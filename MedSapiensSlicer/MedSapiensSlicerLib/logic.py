@@ -1,12 +1,16 @@
 """MedSapiens logic on any MRML scene: slice or 2D volume -> engine Case, engine results -> a new markups node.
 
-MRML only (no Qt, no slicer.app), so it runs inside Slicer and under pytest on `slicer-core`. Engine calls that
-take long (`detector.detect`, `finetune`) hold no MRML objects and may run on a worker thread; nodes are read
-before and written after, on the caller's thread.
+MRML only (no Qt, no slicer.app), so it runs inside Slicer and under pytest on `slicer-core`. Engine work runs
+in the worker process (worker_client.EngineWorker): an image and its landmarks are copied out of the scene into
+files when a request starts, and results enter the scene when the caller's poll sees them arrive.
+
+Annotated cases carry their own geometry: "Add case" keeps a copy of the image on the plane analysed then and
+its exact pixel -> RAS matrix (parent transforms included); only the points are read again when the case is
+used, projected onto that stored plane. A case whose volume or markups node is deleted leaves the table.
 """
 from __future__ import annotations
 
-from pathlib import Path
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -15,22 +19,41 @@ from .geometry import PlaneGeometry, resample, slice_plane, thickness_along
 
 LOW_CONFIDENCE = 0.5
 SOURCE_ATTRIBUTE = "MedSapiens.Source"
+WHOLE_IMAGE = "whole image"
+
+
+@dataclass(frozen=True)
+class CaseRow:
+    """One annotated case of the table: the image captured at "Add case" and the node holding its points."""
+
+    volumeID: str
+    markupsID: str
+    plane: str              # what the table shows: WHOLE_IMAGE or the slice that was analysed
+    case: object            # medsapiens.Case: its own copy of the pixels, spacing and pixel -> LPS matrix
+    geometry: PlaneGeometry
 
 
 class MedSapiensLogic:
-    def __init__(self, scene):
+    def __init__(self, scene, worker=None):
+        """worker: an EngineWorker to share (tests); by default one is started with the first request."""
         self.scene = scene
+        self.worker = worker
+        self.cases: list[CaseRow] = []
+        self.onCasesChanged = None  # called after rows were added or removed (the panel redraws its table)
+        for event in (scene.NodeRemovedEvent, scene.EndCloseEvent):
+            scene.AddObserver(event, self._dropDeletedCases)
 
     # ---------------------------------------------------------------------------------------- images from MRML
     def caseFromSlice(self, sliceNode, volumeNode):
         """The image of `volumeNode` on the plane of `sliceNode` (any reformat), cut to the volume, row 0 at top.
 
-        Returns (medsapiens.Case, PlaneGeometry); the Case carries raw intensities and its pixel -> LPS matrix.
+        Returns (medsapiens.Case, PlaneGeometry); the Case holds its own copy of the raw intensities and its
+        pixel -> LPS matrix (world coordinates: the volume's parent transforms are applied).
         """
         from medsapiens import Case, InputError
 
         image_data = self._imageData(volumeNode)
-        ijk_to_ras = _matrix(volumeNode.GetIJKToRASMatrix)
+        ijk_to_ras = ijk_to_world(volumeNode)
         slice_to_ras = _vtk_to_numpy_matrix(sliceNode.GetSliceToRAS())
         try:
             pixel_to_ras, size = slice_plane(slice_to_ras, sliceNode.GetFieldOfView(), ijk_to_ras,
@@ -40,7 +63,7 @@ class MedSapiensLogic:
         scalars = _scalars(image_data)
         image = resample(image_data, ijk_to_ras, pixel_to_ras, size, float(scalars.min()))
         geometry = PlaneGeometry(pixel_to_ras, thickness_along(ijk_to_ras, pixel_to_ras[:3, 2]))
-        case = Case(_three_channels(image), geometry.spacing, name=volumeNode.GetName(),
+        case = Case(_three_channels(image).copy(), geometry.spacing, name=volumeNode.GetName(),
                     pixel_to_lps=geometry.pixel_to_lps)
         return case, geometry
 
@@ -53,12 +76,12 @@ class MedSapiensLogic:
         if dims[2] != 1:
             raise InputError(f"{volumeNode.GetName()}: a 3D volume ({dims[0]} x {dims[1]} x {dims[2]}); choose the "
                              "slice view to analyse")
-        ijk_to_ras = _matrix(volumeNode.GetIJKToRASMatrix)
+        ijk_to_ras = ijk_to_world(volumeNode)
         pixel_to_ras = ijk_to_ras.copy()  # exactly the voxel grid: anisotropic spacing and directions kept
         normal = np.cross(ijk_to_ras[:3, 0], ijk_to_ras[:3, 1])
         pixel_to_ras[:3, 2] = normal / np.linalg.norm(normal)
         geometry = PlaneGeometry(pixel_to_ras, thickness_along(ijk_to_ras, pixel_to_ras[:3, 2]))
-        image = _scalars(image_data)[0]
+        image = _scalars(image_data)[0].copy()  # not a view of the scene's voxels, which may change meanwhile
         case = Case(_three_channels(image), geometry.spacing, name=volumeNode.GetName(),
                     pixel_to_lps=geometry.pixel_to_lps)
         return case, geometry
@@ -72,6 +95,76 @@ class MedSapiensLogic:
         if sliceNode is None:
             return self.caseFromVolume2D(volumeNode)
         return self.caseFromSlice(sliceNode, volumeNode)
+
+    # ---------------------------------------------------------------------------------------- annotated cases
+    def addCase(self, volumeNode, markupsNode, sliceNode=None) -> CaseRow:
+        """Capture an annotated case: the image on the plane analysed now (the slice of `sliceNode`, or the whole
+        2D image) with its geometry, and the markups node. Refused at once if none of its points is on the plane."""
+        from medsapiens import InputError
+
+        if volumeNode is None or markupsNode is None:
+            raise InputError("choose the input volume and your annotated points first")
+        case, geometry = self.caseFor(volumeNode, sliceNode)
+        plane = WHOLE_IMAGE if sliceNode is None else _describe_plane(sliceNode, geometry, case.size)
+        row = CaseRow(volumeNode.GetID(), markupsNode.GetID(), plane,
+                      replace(case, name=f"{volumeNode.GetName()} ({plane})"), geometry)
+        self.annotatedCase(row)
+        self.cases.append(row)
+        self._casesChanged()
+        return row
+
+    def removeCases(self, indices) -> None:
+        for i in sorted(set(indices), reverse=True):
+            del self.cases[i]
+        self._casesChanged()
+
+    def trainingCases(self) -> list:
+        """The table's cases as engine Cases with landmarks (the markups' current points on each stored plane),
+        all over the same names in the same order: a landmark one case lacks is missing there."""
+        from medsapiens import InputError
+
+        if not self.cases:
+            raise InputError("add at least one annotated case (volume + points) to the table first")
+        cases = [self.annotatedCase(row) for row in self.cases]
+        names = list(dict.fromkeys(n for c in cases for n in c.landmarks.names))
+        return [replace(c, landmarks=c.landmarks.subset(names)) for c in cases]
+
+    def annotatedCase(self, row: CaseRow):
+        """The row's image with its markups' points projected into its pixels.
+
+        A point farther off the plane than half a slice, or without a defined position, is a missing landmark.
+        """
+        from medsapiens import InputError, Landmarks
+
+        markupsNode = self.scene.GetNodeByID(row.markupsID)
+        n = markupsNode.GetNumberOfControlPoints() if markupsNode else 0
+        if n == 0:
+            raise InputError(f"{markupsNode.GetName() if markupsNode else 'markups'}: no control points")
+        names, ras, defined = [], np.zeros((n, 3)), np.zeros(n, bool)
+        for i in range(n):
+            names.append(markupsNode.GetNthControlPointLabel(i).strip())
+            markupsNode.GetNthControlPointPositionWorld(i, ras[i])
+            defined[i] = markupsNode.GetNthControlPointPositionStatus(i) == markupsNode.PositionDefined
+        if any(not name for name in names):
+            raise InputError(f"{markupsNode.GetName()}: every control point needs a label (the landmark name)")
+        pixels, off_plane = row.geometry.to_pixel(ras)
+        on_plane = defined & (off_plane <= row.geometry.thickness / 2)
+        if not on_plane.any():
+            raise InputError(f"{markupsNode.GetName()}: none of its points lies on the analysed plane of "
+                             f"{row.case.name} (within half a slice, {row.geometry.thickness / 2:.2f} mm)")
+        pixels[~on_plane] = np.nan
+        return replace(row.case, landmarks=Landmarks(names, pixels, present=on_plane))
+
+    def _dropDeletedCases(self, caller=None, event=None) -> None:
+        kept = [r for r in self.cases
+                if self.scene.GetNodeByID(r.volumeID) is not None and self.scene.GetNodeByID(r.markupsID) is not None]
+        if len(kept) != len(self.cases):
+            self.cases = kept
+            self._casesChanged()
+
+    def _casesChanged(self) -> None:
+        if self.onCasesChanged:
+            self.onCasesChanged()
 
     # ----------------------------------------------------------------------------------------------- markups
     def writeLandmarks(self, landmarks, geometry: PlaneGeometry, name: str | None = None, source: str = ""):
@@ -101,64 +194,90 @@ class MedSapiensLogic:
         node.EndModify(wasModifying)
         return node
 
-    def trainingCase(self, volumeNode, markupsNode, sliceNode=None):
-        """An annotated engine Case: the image (as caseFor) with the markups' points projected into its pixels.
+    # ------------------------------------------------------------------------------------ engine (worker process)
+    def startDetect(self, volumeNode, sliceNode=None, *, model=None, adapter=None, atlas=False, deformable=False,
+                    device="auto", precision="fp32"):
+        """Send the image (a copy, in a file) to the engine worker; returns its Job (finish it with finishDetect).
 
-        A point farther off the plane than half a slice, or without a defined position, is a missing landmark.
+        model: a weight file or catalogue name (with an optional adapter file); atlas=True: the weight-free
+        atlas of the table's cases instead (`deformable`: with its B-spline stage).
         """
-        from medsapiens import InputError, Landmarks
-
         case, geometry = self.caseFor(volumeNode, sliceNode)
-        n = markupsNode.GetNumberOfControlPoints() if markupsNode else 0
-        if n == 0:
-            raise InputError(f"{markupsNode.GetName() if markupsNode else 'markups'}: no control points")
-        names, ras, defined = [], np.zeros((n, 3)), np.zeros(n, bool)
-        for i in range(n):
-            names.append(markupsNode.GetNthControlPointLabel(i).strip())
-            markupsNode.GetNthControlPointPositionWorld(i, ras[i])
-            defined[i] = markupsNode.GetNthControlPointPositionStatus(i) == markupsNode.PositionDefined
-        if any(not name for name in names):
-            raise InputError(f"{markupsNode.GetName()}: every control point needs a label (the landmark name)")
-        pixels, off_plane = geometry.to_pixel(ras)
-        on_plane = defined & (off_plane <= geometry.thickness / 2)
-        if not on_plane.any():
-            raise InputError(f"{markupsNode.GetName()}: none of its points lies on the analysed slice of "
-                             f"{volumeNode.GetName()} (within half a slice, {geometry.thickness / 2:.2f} mm)")
-        pixels[~on_plane] = np.nan
-        case.landmarks = Landmarks(names, pixels, present=on_plane)
-        return case
+        atlasFiles = self._writeCases(self.trainingCases()) if atlas else None
+        image = self._worker().writeCase(case, "image")
+        out = str(self._worker().newFile("found"))
+        context = {"geometry": geometry, "name": f"{volumeNode.GetName()} landmarks", "source": "atlas" if atlas
+                   else str(model), "files": [image, out, *(atlasFiles or [])]}
+        return self._worker().submit("detect", context, case=image, out=out, model=None if atlas else model,
+                                     adapter=adapter or None, atlas=atlasFiles, deformable=bool(deformable),
+                                     device=device, precision=precision)
 
-    # -------------------------------------------------------------------------------------------- engine calls
-    def detect(self, volumeNode, detector, sliceNode=None, name=None):
-        """Detect on the slice (or 2D volume) and write a new markups node; synchronous (see the module docstring)."""
-        case, geometry = self.caseFor(volumeNode, sliceNode)
-        found = detector.detect(case)
-        return self.writeLandmarks(found, geometry, name or f"{volumeNode.GetName()} landmarks",
-                                   source=type(detector).__name__)
+    def finishDetect(self, job):
+        """The landmarks of a finished detection as a NEW markups node (see writeLandmarks)."""
+        found = self._worker().readLandmarks(job.result["landmarks"])
+        self._removeFiles(job)
+        return self.writeLandmarks(found, job.context["geometry"], job.context["name"], job.context["source"])
+
+    def startFinetune(self, base, out, device="auto", **settings):
+        """Train an adapter on the table's cases in the engine worker; the Job's result names the adapter file.
+
+        settings: time_budget (s), steps, views_per_case, lora_blocks, lr. `out` is written atomically at the
+        end, so a cancelled or failed run leaves any previous file there byte for byte as it was.
+        """
+        files = self._writeCases(self.trainingCases())
+        return self._worker().submit("finetune", {"files": files}, cases=files, base=str(base), out=str(out),
+                                     device=device, settings=settings)
+
+    def poll(self) -> list:
+        """Apply the worker's replies (call often from the main thread); returns the jobs that changed."""
+        if self.worker is None:
+            return []
+        changed = self.worker.poll()
+        for job in changed:
+            if job.done and not (job.kind == "detect" and job.result):  # finishDetect still reads a detection's
+                self._removeFiles(job)
+        return changed
+
+    def wait(self, job, timeout: float = 600.0, step=None):
+        """Poll until `job` is done (tests and the self-test; the panel polls from its timer instead).
+
+        step: called between polls instead of sleeping 20 ms (a test harness can hold the GIL there).
+        """
+        import time
+
+        deadline = time.monotonic() + timeout
+        while not job.done:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the engine did not answer within {timeout:.0f} s")
+            step() if step else time.sleep(0.02)
+            self.poll()
+        return job
+
+    def cancel(self, job) -> None:
+        if self.worker is not None:
+            self.worker.cancel(job)
+
+    def shutdown(self) -> None:
+        """End the worker process and remove this session's files (module closed, Slicer quitting)."""
+        if self.worker is not None:
+            self.worker.shutdown()
+
+    def _worker(self):
+        if self.worker is None:
+            from .worker_client import EngineWorker
+
+            self.worker = EngineWorker()
+        return self.worker
+
+    def _writeCases(self, cases) -> list:
+        return [self._worker().writeCase(case) for case in cases]
 
     @staticmethod
-    def finetune(cases, base, out, progress=None, cancel=None, **settings):
-        """Train an adapter on engine cases (from trainingCase); touches no MRML, so it may run on a worker thread.
+    def _removeFiles(job) -> None:
+        from pathlib import Path
 
-        settings: time_budget (s), steps, views_per_case, lora_blocks, lr, input_hw, device. Returns the path.
-        """
-        from dataclasses import replace
-
-        from medsapiens.training.loops import FINETUNE_DEFAULTS, FinetuneSettings, finetune
-
-        device = settings.pop("device", None)
-        ft = {k: settings.pop(k) for k in ("views_per_case", "lora_blocks") if k in settings}
-        return finetune(base, cases, out, settings=FinetuneSettings(replace(FINETUNE_DEFAULTS, **settings), **ft),
-                        device=device, progress=progress, cancel=cancel)
-
-    @staticmethod
-    def userModelsDir() -> Path:
-        """Where adapters trained in Slicer are kept (beside the download cache)."""
-        from medsapiens.models.catalogue import cache_dir
-
-        path = Path(cache_dir()).parent / "adapters"
-        path.mkdir(parents=True, exist_ok=True)
-        return path
+        for f in (job.context or {}).get("files", []):
+            Path(f).unlink(missing_ok=True)
 
     # --------------------------------------------------------------------------------------------- internals
     @staticmethod
@@ -169,6 +288,26 @@ class MedSapiensLogic:
         if image_data is None or image_data.GetNumberOfPoints() == 0:
             raise InputError(f"{volumeNode.GetName() if volumeNode else 'volume'}: holds no image data")
         return image_data
+
+
+def ijk_to_world(volumeNode) -> np.ndarray:
+    """The volume's IJK -> RAS with its parent transforms applied (as if hardened into a copy)."""
+    from medsapiens import InputError
+
+    ijk_to_ras = _matrix(volumeNode.GetIJKToRASMatrix)
+    parent = volumeNode.GetParentTransformNode()
+    if parent is None:
+        return ijk_to_ras
+    if not parent.IsTransformToWorldLinear():
+        raise InputError(f"{volumeNode.GetName()}: it lies under a non-linear transform ({parent.GetName()}); "
+                         "harden the transform first")
+    return _matrix(parent.GetMatrixTransformToWorld) @ ijk_to_ras
+
+
+def _describe_plane(sliceNode, geometry: PlaneGeometry, size) -> str:
+    """The analysed slice as the table shows it: its view and the RAS of the image centre."""
+    centre = geometry.to_ras([[(size[0] - 1) / 2, (size[1] - 1) / 2]])[0]
+    return f"{sliceNode.GetName()} slice at R {centre[0]:.1f}, A {centre[1]:.1f}, S {centre[2]:.1f}"
 
 
 def _vtk_to_numpy_matrix(m) -> np.ndarray:

@@ -1,5 +1,6 @@
-"""MedSapiensLogic on a real MRML scene (slicer-core): exact geometry through flipped and oblique volumes and slice
-planes, new markups nodes, training cases from markups, and detect / fine-tune on a real radiograph."""
+"""MedSapiensLogic on a real MRML scene (slicer-core): exact geometry through flipped and oblique volumes, slice
+planes and parent transforms, new markups nodes, annotated cases that keep their own geometry, and detection on a
+real radiograph in the engine worker."""
 import math
 
 import numpy as np
@@ -9,8 +10,8 @@ from medsapiens import InputError, Landmarks
 from medsapiens.detectors.factory import load_detector
 from medsapiens.io.images import read_image
 from medsapiens.io.markups import write_markups
-from MedSapiensSlicerLib.logic import MedSapiensLogic
-from vtk.util.numpy_support import numpy_to_vtk
+from MedSapiensSlicerLib.logic import WHOLE_IMAGE, MedSapiensLogic
+from vtk.util.numpy_support import numpy_to_vtk, vtk_to_numpy
 
 
 def rotation(axis, degrees):
@@ -157,7 +158,8 @@ def test_training_case_projects_markups_and_drops_off_plane_points(scene, tmp_pa
     marks.AddControlPoint(vtk.vtkVector3d(0, 0, 3 + 0.4 * spacing[2]), "near")  # within half a slice
     marks.AddControlPoint(vtk.vtkVector3d(0, 0, 3), "gone")
     marks.SetNthControlPointPositionMissing(5)
-    case = logic.trainingCase(volume, marks, node)
+    logic.addCase(volume, marks, node)
+    case, = logic.trainingCases()
     assert case.landmarks.names == ["P0", "P1", "P2", "off", "near", "gone"]
     assert case.landmarks.present.tolist() == [True, True, True, False, True, False]
     _, geo = logic.caseFromSlice(node, volume)
@@ -171,9 +173,94 @@ def test_training_case_projects_markups_and_drops_off_plane_points(scene, tmp_pa
     with pytest.raises(InputError, match="none of its points"):
         far = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "far")
         far.AddControlPoint(vtk.vtkVector3d(0, 0, 30), "A")
-        logic.trainingCase(volume, far, node)
+        logic.addCase(volume, far, node)
     with pytest.raises(InputError, match="3D volume"):
-        logic.trainingCase(volume, marks)
+        logic.addCase(volume, marks)
+    assert len(logic.cases) == 1, "refused cases are not added"
+
+
+def test_cases_on_two_slices_of_one_volume_keep_their_own_images(scene):
+    """Two cases on two axial slices of one volume: each keeps the image and plane of its own "Add case", even
+    after the view moved on; points are projected onto each case's own plane."""
+    blobs = np.vstack([SPHERES, SPHERES[:1] * [1, 1, 0] + [0, 0, -6.0]])  # three at S = 3, one at S = -6
+    volume, _ = add_volume(scene, *GEOMETRIES["RAS"], blobs)
+    view = slice_node(scene, [0, 0, 1], [1, 0, 0], [1.0, -2.0, 3.0])
+    marks = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "points")
+    for i, p in enumerate(blobs):
+        marks.AddControlPoint(vtk.vtkVector3d(*p), f"P{i}")
+    logic = MedSapiensLogic(scene)
+    seen = []
+    logic.onCasesChanged = lambda: seen.append(len(logic.cases))
+    logic.addCase(volume, marks, view)
+    view.SetSliceOffset(-6.0)
+    logic.addCase(volume, marks, view)
+    view.SetSliceOffset(20.0)  # the view moves on; the cases do not
+    upper, lower = logic.trainingCases()
+    assert seen == [1, 2]
+    assert upper.landmarks.present.tolist() == [True, True, True, False]
+    assert lower.landmarks.present.tolist() == [False, False, False, True]
+    assert np.allclose(upper.to_lps(upper.landmarks.points[:3]) * [-1, -1, 1], SPHERES, atol=1e-9)
+    assert np.allclose(lower.to_lps(lower.landmarks.points[3:]) * [-1, -1, 1], blobs[3:], atol=1e-9)
+    # the pixels are those of each slice: the blobs of that slice are bright there, the others are not
+    for case, on_plane in ((upper, [0, 1, 2]), (lower, [3])):
+        x, y = np.round(case.landmarks.points[on_plane]).astype(int).T
+        assert (case.image[y, x] > 800).all()
+    assert not np.allclose(upper.image, lower.image)
+    assert [r.plane for r in logic.cases] == ["Red slice at R 1.0, A -2.0, S 3.0", "Red slice at R 1.0, A -2.0, S -6.0"]
+
+
+def test_cases_whose_nodes_are_deleted_leave_the_table(scene, radiograph):
+    volume, _ = radiograph
+    logic = MedSapiensLogic(scene)
+    rows = []
+    for name in ("a", "b"):
+        marks = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", name)
+        marks.AddControlPoint(vtk.vtkVector3d(-10, -20, 0), "S")
+        rows.append(logic.addCase(volume, marks))
+    assert rows[0].plane == WHOLE_IMAGE
+    seen = []
+    logic.onCasesChanged = lambda: seen.append([r.markupsID for r in logic.cases])
+    scene.RemoveNode(scene.GetNodeByID(rows[0].markupsID))
+    assert seen == [[rows[1].markupsID]]
+    scene.RemoveNode(volume)
+    assert logic.cases == [] and seen[-1] == []
+
+
+def test_the_captured_image_is_a_copy_of_the_voxels(scene, radiograph):
+    volume, _ = radiograph
+    logic = MedSapiensLogic(scene)
+    case, _ = logic.caseFromVolume2D(volume)
+    before = case.image.copy()
+    voxels = vtk_to_numpy(volume.GetImageData().GetPointData().GetScalars())
+    assert not np.shares_memory(case.image, voxels)
+    voxels[:] = 0  # the user edits the volume while the engine works
+    assert np.array_equal(case.image, before)
+
+
+def parent_transform(scene, node, degrees=30.0, axis=(1, 2, 3), shift=(12.0, -7.0, 4.0)):
+    """Put `node` under a linear transform (rotation + translation); returns its 4 x 4 matrix."""
+    m = np.eye(4)
+    m[:3, :3], m[:3, 3] = rotation(axis, degrees), shift
+    transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "moved")
+    transform.SetMatrixTransformToParent(vtk_matrix(m))
+    node.SetAndObserveTransformNodeID(transform.GetID())
+    return m
+
+
+def test_a_volume_under_a_parent_transform(scene):
+    """Blobs of a volume moved by a rotation + translation are found where the scene shows them (<= 0.3 mm)."""
+    directions, spacing = GEOMETRIES["LPS"]
+    volume, _ = add_volume(scene, directions, spacing)
+    m = parent_transform(scene, volume)
+    shown = SPHERES @ m[:3, :3].T + m[:3, 3]  # where the blobs are in the scene (world RAS)
+    normal, transverse = m[:3, :3] @ [0, 0, 1], m[:3, :3] @ [1, 0, 0]
+    view = slice_node(scene, normal, transverse, shown.mean(axis=0))
+    logic = MedSapiensLogic(scene)
+    case, geo = logic.caseFromSlice(view, volume)
+    out = logic.writeLandmarks(Landmarks(["a", "b", "c"], find_blobs(case.image, 3)), geo, "found")
+    ras = np.array([out.GetNthControlPointPositionWorld(i) for i in range(3)])
+    distance = np.linalg.norm(ras[:, None] - shown[None], axis=-1).min(axis=0)
+    assert distance.max() <= 0.3, distance
 
 
 @pytest.fixture
@@ -190,14 +277,20 @@ def radiograph(scene, ceph, tmp_path):
     return node, path
 
 
-def test_detect_on_a_loaded_radiograph_writes_a_new_node(scene, radiograph, fitted_file, ceph):
+def detect(logic, volume, model, **options):
+    job = logic.wait(logic.startDetect(volume, model=str(model), device="cpu", **options), timeout=300)
+    assert job.error is None, job.error
+    return logic.finishDetect(job)
+
+
+def test_detect_on_a_loaded_radiograph_writes_a_new_node(scene, radiograph, fitted_file, ceph, engine_worker):
     volume, path = radiograph
     user = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "my landmarks")
     user.AddControlPoint(vtk.vtkVector3d(1, 2, 0), "S")
     detector = load_detector(fitted_file, device="cpu")
-    logic = MedSapiensLogic(scene)
-    node = logic.detect(volume, detector)
-    node2 = logic.detect(volume, detector)
+    logic = MedSapiensLogic(scene, engine_worker)
+    node = detect(logic, volume, fitted_file)
+    node2 = detect(logic, volume, fitted_file)
     assert node.GetID() != user.GetID() and node2.GetID() != node.GetID() and node.GetName() != node2.GetName()
     assert user.GetNumberOfControlPoints() == 1 and user.GetNthControlPointLabel(0) == "S"
     assert np.allclose(user.GetNthControlPointPositionWorld(0), [1, 2, 0])
@@ -229,24 +322,17 @@ def test_low_confidence_and_missing_points_are_marked(scene, radiograph):
     assert node.GetNthControlPointDescription(1) == "confidence 0.200"
 
 
-def test_short_finetune_through_the_logic(scene, radiograph, fitted_file, ceph, tmp_path):
+def test_a_radiograph_under_a_parent_transform(scene, radiograph, micro_file, engine_worker):
+    """Detection in the worker on a 2D volume moved by a transform: the landmarks move with it (<= 0.3 mm)."""
     volume, _ = radiograph
-    truth = ceph.rows[0].landmarks
-    sx = ceph.rows[0].spacing
-    marks = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "annotated")
-    for name, (x, y) in zip(truth.names[:5], truth.points[:5]):
-        marks.AddControlPoint(vtk.vtkVector3d(-x * sx, -y * sx, 0), name)  # a 2D image in Slicer: LPS (x sx, y sy)
-    logic = MedSapiensLogic(scene)
-    case = logic.trainingCase(volume, marks)
-    assert np.allclose(case.landmarks.points, truth.points[:5], atol=1e-9)
-    seen = []
-    out = logic.finetune([case], fitted_file, tmp_path / "a.safetensors", progress=seen.append, steps=3,
-                         time_budget=None, views_per_case=2, lora_blocks=1, device="cpu")
-    assert seen[-1].step == 3
-    detector = load_detector(fitted_file, adapter=out, device="cpu")
-    assert detector.names == truth.names[:5]
-    node = logic.detect(volume, detector)
-    assert node.GetNumberOfControlPoints() == 5
+    logic = MedSapiensLogic(scene, engine_worker)
+    plain = detect(logic, volume, micro_file)
+    m = parent_transform(scene, volume)
+    moved = detect(logic, volume, micro_file)
+    before = np.array([plain.GetNthControlPointPositionWorld(i) for i in range(19)])
+    after = np.array([moved.GetNthControlPointPositionWorld(i) for i in range(19)])
+    assert np.abs(before[:, 2]).max() < 1e-9 and np.abs(after - before).max() > 1.0
+    assert np.linalg.norm(after - (before @ m[:3, :3].T + m[:3, 3]), axis=1).max() <= 0.3
 
 
 def test_clear_errors(scene):

@@ -5,6 +5,10 @@ class InputError(ValueError):
     """Bad input from the user: a file that cannot be read, a wrong landmark set, a checkpoint of an unknown layout."""
 
 
+class Cancelled(Exception):
+    """The user cancelled a detection or a training; nothing was written."""
+
+
 def describe_mismatch(what: str, missing=(), unexpected=(), wrong_shape=()) -> str:
     """One line listing the offending state-dict keys (the first few of each kind)."""
     parts = []

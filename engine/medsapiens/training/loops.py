@@ -23,7 +23,7 @@ from torch import nn
 
 from ..case import Case
 from ..detectors.heatmap import PRECISIONS, image_tensor, normalise, pick_device
-from ..errors import InputError, short_list
+from ..errors import Cancelled, InputError, short_list
 from ..models import adapter_file, lora
 from ..models.codec import DEFAULT_SIGMA, UDPCodec
 from ..models.sapiens import ARCHS, SapiensPose, grid_size
@@ -59,10 +59,6 @@ class Progress:
     phase: str = "train"
     total: int | None = None       # steps of the phase, where known
     remaining: float | None = None  # estimated seconds left in the whole run, where known
-
-
-class Cancelled(Exception):
-    """Training was cancelled; nothing was written."""
 
 
 def lr_factor(p: float, warmup: float) -> float:

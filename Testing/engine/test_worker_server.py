@@ -1,0 +1,113 @@
+"""The engine worker (`python -m medsapiens.worker`) over its real pipes, its file format, and the public API's
+detector cache (a model re-written in place is loaded again)."""
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from medsapiens import Case, Landmarks, api
+from medsapiens.detectors.factory import load_detector
+from medsapiens.models.adapter_file import save_trained
+from medsapiens.worker import protocol
+
+
+def test_cases_and_landmarks_travel_as_plain_arrays(tmp_path):
+    pixel_to_lps = np.array([[0.2, 0, 0, 5], [0, -0.3, 0, 6], [0, 0, 1, 7], [0, 0, 0, 1.0]])
+    marks = Landmarks(["a", "b"], [[1.5, 2.5], [np.nan, np.nan]], [0.7, 0.0], [True, False])
+    case = Case(np.arange(12, dtype=np.uint16).reshape(3, 4), (0.2, 0.3), marks, name="ceph 1",
+                pixel_to_lps=pixel_to_lps)
+    back = protocol.read_case(protocol.write_case(tmp_path / "c.npz", case))
+    assert back.image.dtype == np.uint16 and np.array_equal(back.image, case.image)
+    assert back.spacing == (0.2, 0.3) and back.name == "ceph 1" and np.array_equal(back.pixel_to_lps, pixel_to_lps)
+    assert back.landmarks.names == ["a", "b"] and back.landmarks.present.tolist() == [True, False]
+    assert np.array_equal(back.landmarks.points, marks.points, equal_nan=True)
+    plain = protocol.read_case(protocol.write_case(tmp_path / "p.npz", Case(np.zeros((4, 5, 3), np.uint8))))
+    assert plain.landmarks is None and plain.image.shape == (4, 5, 3)
+    with np.load(tmp_path / "c.npz", allow_pickle=False) as f:  # no object arrays: nothing to unpickle
+        assert all(f[k].dtype != object for k in f.files)
+
+
+class Worker:
+    """The worker process as an application sees it: JSON lines in, JSON lines out."""
+
+    def __init__(self):
+        self.process = subprocess.Popen([sys.executable, "-m", "medsapiens.worker"], stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert self.reply()["kind"] == "ready"
+
+    def send(self, line: str) -> None:
+        self.process.stdin.write(line + "\n")
+        self.process.stdin.flush()
+
+    def reply(self) -> dict:
+        return json.loads(self.process.stdout.readline())
+
+    def final(self) -> dict:
+        while (r := self.reply())["kind"] == "progress":
+            assert 0.0 <= r["fraction"] <= 1.0 and isinstance(r["message"], str)
+        return r
+
+
+def test_the_worker_answers_requests_and_survives_bad_ones(tmp_path, micro_file, ceph):
+    worker = Worker()
+    try:
+        worker.send("not json")
+        assert worker.reply() == {"kind": "error", "id": None, "message": worker_error("not json")}
+        worker.send(json.dumps({"id": 1, "kind": "segment"}))
+        assert worker.final() == {"id": 1, "kind": "error", "message": "unknown request 'segment' (known: detect, "
+                                                                        "finetune)"}
+        case = ceph.case(3)
+        image = protocol.write_case(tmp_path / "case.npz", case)
+        request = {"kind": "detect", "case": image, "out": str(tmp_path / "found.npz"), "device": "cpu"}
+        worker.send(json.dumps({"id": 2, **request, "model": str(tmp_path / "missing.safetensors")}))
+        error = worker.final()
+        assert error["kind"] == "error" and "missing.safetensors" in error["message"] and "\n" not in error["message"]
+        worker.send(json.dumps({"id": 3, **request, "model": str(micro_file)}))
+        assert worker.final() == {"id": 3, "kind": "result", "landmarks": str(tmp_path / "found.npz")}
+        found = protocol.read_landmarks(tmp_path / "found.npz")
+        engine = load_detector(micro_file, device="cpu").detect(case)
+        assert found.names == engine.names and np.allclose(found.points, engine.points)
+        worker.send(json.dumps({"kind": "shutdown"}))
+        assert worker.process.wait(30) == 0
+        assert worker.process.stdout.read() == "", "nothing after shutdown, and no stray prints on the protocol"
+    finally:
+        worker.process.kill()
+
+
+def worker_error(line):
+    try:
+        protocol.decode(line)
+    except ValueError as e:
+        return f"bad request: {e}"
+
+
+def test_the_worker_ends_when_its_application_goes_away():
+    worker = Worker()
+    worker.process.stdin.close()  # Slicer quit or crashed: the pipe closes
+    assert worker.process.wait(30) == 0
+
+
+def test_a_model_rewritten_in_place_is_loaded_again(tmp_path, micro_file, ceph):
+    """The detector cache is keyed by the file's content, not its path."""
+    path = tmp_path / "model.safetensors"
+    shutil.copy(micro_file, path)
+    case = ceph.case(7)
+    first = api.detect(case, str(path), device="cpu")
+    assert np.allclose(api.detect(case, str(path), device="cpu").confidence, first.confidence)
+    other = load_detector(micro_file, device="cpu").model
+    with torch.no_grad():
+        for p in other.head.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    save_trained(path, other, ceph.names, (256, 192), 3.0)
+    second = api.detect(case, str(path), device="cpu")
+    expected = load_detector(path, device="cpu").detect(case)
+    assert np.allclose(second.points, expected.points) and np.allclose(second.confidence, expected.confidence)
+    assert not np.allclose(second.confidence, first.confidence)
+
+
+def test_api_finetune_refuses_unknown_settings(micro_file, ceph, tmp_path):
+    with pytest.raises(api.InputError, match="unknown fine-tune settings: colour"):
+        api.finetune(str(micro_file), [ceph.case(0)], tmp_path / "a.safetensors", colour="red")

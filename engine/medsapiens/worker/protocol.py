@@ -1,0 +1,82 @@
+"""The worker's protocol: one JSON object per line, requests on its stdin and replies on its stdout.
+
+Requests (the client numbers them; `cancel` and `shutdown` act at once, even while a request runs):
+
+    {"id": 1, "kind": "detect", "case": "case-1.npz", "out": "found-1.npz", "model": "ceph.safetensors",
+     "adapter": null, "atlas": null, "deformable": false, "device": "auto", "precision": "fp32"}
+    {"id": 2, "kind": "finetune", "cases": ["a.npz", "b.npz", "c.npz"], "base": "...", "out": "task.safetensors",
+     "device": "auto", "settings": {"time_budget": 300}}
+    {"kind": "cancel", "id": 2}
+    {"kind": "shutdown"}
+
+Replies: {"kind": "ready", "pid": 123} once at start; then per request any number of
+{"id": 2, "kind": "progress", "fraction": 0.4, "message": "step 12, loss 0.8"} and one of
+{"id": 2, "kind": "result", ...}, {"id": 2, "kind": "error", "message": "one line"}, {"id": 2, "kind": "cancelled"}.
+
+Images and landmarks travel as .npz files (arrays only, read without pickle) in a folder the client owns.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from ..case import Case, Landmarks
+
+DETECT, FINETUNE, CANCEL, SHUTDOWN = "detect", "finetune", "cancel", "shutdown"
+READY, PROGRESS, RESULT, ERROR, CANCELLED = "ready", "progress", "result", "error", "cancelled"
+
+
+def encode(message: dict) -> str:
+    """One protocol line (newline included)."""
+    return json.dumps(message, separators=(",", ":")) + "\n"
+
+
+def decode(line: str) -> dict:
+    message = json.loads(line)
+    if not isinstance(message, dict) or not isinstance(message.get("kind"), str):
+        raise ValueError(f"not a protocol message: {line.strip()[:80]}")
+    return message
+
+
+def one_line(error: BaseException) -> str:
+    """An error as the one line the user sees: the engine's own messages as they are, others with their type."""
+    from ..errors import InputError
+
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if isinstance(error, InputError) else f"{type(error).__name__}: {text}"
+
+
+def write_case(path, case: Case) -> str:
+    """The case's own copy of its pixels, spacing, pixel -> LPS matrix and landmarks (if any), as one .npz."""
+    arrays = {"image": np.ascontiguousarray(case.image), "spacing": np.asarray(case.spacing),
+              "pixel_to_lps": case.pixel_to_lps, "name": np.array(case.name)}
+    if case.landmarks is not None:
+        arrays.update(_landmark_arrays(case.landmarks))
+    np.savez(path, **arrays)
+    return str(path)
+
+
+def read_case(path) -> Case:
+    with np.load(path, allow_pickle=False) as f:
+        landmarks = _landmarks(f) if "names" in f else None
+        return Case(f["image"], tuple(f["spacing"]), landmarks, name=str(f["name"]), pixel_to_lps=f["pixel_to_lps"])
+
+
+def write_landmarks(path, landmarks: Landmarks) -> str:
+    np.savez(path, **_landmark_arrays(landmarks))
+    return str(path)
+
+
+def read_landmarks(path) -> Landmarks:
+    with np.load(path, allow_pickle=False) as f:
+        return _landmarks(f)
+
+
+def _landmark_arrays(landmarks: Landmarks) -> dict:
+    return {"names": np.array(landmarks.names, dtype=str), "points": landmarks.points,
+            "confidence": landmarks.confidence, "present": landmarks.present}
+
+
+def _landmarks(f) -> Landmarks:
+    return Landmarks([str(n) for n in f["names"]], f["points"], f["confidence"], f["present"])

@@ -1,0 +1,111 @@
+"""The worker's loop: requests from stdin, run one at a time through medsapiens.api, replies on stdout.
+
+A reader thread reads stdin all the time, so `cancel` reaches a running request at once (the engine checks the
+flag every training step and between stages), and `shutdown` or the end of stdin (the application closed or
+died) stops the worker. The protocol owns the real stdout; whatever the engine or a library prints goes to
+stderr. A new request kind is one more entry in HANDLERS: fn(request, progress, cancel) -> result fields.
+"""
+from __future__ import annotations
+
+import io
+import os
+import queue
+import sys
+import threading
+import traceback
+
+from .. import api
+from ..errors import Cancelled, InputError
+from . import protocol
+
+
+def detect(request: dict, progress, cancel) -> dict:
+    case = protocol.read_case(request["case"])
+    atlas = [protocol.read_case(p) for p in request["atlas"]] if request.get("atlas") else None
+    found = api.detect(case, request.get("model"), adapter=request.get("adapter"), atlas=atlas,
+                       deformable=bool(request.get("deformable")), device=request.get("device"),
+                       precision=request.get("precision", "fp32"), progress=progress, cancel=cancel)
+    return {"landmarks": protocol.write_landmarks(request["out"], found)}
+
+
+def finetune(request: dict, progress, cancel) -> dict:
+    cases = [protocol.read_case(p) for p in request["cases"]]
+    out = api.finetune(request["base"], cases, request["out"], device=request.get("device"), progress=progress,
+                       cancel=cancel, **request.get("settings", {}))
+    return {"adapter": str(out)}
+
+
+HANDLERS = {protocol.DETECT: detect, protocol.FINETUNE: finetune}
+
+
+class Server:
+    def __init__(self, requests, replies):
+        self._requests, self._replies = requests, replies
+        self._send_lock = threading.Lock()
+        self._queue: queue.Queue = queue.Queue()
+        self._cancel: dict = {}  # request id -> threading.Event, for requests queued or running
+
+    def send(self, **message) -> None:
+        with self._send_lock:
+            self._replies.write(protocol.encode(message))
+            self._replies.flush()
+
+    def serve(self) -> int:
+        threading.Thread(target=self._read, name="requests", daemon=True).start()
+        self.send(kind=protocol.READY, pid=os.getpid())
+        while (request := self._queue.get()) is not None:
+            self._run(request)
+        return 0
+
+    def _read(self) -> None:
+        for line in self._requests:
+            if not line.strip():
+                continue
+            try:
+                message = protocol.decode(line)
+            except ValueError as e:
+                self.send(kind=protocol.ERROR, id=None, message=f"bad request: {e}")
+                continue
+            if message["kind"] == protocol.CANCEL:
+                event = self._cancel.get(message.get("id"))
+                if event is not None:
+                    event.set()
+            elif message["kind"] == protocol.SHUTDOWN:
+                break
+            else:
+                self._cancel[message.get("id")] = threading.Event()
+                self._queue.put(message)
+        for event in list(self._cancel.values()):  # shutdown, or the application went away: stop what runs
+            event.set()
+        self._queue.put(None)
+
+    def _run(self, request: dict) -> None:
+        rid = request.get("id")
+        cancelled = self._cancel[rid]
+
+        def progress(fraction: float, message: str) -> None:
+            self.send(id=rid, kind=protocol.PROGRESS, fraction=round(float(fraction), 4), message=message)
+
+        try:
+            handler = HANDLERS.get(request["kind"])
+            if handler is None:
+                raise InputError(f"unknown request {request['kind']!r} (known: {', '.join(HANDLERS)})")
+            if cancelled.is_set():
+                raise Cancelled("cancelled before it started")
+            self.send(id=rid, kind=protocol.RESULT, **handler(request, progress, cancelled.is_set))
+        except Cancelled:
+            self.send(id=rid, kind=protocol.CANCELLED)
+        except Exception as e:  # the worker stays up for the next request; the trace goes to its log
+            if not isinstance(e, InputError):
+                traceback.print_exc(file=sys.stderr)
+            self.send(id=rid, kind=protocol.ERROR, message=protocol.one_line(e))
+        finally:
+            self._cancel.pop(rid, None)
+
+
+def main() -> int:
+    replies = io.TextIOWrapper(os.fdopen(os.dup(1), "wb"), encoding="utf-8", line_buffering=True)
+    os.dup2(2, 1)  # prints of the engine and its libraries (C ones included) go to stderr, not the protocol
+    sys.stdout = sys.stderr
+    requests = io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8")
+    return Server(requests, replies).serve()
