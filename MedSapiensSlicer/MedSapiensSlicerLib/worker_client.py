@@ -84,7 +84,8 @@ class EngineWorker:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (engine_root, env.get("PYTHONPATH")) if p)
         log = open(self._folder() / LOG_NAME, "ab")
         self._process = subprocess.Popen([self.python, "-m", "medsapiens.worker"], stdin=subprocess.PIPE,
-                                         stdout=subprocess.PIPE, stderr=log, cwd=str(self.folder), env=env)
+                                         stdout=subprocess.PIPE, stderr=log, cwd=str(self.folder), env=env,
+                                         creationflags=getattr(subprocess, "CREATE_NO_WINDOW", 0))  # Windows
         log.close()
         self._replies = queue.Queue()  # replies of an earlier process are not mixed in
         threading.Thread(target=_read_replies, args=(self._process, self._replies), name="medsapiens-replies",
