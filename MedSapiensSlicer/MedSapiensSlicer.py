@@ -112,6 +112,7 @@ class MedSapiensSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """Module closed or reloaded, or Slicer quitting: stop polling and end the engine worker."""
         self.timer.stop()
         self.job = None
+        self.logic.onCasesChanged = None  # this panel is going away
         self.logic.shutdown()
         self.removeObservers()
 
