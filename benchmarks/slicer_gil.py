@@ -2,7 +2,7 @@
 holds the GIL the way Slicer's main thread can (PythonQt's event loop: here 50 ms of libc usleep called through
 ctypes.PyDLL, which keeps the GIL, then a little Python that drains the replies, repeated).
 
-    python benchmarks/slicer_gil.py [--repeats 3]
+    python benchmarks/slicer_gil.py [--repeats 3] [--detections atlas heatmap]
 
 Two detections: the weight-free atlas (2 phantom atlases, a phantom radiograph: mostly long SimpleITK calls) and a
 micro heatmap model (random weights: time does not depend on them) on cephalogram 011 (many short torch
@@ -68,6 +68,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"))
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--detections", nargs="+", choices=["atlas", "heatmap"], default=["atlas", "heatmap"])
     args = parser.parse_args()
     import torch
     from medsapiens.io.datasets import Dataset
@@ -81,12 +82,12 @@ def main() -> None:
     torch.manual_seed(0)
     micro = save_trained(worker.newFile("micro", ".safetensors"), SapiensPose("micro", len(ceph.names), (16, 12)),
                          ceph.names, (256, 192), 3.0)
-    detections = {"atlas, phantom": (phantom_case(100), {"atlas": [phantom_case(s) for s in range(2)]}),
-                  "micro heatmap, ceph 011": (ceph.case(10), {"model": str(micro), "device": "cpu"})}
+    detections = {"atlas": ("atlas, phantom", phantom_case(100), {"atlas": [phantom_case(s) for s in range(2)]}),
+                  "heatmap": ("micro heatmap, ceph 011", ceph.case(10), {"model": str(micro), "device": "cpu"})}
     try:
         print("| detection | design | main thread free (s) | main thread holding the GIL (s) | ratio |")
         print("| --- | --- | --- | --- | --- |")
-        for label, (case, request) in detections.items():
+        for label, case, request in (detections[d] for d in args.detections):
             designs = {"thread": lambda turn: on_thread(case, request, turn),
                        "worker": lambda turn: in_worker(worker, case, request, turn)}
             for name, run in designs.items():
