@@ -72,8 +72,8 @@ def test_detection_finishes_while_the_main_thread_holds_the_gil(scene, engine_wo
         return time.monotonic() - t0, logic.finishDetect(job)
 
     detect(free_turn)  # the model is loaded once, and stays loaded in the worker
-    free, _ = detect(free_turn)
-    held, node = detect(held_turn)
+    free = min(detect(free_turn)[0] for _ in range(3))  # the least disturbed by other jobs on the machine
+    held, node = min((detect(held_turn) for _ in range(3)), key=lambda r: r[0])
     print(f"heatmap detection through the module logic: main thread free {free:.2f} s, holding the GIL {held:.2f} s")
     assert held < ALLOWED * free + 0.2
     engine = load_detector(micro_file, device="cpu").detect(logic.caseFor(volume)[0])
