@@ -196,7 +196,7 @@ class MedSapiensLogic:
 
     # ------------------------------------------------------------------------------------ engine (worker process)
     def startDetect(self, volumeNode, sliceNode=None, *, model=None, adapter=None, atlas=False, deformable=False,
-                    device="auto", precision="fp32"):
+                    device="auto", precision="auto"):
         """Send the image (a copy, in a file) to the engine worker; returns its Job (finish it with finishDetect).
 
         model: a weight file or catalogue name (with an optional adapter file); atlas=True: the weight-free

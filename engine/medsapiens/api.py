@@ -75,7 +75,7 @@ def file_key(path) -> tuple:
 
 
 def detect(case: Case, model: str | None = None, *, adapter: str | None = None, atlas: list[Case] | None = None,
-           deformable: bool = False, device: str | None = None, precision: str = "fp32",
+           deformable: bool = False, device: str | None = None, precision: str = "auto",
            progress: Progress | None = None, cancel=None) -> Landmarks:
     """Landmarks on `case`, by a model (weight file or catalogue name, optionally with an adapter file) or by the
     weight-free atlas of annotated `atlas` cases (`deformable`: add the B-spline stage)."""

@@ -24,7 +24,7 @@ def detect(request: dict, progress, cancel) -> dict:
     atlas = [protocol.read_case(p) for p in request["atlas"]] if request.get("atlas") else None
     found = api.detect(case, request.get("model"), adapter=request.get("adapter"), atlas=atlas,
                        deformable=bool(request.get("deformable")), device=request.get("device"),
-                       precision=request.get("precision", "fp32"), progress=progress, cancel=cancel)
+                       precision=request.get("precision", "auto"), progress=progress, cancel=cancel)
     return {"landmarks": protocol.write_landmarks(request["out"], found)}
 
 
