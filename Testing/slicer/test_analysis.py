@@ -120,11 +120,13 @@ def test_detect_then_analysis_on_a_loaded_radiograph(scene, ceph, tmp_path):
     sitk.WriteImage(image, str(tmp_path / "051.nrrd"))
     volume = scene.logics["Volumes"].AddArchetypeVolume(str(tmp_path / "051.nrrd"), "ceph051")
     logic = MedSapiensLogic(scene)
-    node = logic.detect(volume, AtlasDetector([ceph.case(0)]))
+    case, geometry = logic.caseFor(volume)
+    node = logic.writeLandmarks(AtlasDetector([ceph.case(0)]).detect(case), geometry, "ceph051 landmarks")
     rows = analysisRows(node)
     assert rows is not None and all(r.class_number is not None for r in rows)
-    # the same measures as the logic's other way from a node back to pixels (trainingCase)
-    case = logic.trainingCase(volume, node)
+    # the same measures as the logic's other way from a node back to pixels (an annotated case)
+    logic.addCase(volume, node)
+    case, = logic.trainingCases()
     want = {m.name: m.value for m in analyze(case.landmarks, case.spacing)}
     assert values(rows) == pytest.approx(want, abs=1e-6)
     truth = {m.name: m.value for m in analyze(target.landmarks, target.spacing)}
