@@ -347,12 +347,11 @@ class MedSapiensSlicerLogic(ScriptedLoadableModuleLogic, MedSapiensLogic):
         """Ask before the first download of a catalogue model (the worker downloads it, with progress)."""
         from medsapiens import api
 
-        entry = api.needs_download(model) if model else None
-        if entry is None:
+        needed = api.needs_download(model) if model else None
+        if not needed:
             return True
-        size = f"{entry.size / 2 ** 20:.0f} MB" if entry.size else "size unknown"
-        return slicer.util.confirmOkCancelDisplay(f"Download {entry.name} ({size}) from {entry.url}?",
-                                                  windowTitle="MedSapiens model download")
+        what = "\n".join(f"{e.display}: {e.source.url}" for e in needed)
+        return slicer.util.confirmOkCancelDisplay(f"Download\n{what}?", windowTitle="MedSapiens model download")
 
     @staticmethod
     def adaptersDir():

@@ -63,7 +63,7 @@ def fitted_micro(ceph):
 @pytest.fixture(scope="session")
 def fitted_file(tmp_path_factory, fitted_micro, ceph):
     """fitted_micro saved as this project's model file."""
-    from medsapiens.models.adapter_file import save_trained
+    from medsapiens.models.weight_files import save_trained
 
     path = tmp_path_factory.mktemp("model") / "ceph_micro.safetensors"
     return save_trained(path, fitted_micro, ceph.names, (256, 192), 3.0)

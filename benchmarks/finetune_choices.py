@@ -17,7 +17,7 @@ from pathlib import Path
 
 from medsapiens.analysis.metrics import format_sdr
 from medsapiens.io.datasets import Dataset
-from medsapiens.models.adapter_file import load_weights
+from medsapiens.models.weight_files import load_weights
 
 VARIANTS = {
     "all-blocks": ["--augment", "reference"],  # LoRA on every block: whole backbone forward + backward per step

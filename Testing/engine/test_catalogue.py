@@ -1,4 +1,5 @@
-"""The downloader against a local HTTP server: cache, checksum, pinning, offline mode."""
+"""The downloader against a local HTTP server with plain URLs: cache, checksum, pinning, offline mode.
+(The Google Drive flow, zip members and resume: test_release_models.py.)"""
 import hashlib
 import http.server
 import json
@@ -8,7 +9,7 @@ from functools import partial
 import pytest
 import torch
 from medsapiens import InputError, load_detector
-from medsapiens.models.catalogue import catalogue, resolve
+from medsapiens.models.download import resolve
 from medsapiens.models.sapiens import SapiensPose
 
 
@@ -36,56 +37,54 @@ def hub_model(server, tmp_path, monkeypatch):
     monkeypatch.delenv("MEDSAPIENS_OFFLINE", raising=False)
 
     def make_catalogue(sha256):
-        entry = {"name": "micro-pose", "url": f"{url}/sapiens_micro_pose.pth", "filename": path.name,
-                 "sha256": sha256, "size": path.stat().st_size, "layout": "pose", "landmarks": list("ABCD")}
+        entry = {"name": "micro-pose", "display": "micro pose", "source": {"kind": "http",
+                 "url": f"{url}/sapiens_micro_pose.pth"}, "sha256": sha256 or "pin-on-first-download",
+                 "layout": "pose", "landmark_sets": ["abcd"]}
         cat = tmp_path / f"models-{sha256 or 'unpinned'}.json"
-        cat.write_text(json.dumps({"models": [entry]}))
-        return cat
+        cat.write_text(json.dumps({"landmark_sets": {"abcd": {"names": list("ABCD")}}, "models": [entry]}))
+        monkeypatch.setenv("MEDSAPIENS_CATALOGUE", str(cat))
 
     return make_catalogue, digest, tmp_path / "cache"
 
 
-def test_shipped_catalogue_is_well_formed():
-    entries = catalogue()
-    assert entries and all(e.url.startswith("https://") and e.filename for e in entries.values())
-
-
 def test_download_verify_and_reuse(hub_model, capsys):
     make_catalogue, digest, cache = hub_model
-    cat = make_catalogue(digest)
-    path = resolve("micro-pose", catalogue_path=cat)
+    make_catalogue(digest)
+    path = resolve("micro-pose")[0]
     assert path == cache / "micro-pose" / "sapiens_micro_pose.pth"
     assert hashlib.sha256(path.read_bytes()).hexdigest() == digest
     assert "micro-pose" in capsys.readouterr().err  # progress bar on stderr
     mtime = path.stat().st_mtime_ns
-    assert resolve("micro-pose", catalogue_path=cat) == path and path.stat().st_mtime_ns == mtime  # cached
+    assert resolve("micro-pose")[0] == path and path.stat().st_mtime_ns == mtime  # cached
 
 
 def test_checksum_mismatch_discards_the_file(hub_model):
     make_catalogue, digest, cache = hub_model
+    make_catalogue("0" * 64)
     with pytest.raises(InputError, match="SHA256"):
-        resolve("micro-pose", catalogue_path=make_catalogue("0" * 64))
+        resolve("micro-pose")
     assert not any(p.is_file() for p in cache.rglob("*"))  # nothing half-written or unverified left
 
 
 def test_unpinned_entry_is_pinned_at_first_download(hub_model):
     make_catalogue, digest, cache = hub_model
-    cat = make_catalogue(None)
-    path = resolve("micro-pose", catalogue_path=cat)
+    make_catalogue(None)
+    path = resolve("micro-pose")[0]
     pin = path.with_name(path.name + ".sha256")
     assert pin.read_text().strip() == digest
     path.write_bytes(path.read_bytes()[:-10])  # tampered afterwards
     with pytest.raises(InputError, match="does not match"):
-        resolve("micro-pose", catalogue_path=cat)
+        resolve("micro-pose")[0]
 
 
 def test_offline_mode_and_local_files(hub_model, monkeypatch, server):
     make_catalogue, digest, cache = hub_model
     monkeypatch.setenv("MEDSAPIENS_OFFLINE", "1")
+    make_catalogue(digest)
     with pytest.raises(InputError, match="MEDSAPIENS_OFFLINE"):
-        resolve("micro-pose", catalogue_path=make_catalogue(digest))
+        resolve("micro-pose")
     local = server[0] / "sapiens_micro_pose.pth"
-    assert resolve(str(local)) == local  # a local file needs no network
+    assert resolve(str(local)) == (local, None)  # a local file needs no network
     detector = load_detector(local, input_size=(256, 192))
     assert detector.names == ["L0", "L1", "L2", "L3"]
 
@@ -99,8 +98,9 @@ def test_progress_callback_reports_bytes(hub_model, capsys):
     """The Slicer panel drives its progress bar from a callback instead of the stderr bar."""
     make_catalogue, digest, cache = hub_model
     seen = []
-    path = resolve("micro-pose", progress=lambda done, total: seen.append((done, total)),
-                   catalogue_path=make_catalogue(digest))
+    make_catalogue(digest)
+    path, choice = resolve("micro-pose", progress=lambda done, total: seen.append((done, total)))
+    assert choice.landmark_names == list("ABCD")
     size = path.stat().st_size
     assert seen and seen[-1] == (size, size) and all(a <= b for (a, _), (b, _) in zip(seen, seen[1:]))
     assert "micro-pose" not in capsys.readouterr().err

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 from medsapiens import InputError, load_detector
-from medsapiens.models.adapter_file import save_trained
-from medsapiens.models.checkpoints import build_model, read_checkpoint
+from medsapiens.models.weight_files import save_trained
+from medsapiens.models.build import build_model
+from medsapiens.models.checkpoints import read_checkpoint
 from medsapiens.models.lora import add_lora, lora_state_dict, to_medsapiens
 from medsapiens.models.sapiens import SapiensPose
 

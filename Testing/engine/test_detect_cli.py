@@ -42,11 +42,45 @@ def test_detect_writes_markups_and_csv_that_slicer_reads(tmp_path, fitted_file, 
         assert node.GetNthControlPointDescription(i).startswith("confidence ")
 
 
-def test_flip_test_and_input_size_options(tmp_path, fitted_file, ceph, capsys):
+def test_flip_test_mirrors_landmarks_and_swaps_pairs(fitted_micro, ceph):
+    """With the flip test, a mirrored image gives the mirrored landmarks with each symmetric pair swapped, exactly,
+    whatever the weights (the mirrored pass of one image is the plain pass of the other); without it this
+    model, fitted to one unmirrored case, is pixels away from symmetric."""
+    import copy
+
+    from medsapiens.case import Case
+    from medsapiens.detectors.heatmap import HeatmapDetector
+
+    case = ceph.case(0)
+    mirrored = Case(case.image[:, ::-1].copy(), case.spacing)
+    pairs = [(0, 1), (4, 5), (10, 11)]
+    swap = np.arange(19)
+    for a, b in pairs:
+        swap[a], swap[b] = b, a
+
+    def run(flip_test):
+        detector = HeatmapDetector(copy.deepcopy(fitted_micro), ceph.names, (256, 192), 3.0, pairs, flip_test,
+                                   device="cpu")
+        p, q = detector.detect(case).points, detector.detect(mirrored).points
+        expected = np.column_stack([case.size[0] - 1 - p[:, 0], p[:, 1]])[swap]
+        return p, np.abs(q - expected).max()
+
+    with_flip, error = run(True)
+    assert error < 0.1, error
+    plain, error = run(False)
+    assert error > 2.0, error
+    assert np.abs(with_flip - plain).max() > 0.5, "the flip test averages in the mirrored pass"
+
+
+def test_flip_test_option_reaches_the_detector(tmp_path, fitted_file, ceph):
     image = ceph.root / ceph.rows[0].image
-    assert main(["detect", str(fitted_file), str(image), "--out", str(tmp_path), "--flip-test",
-                 "--input-size", "256", "192"]) == 0
-    assert (tmp_path / "001.mrk.json").is_file()
+    found = {}
+    for flag in ("--flip-test", "--no-flip-test"):
+        out = tmp_path / flag
+        assert main(["detect", str(fitted_file), str(image), "--out", str(out), flag,
+                     "--input-size", "256", "192"]) == 0
+        found[flag] = Dataset(out / "landmarks.csv").rows[0].landmarks.points
+    assert not np.allclose(found["--flip-test"], found["--no-flip-test"])
 
 
 def run_cli(*args):

@@ -15,7 +15,7 @@ from medsapiens.detectors.refiner import (
     grey,
 )
 from medsapiens.io.markups import read_markups
-from medsapiens.models.adapter_file import load_weights
+from medsapiens.models.weight_files import load_weights
 from medsapiens.training.loops import Cancelled
 from medsapiens.training.refine import (
     NotBetter,
@@ -105,7 +105,7 @@ def test_detect_with_the_adapter_alone(adapter, ceph, tmp_path, capsys):
 
 def test_damaged_atlas_case_is_refused(adapter, tmp_path):
     from medsapiens.errors import InputError
-    from medsapiens.models.adapter_file import save_weights
+    from medsapiens.models.weight_files import save_weights
 
     out, _ = adapter
     tensors, meta = load_weights(out)

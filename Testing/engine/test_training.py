@@ -14,7 +14,7 @@ import torch
 from medsapiens.analysis.metrics import radial_errors
 from medsapiens.cli import main
 from medsapiens.detectors.factory import load_detector
-from medsapiens.models.adapter_file import load_weights
+from medsapiens.models.weight_files import load_weights
 from medsapiens.models.checkpoints import read_checkpoint
 from medsapiens.models.sapiens import SapiensPose
 from medsapiens.training.augment import NONE, random_view

@@ -29,32 +29,29 @@ _loaded: dict = {"key": None, "detector": None}  # the last model detector and t
 
 
 def models() -> dict:
-    """The model catalogue: name -> entry (url, filename, size, sha256, landmarks, description)."""
-    from .models.catalogue import catalogue
+    """The models to pick from: name (`NAME` or `NAME:SET`) -> display name, e.g. "MedSapiens head (ISBI 19)"."""
+    from .models.catalogue import choices
 
-    return catalogue()
+    return {c.name: c.display for c in choices()}
 
 
 def needs_download(name_or_path: str):
-    """The catalogue entry of a model that is not on disk yet (to ask the user first), else None."""
-    from .models.catalogue import cached_path
+    """The catalogue entries (the model and its base) not on disk yet, to ask the user first; None when none."""
+    from .models.download import downloads_needed
 
-    entry = models().get(str(name_or_path))
-    if entry is None or Path(str(name_or_path)).exists() or cached_path(entry).exists():
-        return None
-    return entry
+    return downloads_needed(str(name_or_path)) or None
 
 
 def resolve_model(name_or_path: str, progress: Progress | None = None, cancel=None) -> Path:
     """A local file for a weight file or catalogue name; a catalogue model is downloaded once, with progress."""
-    from .models.catalogue import resolve
+    from .models.download import resolve
 
     def bytes_done(done, total):
         _check(cancel)
         if progress:
             progress(done / total if total else 0.0, f"downloading {name_or_path}: {done / 2 ** 20:.0f} MB")
 
-    return Path(resolve(str(name_or_path), progress=bytes_done))
+    return resolve(str(name_or_path), progress=bytes_done)[0]
 
 
 def adapters_dir() -> Path:
@@ -102,7 +99,7 @@ def _model_detector(model, adapter, device, precision, progress, cancel):
 
     model_path = resolve_model(model, progress, cancel)
     adapter_path = resolve_model(adapter, progress, cancel) if adapter else None
-    key = (file_key(model_path), adapter_path and file_key(adapter_path), device, precision)
+    key = (str(model), file_key(model_path), adapter_path and file_key(adapter_path), device, precision)
     if key != _loaded["key"]:
         _loaded["key"] = _loaded["detector"] = None  # the old model's memory is freed before the new one loads
         if progress:

@@ -27,9 +27,26 @@ def _preset_name(augment) -> str:
     return next(name for name, preset in PRESETS.items() if preset == augment)
 
 
+class _IntermixedParser(argparse.ArgumentParser):
+    """Options may come between positionals: `detect MODEL --base B IMAGE...` as well as `detect MODEL IMAGE... --base B`."""
+
+    _inner = False
+
+    def parse_known_args(self, args=None, namespace=None):
+        if self._inner:  # parse_known_intermixed_args calls back here for its two passes
+            return super().parse_known_args(args, namespace)
+        self._inner = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._inner = False
+
+
 def _add_model_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--adapter", help="LoRA adapter file applied on MODEL (this project's format)")
-    p.add_argument("--base", help="Sapiens checkpoint under a MedSapiens LoRA file given as MODEL")
+    p.add_argument("--adapter", metavar="LORA", help="LoRA file (an adapter trained here, or a MedSapiens "
+                   "checkpoint) applied on MODEL; MODEL is then its base")
+    p.add_argument("--base", metavar="BASE", help="the Sapiens checkpoint under MODEL, when MODEL is a LoRA file "
+                   "(catalogue MedSapiens models fetch their base themselves)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: CUDA when present)")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                    help="inference precision (default auto: bf16 on GPUs that support it and on CPUs with native "
@@ -37,7 +54,9 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
                         "it measures faster than fp32; fp32 elsewhere)")
     p.add_argument("--input-size", nargs=2, type=int, metavar=("H", "W"),
                    help="network input size (default: the model's, 1024 768 for Sapiens)")
-    p.add_argument("--flip-test", action="store_true", help="average with the mirrored image (slower)")
+    p.add_argument("--flip-test", action=argparse.BooleanOptionalAction, default=None,
+                   help="average with the mirrored image, symmetric landmarks swapped (default: the model's own "
+                        "setting, on for the MedSapiens release as in its test config)")
 
 
 def _add_training_options(p: argparse.ArgumentParser, defaults: Settings, lr_help: str | None = None) -> None:
@@ -59,11 +78,13 @@ def _add_training_options(p: argparse.ArgumentParser, defaults: Settings, lr_hel
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medsapiens", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_IntermixedParser)
 
     p = sub.add_parser("detect", help="detect landmarks on images, write .mrk.json files and landmarks.csv",
                        description="Detect landmarks on 2D images. MODEL is a weight file or a catalogue name "
-                                   "(see `medsapiens models`); with --atlas no MODEL is given.")
+                                   "(see `medsapiens models`; NAME:SET picks one landmark set of the generalist); "
+                                   "with --atlas no MODEL is given. A LoRA file needs its base: `detect LORA --base "
+                                   "BASE IMAGE...` or `detect BASE --adapter LORA IMAGE...`.")
     p.add_argument("inputs", nargs="+", metavar="[MODEL] IMAGE", help="model (unless --atlas), then images")
     p.add_argument("--out", required=True, type=Path, help="output folder")
     p.add_argument("--atlas", help="weight-free detection from annotated cases: a landmarks.csv or a folder of "
@@ -159,7 +180,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(p)
     p.set_defaults(run=_evaluate)
 
-    p = sub.add_parser("models", help="list the model catalogue and the cache folder")
+    p = sub.add_parser("models", help="list the model catalogue, or add a model file or the release zip",
+                       description="`models` lists the catalogue (name, display name, SHA256 state); `models add "
+                                   "FILE|ZIP [--name NAME]` brings a downloaded file or the MedSapiens release zip "
+                                   "into the cache, for sites without network.")
+    p.add_argument("action", nargs="?", choices=("list", "add"), default="list")
+    p.add_argument("file", nargs="?", type=Path, metavar="FILE|ZIP", help="with add: the model file or zip")
+    p.add_argument("--name", help="with add: the catalogue name the file is, or the name of a new model "
+                                  "(default: recognised from the file name, else the file's stem)")
     p.set_defaults(run=_models)
 
     p = sub.add_parser("demo", help="atlas detection on unseen cases from 3 annotated ones, offline, ~1 minute",
@@ -357,7 +385,7 @@ def _positive(**options) -> None:
 
 def _finetune(args) -> int:
     from .io.datasets import load_cases
-    from .models.adapter_file import load_weights
+    from .models.weight_files import load_weights
     from .training.loops import check_cases, finetune
 
     _positive(time_budget=args.time_budget, steps=args.steps, views=args.views, lora_blocks=args.lora_blocks)
@@ -467,10 +495,28 @@ def _evaluate(args) -> int:
 
 
 def _models(args) -> int:
-    from .models.catalogue import cache_dir, catalogue
+    from .models.catalogue import PIN_ON_FIRST_DOWNLOAD, cache_dir, catalogue
+    from .models.download import add_local, cached_path, pinned_sha256
 
+    if args.action == "add":
+        if args.file is None:
+            raise InputError("models add needs FILE (a model file or the release zip)")
+        for name in add_local(args.file, args.name):
+            print(f"{name}\t{cached_path(catalogue()[name])}")
+        return 0
+    if args.file is not None or args.name is not None:
+        raise InputError("FILE and --name go with `models add`")
     for entry in catalogue().values():
-        print(f"{entry.name}\t{entry.layout}\t{entry.url}")
+        sha = pinned_sha256(entry)
+        if entry.sha256 != PIN_ON_FIRST_DOWNLOAD:
+            state = f"sha256 {sha} (catalogue)"
+        elif sha:
+            state = f"sha256 {sha} (pinned at first download)"
+        else:
+            state = "sha256 pinned at first download (not downloaded yet)"
+        sets = ",".join(s.name for s in entry.landmark_sets) if len(entry.landmark_sets) > 1 else ""
+        where = "cached" if cached_path(entry).is_file() else entry.source.url
+        print("\t".join([entry.name, entry.display, f"sets: {sets}" if sets else "-", state, where]))
     print(f"cache: {cache_dir()}", file=sys.stderr)
     return 0
 

@@ -21,9 +21,9 @@ from torch import nn
 from ..case import Case, Landmarks
 from ..errors import InputError
 from ..io.intensity import to_rgb255
-from ..models import adapter_file
+from ..models import weight_files
 
-KIND = "atlas-refiner"  # the adapter file kind (adapter_file.py)
+KIND = "atlas-refiner"  # the weight file kind (weight_files.py)
 
 
 @dataclass(frozen=True)
@@ -186,7 +186,7 @@ def case_checksum(case: Case, names: list[str]) -> str:
 
 def load_refined_atlas(path) -> RefinedAtlasDetector:
     """The detector an atlas-refiner adapter describes; everything it needs is in the file (checksummed)."""
-    tensors, meta = adapter_file.load_weights(path)
+    tensors, meta = weight_files.load_weights(path)
     if meta.get("kind") != KIND:
         raise InputError(f"{path}: a {meta.get('kind')} file, not an atlas-refiner adapter")
     names = meta["landmark_names"]

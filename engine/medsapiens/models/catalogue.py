@@ -1,120 +1,185 @@
-"""The model catalogue (models.json beside this file) and the downloader: per-user cache, progress, SHA256 check.
+"""What models exist: the shipped catalogue (models.json beside this file) plus the models a user added.
 
-Offline sites set MEDSAPIENS_OFFLINE=1 (no network attempt) and pass a local file instead of a catalogue name.
-Entries whose SHA256 is not pinned in the catalogue are pinned at first download: the hash is recorded next to
-the cached file and every later use is checked against it.
+A name may carry a landmark set: `medsapiens-generalist:head` is the generalist restricted to the head's 19
+channels. This module only describes models; download.py fetches them, checkpoints.py reads them.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import sys
-import urllib.error
-import urllib.request
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
 from ..errors import InputError
-from ..io.atomic import atomic_write, atomic_write_text
-from .adapter_file import sha256_of
+from ..io.atomic import atomic_write_text
+
+PIN_ON_FIRST_DOWNLOAD = "pin-on-first-download"
+SOURCE_KINDS = ("http", "google-drive", "local")
+
+
+@dataclass(frozen=True)
+class LandmarkSet:
+    name: str
+    display: str
+    names: list[str]
+    flip_pairs: list[tuple[int, int]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where the file comes from: a plain URL, a Google Drive file (confirm page flow), or a user's own file.
+
+    member: the file inside a zip download (matched by its full path, or as the end of one).
+    """
+    kind: str
+    url: str = ""
+    member: str | None = None
 
 
 @dataclass(frozen=True)
 class Entry:
     name: str
-    url: str
-    filename: str
-    sha256: str | None
-    size: int | None
-    layout: str
-    landmarks: list[str] | None
-    description: str = ""
+    display: str
+    source: Source
+    sha256: str  # hex digest of the kept file, or PIN_ON_FIRST_DOWNLOAD
+    layout: str | None  # None: recognised from the file (models a user added)
+    base: str | None = None
+    landmark_sets: tuple[LandmarkSet, ...] = ()
+    input_hw: tuple[int, int] | None = None
+    sigma: float | None = None
+    flip_test: bool = False
+
+    @property
+    def filename(self) -> str:
+        """The kept file's name: the zip member's or the URL's last part."""
+        return Path(self.source.member or self.source.url.split("?")[0]).name
+
+    @property
+    def landmark_names(self) -> list[str] | None:
+        return [n for s in self.landmark_sets for n in s.names] if self.landmark_sets else None
 
 
-def catalogue(path=None) -> dict[str, Entry]:
-    source = Path(path) if path else resources.files("medsapiens.models") / "models.json"
-    data = json.loads(source.read_text(encoding="utf-8"))
-    fields = set(Entry.__dataclass_fields__)
-    return {m["name"]: Entry(**{k: v for k, v in m.items() if k in fields}) for m in data["models"]}
+@dataclass(frozen=True)
+class Choice:
+    """A catalogue model, optionally restricted to one landmark set: what `detect NAME[:SET]` runs."""
+    entry: Entry
+    landmark_set: LandmarkSet | None = None
+
+    @property
+    def name(self) -> str:
+        return f"{self.entry.name}:{self.landmark_set.name}" if self.landmark_set else self.entry.name
+
+    @property
+    def display(self) -> str:
+        if self.landmark_set is None:
+            return self.entry.display
+        return f"{self.entry.display.split(' (')[0]}, {self.landmark_set.display}"
+
+    @property
+    def channels(self) -> list[int] | None:
+        """The head channels of the chosen set (None: all)."""
+        if self.landmark_set is None:
+            return None
+        start = 0
+        for s in self.entry.landmark_sets:
+            if s is self.landmark_set:
+                return list(range(start, start + len(s.names)))
+            start += len(s.names)
+        raise AssertionError("set not in its entry")
+
+    @property
+    def landmark_names(self) -> list[str] | None:
+        return list(self.landmark_set.names) if self.landmark_set else self.entry.landmark_names
+
+    @property
+    def flip_pairs(self) -> list[tuple[int, int]]:
+        sets = [self.landmark_set] if self.landmark_set else self.entry.landmark_sets
+        pairs, start = [], 0
+        for s in sets:
+            pairs += [(start + a, start + b) for a, b in s.flip_pairs]
+            start += len(s.names)
+        return pairs
 
 
 def cache_dir() -> Path:
+    """Per-user folder of downloaded and added models ($MEDSAPIENS_CACHE, else ~/.cache/medsapiens/models)."""
     if os.environ.get("MEDSAPIENS_CACHE"):
         return Path(os.environ["MEDSAPIENS_CACHE"])
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "medsapiens" / "models"
 
 
-def offline() -> bool:
-    return os.environ.get("MEDSAPIENS_OFFLINE", "") not in ("", "0")
+def user_catalogue_path() -> Path:
+    return cache_dir() / "user_models.json"
 
 
-def resolve(model: str, progress=True, catalogue_path=None) -> Path:
-    """A local file for `model`: an existing path as it is, else a catalogue name (downloaded if needed).
-
-    progress: True for a bar on stderr, False for none, or a callable(bytes_done, bytes_total_or_None).
-    """
-    if Path(model).exists():
-        return Path(model)
-    entries = catalogue(catalogue_path)
-    if model not in entries:
-        raise InputError(f"{model}: neither a file nor a catalogue model (catalogue: {', '.join(entries)})")
-    return fetch(entries[model], progress=progress)
-
-
-def cached_path(entry: Entry) -> Path:
-    return cache_dir() / entry.name / entry.filename
+def catalogue() -> dict[str, Entry]:
+    """The shipped entries (or those of $MEDSAPIENS_CATALOGUE, a site's own mirror), then the user's added models."""
+    mirror = os.environ.get("MEDSAPIENS_CATALOGUE")
+    source = Path(mirror) if mirror else resources.files("medsapiens.models") / "models.json"
+    entries = _parse(json.loads(source.read_text(encoding="utf-8")), str(source))
+    user = user_catalogue_path()
+    if user.is_file():
+        entries.update({k: v for k, v in _parse(json.loads(user.read_text(encoding="utf-8")), str(user)).items()
+                        if k not in entries})
+    return entries
 
 
-def fetch(entry: Entry, progress=True) -> Path:
-    target = cached_path(entry)
-    pin = target.with_name(target.name + ".sha256")
-    expected = entry.sha256 or (pin.read_text().strip() if pin.exists() else None)
-    if target.exists():
-        if expected and sha256_of(target) != expected:
-            raise InputError(f"{target}: cached file does not match its SHA256 {expected[:12]}...; delete it to "
-                             "download again")
-        return target
-    if offline():
-        raise InputError(f"{entry.name}: not in the cache ({target}) and MEDSAPIENS_OFFLINE is set; download "
-                         f"{entry.url} elsewhere and pass the local file instead")
-    digest = hashlib.sha256()
-
-    def download(tmp):
-        try:
-            with urllib.request.urlopen(entry.url, timeout=60) as response, open(tmp, "wb") as out:
-                total = int(response.headers.get("Content-Length") or entry.size or 0) or None
-                bar = _bar(total, entry.name, progress is True)
-                done = 0
-                while block := response.read(1 << 20):
-                    out.write(block)
-                    digest.update(block)
-                    bar.update(len(block))
-                    done += len(block)
-                    if callable(progress):
-                        progress(done, total)
-                bar.close()
-        except (urllib.error.URLError, OSError) as e:
-            raise InputError(f"{entry.name}: download from {entry.url} failed ({getattr(e, 'reason', e)}); "
-                             "pass a local copy of the file instead") from None
-        got = digest.hexdigest()
-        if expected and got != expected:
-            raise InputError(f"{entry.name}: downloaded file has SHA256 {got[:12]}..., the catalogue expects "
-                             f"{expected[:12]}...; the file was discarded")
-        if entry.size and Path(tmp).stat().st_size != entry.size:
-            raise InputError(f"{entry.name}: downloaded {Path(tmp).stat().st_size} bytes, expected {entry.size}")
-
-    atomic_write(target, download)
-    if not expected:
-        atomic_write_text(pin, digest.hexdigest() + "\n")
-        print(f"{entry.name}: SHA256 {digest.hexdigest()} pinned in {pin}", file=sys.stderr)
-    return target
+def _parse(data: dict, where: str) -> dict[str, Entry]:
+    sets = {name: LandmarkSet(name, s.get("display", name), list(s["names"]),
+                              [tuple(p) for p in s.get("flip_pairs", [])])
+            for name, s in data.get("landmark_sets", {}).items()}
+    entries = {}
+    for m in data["models"]:
+        sha = m.get("sha256")
+        if sha != PIN_ON_FIRST_DOWNLOAD and not (isinstance(sha, str) and re.fullmatch(r"[0-9a-f]{64}", sha)):
+            raise InputError(f"{where}: model {m.get('name')}: sha256 must be a hex digest or "
+                             f"{PIN_ON_FIRST_DOWNLOAD!r}, not {sha!r}")
+        source = Source(**m["source"])
+        if source.kind not in SOURCE_KINDS:
+            raise InputError(f"{where}: model {m['name']}: unknown source kind {source.kind!r}")
+        entries[m["name"]] = Entry(
+            m["name"], m.get("display", m["name"]), source, sha, m["layout"], m.get("base"),
+            tuple(sets[s] for s in m.get("landmark_sets", [])),
+            tuple(m["input_hw"]) if m.get("input_hw") else None, m.get("sigma"), bool(m.get("flip_test", False)))
+    return entries
 
 
-def _bar(total, label, enabled):
-    from tqdm import tqdm
+def register_user_model(name: str, url: str, sha256: str) -> Entry:
+    """Record a model the user added from a local file (layout: recognised from the file when it is read)."""
+    record = {"name": name, "display": name, "source": {"kind": "local", "url": url}, "sha256": sha256,
+              "layout": None}
+    path = user_catalogue_path()
+    data = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {"models": []}
+    data["models"] = [m for m in data["models"] if m["name"] != name] + [record]
+    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
+    return _parse({"models": [record]}, str(path))[name]
 
-    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=label, disable=not enabled,
-                file=sys.stderr)
+
+def lookup(name: str) -> Choice | None:
+    """The catalogue choice `NAME` or `NAME:SET`; None when `name` is not a catalogue name."""
+    entries = catalogue()
+    entry_name, _, set_name = name.partition(":")
+    entry = entries.get(entry_name)
+    if entry is None:
+        return None
+    if not set_name:
+        return Choice(entry)
+    chosen = [s for s in entry.landmark_sets if s.name == set_name]
+    if not chosen:
+        have = ", ".join(s.name for s in entry.landmark_sets) or "none"
+        raise InputError(f"{name}: {entry.name} has no landmark set {set_name!r} (its sets: {have})")
+    return Choice(entry, chosen[0])
+
+
+def choices() -> list[Choice]:
+    """Every model to pick from: each entry (bases included: they are what fine-tuning starts from), and each
+    landmark set of a multi-set entry."""
+    out = []
+    for entry in catalogue().values():
+        out.append(Choice(entry))
+        if len(entry.landmark_sets) > 1:
+            out += [Choice(entry, s) for s in entry.landmark_sets]
+    return out

@@ -1,4 +1,4 @@
-"""Read any supported weight file and build the model from it, with no conversion step.
+"""Read a weight file of any supported layout into tensors + metadata, with no conversion step and no code run.
 
 Layouts, recognised from the file's content (not its name):
   pose         Sapiens pose `.pth`: {'state_dict', 'meta'}, keys `backbone.*` and `head.*`
@@ -6,12 +6,18 @@ Layouts, recognised from the file's content (not its name):
   torchscript  Sapiens "lite" TorchScript `.pt2` (a traced model; its state dict has the pose names)
   export       torch.export `.pt2` (the bfloat16 lite files)
   medsapiens   MedSapiens LoRA checkpoint: `backbone.module.layers.{i}.attn.{qkv,proj}.lora_{down,up}` + `head.*`
-  adapter      this project's LoRA + head file (adapter_file.py); `model` the same with a whole backbone
-The architecture comes from the embedding width and depth, the number of landmarks from the head.
+  adapter      this project's LoRA + head file (weight_files.py); `model` the same with a whole backbone
+Pickled `.pth` files are read by torch's weights-only unpickler. Besides tensors and plain containers it accepts
+exactly what official files carry: numpy arrays and scalars in metadata; in files written by mmengine's
+CheckpointHook also `collections.Counter` in scheduler state and mmengine's `HistoryBuffer` log records, read
+into an inert stand-in (with `getattr`, which they pickle, only naming their statistics), so mmengine is
+neither imported nor needed. Anything else is refused by name.
+Building the model from what is read is build.py's job.
 """
 from __future__ import annotations
 
-import math
+import collections
+import pickle
 import re
 import zipfile
 from dataclasses import dataclass, field
@@ -20,12 +26,40 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import InputError, describe_mismatch
-from . import adapter_file, lora
-from .sapiens import SapiensPose, arch_name_for
+from ..errors import InputError
+from . import lora, weight_files
 
 BASE_LAYOUTS = ("pose", "pretrain", "torchscript", "export", "model")
 NEEDS_BASE = ("medsapiens", "adapter")
+
+
+class LogRecord:
+    """Stands in for mmengine's HistoryBuffer (training-log scalars in `message_hub`): holds its fields, runs nothing."""
+
+    def __setstate__(self, state):
+        self.__dict__.update(state if isinstance(state, dict) else {"state": state})
+
+
+def _log_record_method(owner, name: str) -> str:
+    """Stands in for `getattr`, which HistoryBuffer records use to name their statistics (HistoryBuffer.min ...):
+    only the name is kept, and only for a log record; anything else is refused."""
+    if owner is not LogRecord:
+        raise pickle.UnpicklingError(f"GLOBAL builtins.getattr applied to {getattr(owner, '__name__', owner)!r}")
+    return f"HistoryBuffer.{name}"
+
+
+def _numpy_globals() -> list:
+    core = np._core if hasattr(np, "_core") else np.core
+    dtypes = {type(np.dtype(t)) for t in (np.float16, np.float32, np.float64, np.int32, np.int64, np.uint8, np.bool_)}
+    names = [core.multiarray._reconstruct, core.multiarray.scalar, np.ndarray, np.dtype, *dtypes]
+    # numpy 1.x files name numpy.core, numpy 2.x files numpy._core: accept both spellings
+    aliases = [(core.multiarray._reconstruct, f"{other}.multiarray._reconstruct") for other in ("numpy.core", "numpy._core")]
+    aliases += [(core.multiarray.scalar, f"{other}.multiarray.scalar") for other in ("numpy.core", "numpy._core")]
+    return names + aliases
+
+
+SAFE_GLOBALS = [*_numpy_globals(), collections.Counter,
+                (LogRecord, "mmengine.logging.history_buffer.HistoryBuffer"), (_log_record_method, "builtins.getattr")]
 
 
 @dataclass
@@ -44,14 +78,21 @@ class Checkpoint:
                 names = [id2name[i] for i in sorted(id2name)]
         return list(names) if names is not None else None
 
+    @property
+    def flip_pairs(self) -> list[tuple[int, int]]:
+        pairs = self.meta.get("flip_pairs")
+        if pairs is None and isinstance(self.meta.get("dataset_meta"), dict):  # mmpose checkpoints
+            pairs = self.meta["dataset_meta"].get("flip_pairs")
+        return [tuple(int(i) for i in p) for p in pairs or ()]
+
 
 def read_checkpoint(path) -> Checkpoint:
     """Open a weight file of any supported layout; a clear InputError names the file for anything else."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: no such checkpoint file")
-    if adapter_file.is_weights_file(path):
-        tensors, meta = adapter_file.load_weights(path)
+    if weight_files.is_weights_file(path):
+        tensors, meta = weight_files.load_weights(path)
         if meta["kind"] == "state":
             raise InputError(f"{path}: an optimizer state for resuming training, not model weights")
         return Checkpoint(path, meta["kind"], tensors, meta)
@@ -72,17 +113,14 @@ def read_checkpoint(path) -> Checkpoint:
 
 
 def _torch_load(path: Path):
-    # Official checkpoints may carry numpy arrays in their metadata: allow exactly those, nothing else.
-    safe = [np.core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.float32)),
-            type(np.dtype(np.int64)), type(np.dtype(np.float64))]
     try:
-        with torch.serialization.safe_globals(safe):
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a non-checkpoint file breaks the unpickler in many ways (IndexError, EOFError...)
-        if "Unsupported global" in str(e):
-            names = ", ".join(torch.serialization.get_unsafe_globals_in_checkpoint(path)[:5])
-            raise InputError(f"{path}: stores Python objects ({names}) that a weights-only load refuses; "
-                             "save its state_dict alone") from None
+        unsafe = re.search(r"GLOBAL ([\w.]+)", str(e))
+        if unsafe:
+            raise InputError(f"{path}: refused by the weights-only load: it names the Python global {unsafe.group(1)}, "
+                             "which is not on the allow-list (tensors, plain data, numpy, mmengine log records)") from None
         raise InputError(f"{path}: not a PyTorch checkpoint, or a truncated one ({type(e).__name__})") from None
 
 
@@ -125,131 +163,3 @@ def _first(d: dict, n: int = 5) -> str:
     return ", ".join(map(str, keys[:n])) + (" ..." if len(keys) > n else "") if keys else "none"
 
 
-def backbone_tensors(ckpt: Checkpoint) -> dict[str, torch.Tensor]:
-    """`backbone.*` tensors of a base checkpoint, the pretrain cls token and cls position slot removed."""
-    if ckpt.layout == "pretrain":
-        t = {f"backbone.{k}": v for k, v in ckpt.tensors.items() if k != "cls_token"}
-        pos = t["backbone.pos_embed"]
-        if "cls_token" in ckpt.tensors or not _is_square(pos.shape[1]):
-            t["backbone.pos_embed"] = pos[:, 1:]
-        return t
-    return {k: v for k, v in ckpt.tensors.items() if k.startswith("backbone.")}
-
-
-def head_tensors(ckpt: Checkpoint) -> dict[str, torch.Tensor]:
-    return {k: v for k, v in ckpt.tensors.items() if k.startswith("head.")}
-
-
-def _is_square(n: int) -> bool:
-    return math.isqrt(n) ** 2 == n
-
-
-def pos_grid_for(tokens: int, meta: dict) -> tuple[int, int]:
-    """Grid of a stored position embedding: from metadata, else 4:3 portrait (pose) or square (pretrain)."""
-    if "pos_grid" in meta:
-        return tuple(meta["pos_grid"])
-    h = math.isqrt(tokens * 4 // 3)
-    if h * (h * 3 // 4) == tokens and h % 4 == 0:
-        return h, h * 3 // 4
-    if _is_square(tokens):
-        return math.isqrt(tokens), math.isqrt(tokens)
-    raise InputError(f"cannot tell the grid of a {tokens}-token position embedding")
-
-
-def build_model(ckpt: Checkpoint, base: Checkpoint | None = None) -> SapiensPose:
-    """The model (eval mode, on the CPU) that the checkpoint describes; adapters need their base."""
-    if ckpt.layout in NEEDS_BASE:
-        if base is None:
-            raise InputError(f"{ckpt.path}: a {ckpt.layout} checkpoint holds only LoRA weights and a head; "
-                             "give the Sapiens checkpoint it was trained on as the base (--base)")
-        if base.layout not in BASE_LAYOUTS:
-            raise InputError(f"{base.path}: a {base.layout} checkpoint cannot serve as a base")
-        _check_base_identity(ckpt, base)
-        backbone, source = backbone_tensors(base), base
-        if ckpt.layout == "medsapiens":
-            lora_weights = lora.from_medsapiens(ckpt.tensors)
-        else:
-            lora_weights = {k: v for k, v in ckpt.tensors.items() if ".lora_" in k}
-    else:
-        if base is not None:
-            raise InputError(f"{ckpt.path}: a {ckpt.layout} checkpoint is complete and takes no base")
-        backbone, source, lora_weights = backbone_tensors(ckpt), ckpt, {}
-    head = head_tensors(ckpt)
-    if not head:
-        raise InputError(f"{ckpt.path}: a {ckpt.layout} checkpoint has no heatmap head, so it cannot detect "
-                         "landmarks; use it as --base of an adapter, or fine-tune one on it")
-    if "head.final_layer.weight" not in head:
-        raise InputError(describe_mismatch(f"{ckpt.path}: incomplete checkpoint", missing=["head.final_layer.weight"]))
-    tensors = {**backbone, **head}
-    model = _empty_model(tensors, source, head["head.final_layer.weight"].shape[0])
-    _load_strict(model, tensors, ckpt.path)
-    if lora_weights:
-        lora.add_lora(model, lora.lora_blocks(lora_weights))
-        try:
-            lora.load_lora(model, lora_weights)
-        except InputError as e:
-            raise InputError(f"{ckpt.path}: {e}") from None
-    return model.eval()
-
-
-def base_for_training(ckpt: Checkpoint, names: list[str]) -> SapiensPose:
-    """A model for `names` on a base checkpoint: its backbone, and its head where it has one.
-
-    The head's final layer is kept only when the base detects exactly these landmarks; otherwise it starts
-    afresh, as MedSapiens re-initialises the final conv for a new task.
-    """
-    if ckpt.layout not in BASE_LAYOUTS:
-        raise InputError(f"{ckpt.path}: holds {ckpt.layout} weights, which cannot serve as a base; give the "
-                         "base model they were trained on")
-    head = head_tensors(ckpt)
-    if ckpt.landmark_names != list(names):
-        head = {k: v for k, v in head.items() if not k.startswith("head.final_layer.")}
-    tensors = {**backbone_tensors(ckpt), **head}
-    model = _empty_model(tensors, ckpt, len(names))
-    expected = model.state_dict()
-    kept = {k: v for k, v in tensors.items() if k in expected and v.shape == expected[k].shape}
-    absent = [k for k in expected if k.startswith("backbone.") and k not in kept]
-    if absent:
-        raise InputError(describe_mismatch(f"{ckpt.path}: the backbone does not fit a {model.arch_name} model",
-                                           missing=absent))
-    model.load_state_dict({k: v.float() for k, v in kept.items()}, strict=False)
-    return model
-
-
-def _empty_model(tensors: dict, source: Checkpoint, num_keypoints: int) -> SapiensPose:
-    """The architecture the tensors describe (width and depth of the backbone, head width where present)."""
-    required = ("backbone.patch_embed.projection.weight", "backbone.pos_embed")
-    absent = [k for k in required if k not in tensors]
-    if absent:
-        raise InputError(describe_mismatch(f"{source.path}: incomplete checkpoint", missing=absent))
-    width = tensors["backbone.patch_embed.projection.weight"].shape[0]
-    depth = len({k.split(".")[2] for k in tensors if re.match(r"backbone\.layers\.\d+\.", k)})
-    head_width = tensors["head.deconv_layers.0.weight"].shape[1] if "head.deconv_layers.0.weight" in tensors else None
-    try:
-        arch = arch_name_for(width, depth, head_width)
-        grid = pos_grid_for(tensors["backbone.pos_embed"].shape[1], source.meta)
-    except (KeyError, InputError) as e:
-        raise InputError(f"{source.path}: {e.args[0]}") from None
-    return SapiensPose(arch, num_keypoints, grid)
-
-
-def _load_strict(model: SapiensPose, tensors: dict, path: Path) -> None:
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in tensors]
-    unexpected = [k for k in tensors if k not in expected]
-    wrong = [f"{k} {tuple(tensors[k].shape)} != {tuple(v.shape)}" for k, v in expected.items()
-             if k in tensors and tensors[k].shape != v.shape]
-    if missing or unexpected or wrong:
-        raise InputError(describe_mismatch(f"{path}: weights do not fit a {model.arch_name} model",
-                                           missing, unexpected, wrong))
-    model.load_state_dict({k: v.float() for k, v in tensors.items()})
-
-
-def _check_base_identity(ckpt: Checkpoint, base: Checkpoint) -> None:
-    want = ckpt.meta.get("base", {}).get("sha256")
-    if not want:
-        return
-    have = adapter_file.sha256_of(base.path)
-    if have != want:
-        raise InputError(f"{ckpt.path}: adapter was trained on base {ckpt.meta['base'].get('name', '?')} "
-                         f"(sha256 {want[:12]}...), but {base.path} has sha256 {have[:12]}...")

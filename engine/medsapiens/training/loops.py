@@ -24,7 +24,7 @@ from torch import nn
 from ..case import Case
 from ..detectors.heatmap import PRECISIONS, image_tensor, normalise, pick_device
 from ..errors import Cancelled, InputError, short_list
-from ..models import adapter_file, lora
+from ..models import lora, weight_files
 from ..models.codec import DEFAULT_SIGMA, UDPCodec
 from ..models.sapiens import ARCHS, SapiensPose, grid_size
 from .augment import MILD, NONE, REFERENCE, Augment, random_view
@@ -271,19 +271,20 @@ def finetune(base, cases: list[Case], out, *, flip_pairs=(), settings: FinetuneS
     result = fit(net, param_groups(model, s.lr, s.weight_decay, s.layer_decay), next_batch, s, dev, precision,
                  progress, cancel)
     phase_seconds["train"] = round(result["seconds"], 1)
-    return adapter_file.save_trained(
+    return weight_files.save_trained(
         out, model.cpu(), names, s.input_hw, s.sigma, base=base_path, flip_pairs=[list(p) for p in flip_pairs],
         training_cases=[c.label for c in cases], steps=result["steps"], train_seconds=round(result["seconds"], 1),
         views_per_case=settings.views_per_case, phase_seconds=phase_seconds)
 
 
 def _model_for_finetune(base, names, input_hw) -> tuple[SapiensPose, Path | None]:
-    from ..models.catalogue import resolve
-    from ..models.checkpoints import base_for_training, read_checkpoint
+    from ..models.build import base_for_training
+    from ..models.checkpoints import read_checkpoint
+    from ..models.download import resolve
 
     if str(base) in ARCHS and not Path(str(base)).exists():
         return SapiensPose(str(base), len(names), grid_size(input_hw)), None
-    path = Path(resolve(str(base)))
+    path = resolve(str(base))[0]
     return base_for_training(read_checkpoint(path), names), path
 
 
@@ -383,16 +384,17 @@ def state_path(out) -> Path:
 
 
 def _save_model(out, model, names, s: Settings, cases, step, opt) -> None:
-    adapter_file.save_trained(out, model, names, s.input_hw, s.sigma, steps=step, training_cases=len(cases),
+    weight_files.save_trained(out, model, names, s.input_hw, s.sigma, steps=step, training_cases=len(cases),
                               lr=s.lr, batch=s.batch)
     state = opt.state_dict()
     tensors = {f"{i}.{k}": v for i, st in state["state"].items() for k, v in st.items() if torch.is_tensor(v)}
-    adapter_file.save_weights(state_path(out), tensors, {"step": step, "param_groups": state["param_groups"]},
+    weight_files.save_weights(state_path(out), tensors, {"step": step, "param_groups": state["param_groups"]},
                               "state")
 
 
 def _resume(path, names, s: Settings):
-    from ..models.checkpoints import build_model, read_checkpoint
+    from ..models.build import build_model
+    from ..models.checkpoints import read_checkpoint
 
     ckpt = read_checkpoint(path)
     if ckpt.layout != "model":
@@ -406,7 +408,7 @@ def _resume(path, names, s: Settings):
     sp = state_path(path)
     if not sp.is_file():
         return model, int(ckpt.meta.get("steps", 0)), None
-    tensors, meta = adapter_file.load_weights(sp)
+    tensors, meta = weight_files.load_weights(sp)
     state: dict = {}
     for key, v in tensors.items():
         i, k = key.split(".", 1)

@@ -25,7 +25,7 @@ import torch
 
 from ..case import Case, Landmarks
 from ..errors import InputError
-from ..models import adapter_file
+from ..models import weight_files
 from ..detectors.atlas import AtlasDetector, AtlasSettings
 from ..detectors.refiner import (
     KIND,
@@ -266,7 +266,7 @@ def finetune_on_atlas(cases: list[Case], out, *, settings: RefineSettings = Refi
         for j, c in enumerate(cases):
             tensors[f"case{j}.image"] = grey(c).round().to(torch.uint8)
             tensors[f"case{j}.points"] = torch.from_numpy(c.landmarks.subset(names).points)
-        path = adapter_file.save_weights(out, tensors, meta, KIND)
+        path = weight_files.save_weights(out, tensors, meta, KIND)
     phase_seconds["save"] = time.monotonic() - t0
     result = FinetuneResult(path, total_steps, time.monotonic() - t_start,
                             {k: round(v, 1) for k, v in phase_seconds.items()}, estimate, better)
@@ -302,9 +302,9 @@ def _atlas_meta(a: AtlasSettings) -> dict:
 def _previous(out, names, s: RefineSettings) -> dict | None:
     """The adapter at `out`, if it is an atlas-refiner for these landmarks: its fold networks and folds."""
     out = Path(out)
-    if not (out.is_file() and adapter_file.is_weights_file(out)):
+    if not (out.is_file() and weight_files.is_weights_file(out)):
         return None
-    tensors, meta = adapter_file.load_weights(out)
+    tensors, meta = weight_files.load_weights(out)
     if meta.get("kind") != KIND or meta.get("landmark_names") != names:
         return None
     nets = {}

@@ -1,4 +1,4 @@
-"""The project's own weight file: one safetensors file whose header carries the JSON metadata.
+"""This project's weight files: one safetensors file each, its header carrying JSON metadata.
 
 kind "adapter": LoRA matrices (peft names) + head, applied on a base checkpoint identified by its SHA256.
 kind "model": a whole backbone + head (models trained here), no base needed.
@@ -9,26 +9,17 @@ Written atomically: a temporary file in the same folder, fsync, then rename over
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
 from ..io.atomic import atomic_write
+from ..io.checksum import sha256_of
 
 FORMAT = "medsapiens-weights/1"
 KINDS = ("adapter", "model", "state", "atlas-refiner")
-
-
-def sha256_of(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def save_weights(path, tensors: dict[str, torch.Tensor], metadata: dict, kind: str) -> Path:
