@@ -43,16 +43,17 @@ def test_detect_writes_markups_and_csv_that_slicer_reads(tmp_path, fitted_file, 
 
 
 def test_flip_test_mirrors_landmarks_and_swaps_pairs(fitted_micro, ceph):
-    """With the flip test, a mirrored image gives the mirrored landmarks with each symmetric pair swapped, exactly,
-    whatever the weights (the mirrored pass of one image is the plain pass of the other); without it this
-    model, fitted to one unmirrored case, is pixels away from symmetric."""
+    """With the flip test, a mirrored input gives exactly the mirrored heatmaps with each symmetric pair swapped,
+    whatever the weights (the mirrored pass of one input is the plain pass of the other), so the landmarks mirror
+    too; without it this model, fitted to one unmirrored case, is far from symmetric."""
     import copy
 
-    from medsapiens.case import Case
-    from medsapiens.detectors.heatmap import HeatmapDetector
+    from medsapiens.detectors.heatmap import HeatmapDetector, image_tensor, normalise
+    from medsapiens.models.warp import image_box, udp_warp_matrix, warp_image
 
     case = ceph.case(0)
-    mirrored = Case(case.image[:, ::-1].copy(), case.spacing)
+    center, scale = image_box(*case.size)
+    x = normalise(warp_image(image_tensor(case, "cpu"), udp_warp_matrix(center, scale, 0.0, (192, 256)), (192, 256)))
     pairs = [(0, 1), (4, 5), (10, 11)]
     swap = np.arange(19)
     for a, b in pairs:
@@ -61,15 +62,16 @@ def test_flip_test_mirrors_landmarks_and_swaps_pairs(fitted_micro, ceph):
     def run(flip_test):
         detector = HeatmapDetector(copy.deepcopy(fitted_micro), ceph.names, (256, 192), 3.0, pairs, flip_test,
                                    device="cpu")
-        p, q = detector.detect(case).points, detector.detect(mirrored).points
-        expected = np.column_stack([case.size[0] - 1 - p[:, 0], p[:, 1]])[swap]
-        return p, np.abs(q - expected).max()
+        plain, mirrored = detector.predict(x), detector.predict(x.flip(-1))
+        p, q = detector.codec.decode(plain[0])[0], detector.codec.decode(mirrored[0])[0]
+        expected = np.column_stack([191 - p[:, 0], p[:, 1]])[swap]  # input pixels
+        return (mirrored - plain.flip(-1)[:, swap]).abs().max().item(), np.abs(q - expected).max(), plain
 
-    with_flip, error = run(True)
-    assert error < 0.1, error
-    plain, error = run(False)
-    assert error > 2.0, error
-    assert np.abs(with_flip - plain).max() > 0.5, "the flip test averages in the mirrored pass"
+    heatmap_error, point_error, with_flip = run(True)
+    assert heatmap_error < 1e-5 and point_error < 0.25, (heatmap_error, point_error)
+    heatmap_error, point_error, plain = run(False)
+    assert heatmap_error > 0.1 and point_error > 5, (heatmap_error, point_error)
+    assert (with_flip - plain).abs().max() > 0.1, "the flip test averages in the mirrored pass"
 
 
 def test_flip_test_option_reaches_the_detector(tmp_path, fitted_file, ceph):

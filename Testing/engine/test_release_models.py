@@ -229,7 +229,7 @@ def test_drive_download_resumes_then_the_generalist_head_detects(hub, release, c
     assert np.median(np.linalg.norm(found.points - truth, axis=1)) < 25.0
     whole = load_detector("medsapiens-generalist", input_size=INPUT, flip_test=False)
     assert len(whole.names) == 88 and whole.names[:19] == ceph.names and whole.names[19] == "Chest_Point1"
-    assert np.array_equal(whole.detect(case).points[:19], plain.points), "the region is a slice of the 88"
+    assert np.allclose(whole.detect(case).points[:19], plain.points, atol=1e-3), "the region is a slice of the 88"
 
 
 def test_corrupted_downloads_are_refused(hub, release):

@@ -117,14 +117,16 @@ class HeatmapDetector:
         center, scale = image_box(*case.size)
         warp = udp_warp_matrix(center, scale, 0.0, self.input_hw[::-1])
         x = warp_image(image_tensor(case, self.device), warp, self.input_hw[::-1])
-        x = normalise(x).to(self.dtype)
-        if self.flip_test:
-            x = torch.cat([x, x.flip(-1)])
-        out = self.model(x).float()
-        hm = out[0]
-        if self.flip_test:
-            hm = 0.5 * (hm + out[1].flip(-1)[self.flip_index])
-        return hm, warp
+        return self.predict(normalise(x).to(self.dtype))[0], warp
+
+    @torch.inference_mode()
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) model input -> (B, K, H/4, W/4) float32 heatmaps; with the flip test, the mirrored input's
+        heatmaps, mirrored back with symmetric channels swapped, are averaged in (mmpose's flip_mode 'heatmap')."""
+        if not self.flip_test:
+            return self.model(x).float()
+        out = self.model(torch.cat([x, x.flip(-1)])).float()
+        return 0.5 * (out[:len(x)] + out[len(x):].flip(-1)[:, self.flip_index])
 
     def detect(self, case: Case) -> Landmarks:
         hm, warp = self.heatmaps(case)
