@@ -56,8 +56,9 @@ def build_model(ckpt: Checkpoint, base: Checkpoint | None = None, channels=None)
     """
     if ckpt.layout in NEEDS_BASE:
         if base is None:
-            raise InputError(f"{ckpt.path}: a {ckpt.layout} checkpoint holds only LoRA weights and a head; "
-                             "give the Sapiens checkpoint it was trained on as the base (--base)")
+            raise InputError(f"{ckpt.path}: a {ckpt.layout} checkpoint holds only LoRA weights and a head; give the "
+                             "Sapiens checkpoint it was trained on: `detect LORA --base BASE` or `detect BASE "
+                             "--adapter LORA`")
         if base.layout not in BASE_LAYOUTS:
             raise InputError(f"{base.path}: a {base.layout} checkpoint cannot serve as a base")
         _check_base_identity(ckpt, base)
