@@ -117,12 +117,13 @@ class HeatmapDetector:
         center, scale = image_box(*case.size)
         warp = udp_warp_matrix(center, scale, 0.0, self.input_hw[::-1])
         x = warp_image(image_tensor(case, self.device), warp, self.input_hw[::-1])
-        return self.predict(normalise(x).to(self.dtype))[0], warp
+        return self.predict(normalise(x))[0], warp
 
     @torch.inference_mode()
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) model input -> (B, K, H/4, W/4) float32 heatmaps; with the flip test, the mirrored input's
         heatmaps, mirrored back with symmetric channels swapped, are averaged in (mmpose's flip_mode 'heatmap')."""
+        x = x.to(self.dtype)
         if not self.flip_test:
             return self.model(x).float()
         out = self.model(torch.cat([x, x.flip(-1)])).float()
