@@ -73,7 +73,7 @@ def fitted_file(tmp_path_factory, fitted_micro, ceph):
 def micro_file(tmp_path_factory, ceph):
     """An untrained micro model for the ceph landmarks (seeded), as a model file: for tests of plumbing and
     timing, where what the weights say does not matter and training one would only cost time."""
-    from medsapiens.models.adapter_file import save_trained
+    from medsapiens.models.weight_files import save_trained
     from medsapiens.models.sapiens import SapiensPose
 
     torch.manual_seed(0)

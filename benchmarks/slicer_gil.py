@@ -72,7 +72,7 @@ def main() -> None:
     args = parser.parse_args()
     import torch
     from medsapiens.io.datasets import Dataset
-    from medsapiens.models.adapter_file import save_trained
+    from medsapiens.models.weight_files import save_trained
     from medsapiens.models.sapiens import SapiensPose
     from medsapiens.phantom import phantom_case
     from MedSapiensSlicerLib.worker_client import EngineWorker

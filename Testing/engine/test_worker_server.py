@@ -10,7 +10,7 @@ import pytest
 import torch
 from medsapiens import Case, Landmarks, api
 from medsapiens.detectors.factory import load_detector
-from medsapiens.models.adapter_file import save_trained
+from medsapiens.models.weight_files import save_trained
 from medsapiens.worker import protocol
 
 
