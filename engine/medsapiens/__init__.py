@@ -1,12 +1,13 @@
 """MedSapiens: anatomical landmark detection with Sapiens ViTs, LoRA adapters and a weight-free atlas.
 
-The package root imports no torch: `Case`, `Landmarks` and `InputError` are plain numpy, and `load_detector`
-is imported on first use, so that code which only builds cases (the Slicer module's main process) stays light.
+The package root imports no torch: `Case`, `Volume`, `Landmarks` and `InputError` are plain numpy, and
+`load_detector` is imported on first use, so that code which only builds cases (the Slicer module's main
+process) stays light.
 """
-from .case import Case, Landmarks
+from .case import Case, Landmarks, Volume
 from .errors import InputError
 
-__all__ = ["Case", "Landmarks", "load_detector", "InputError"]
+__all__ = ["Case", "Volume", "Landmarks", "load_detector", "InputError"]
 __version__ = "0.1.0"
 
 

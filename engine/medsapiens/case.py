@@ -1,6 +1,9 @@
-"""The data shape shared by every layer: one 2D image with its pixel spacing, and its landmarks.
+"""The data shapes shared by every layer: one 2D image with its pixel spacing, or one 3D volume with its
+index -> LPS geometry, and their landmarks.
 
-Points are (x = column, y = row) in pixels, origin at the centre of the top-left pixel.
+On a 2D `Case` points are (x = column, y = row) in pixels, origin at the centre of the top-left pixel. On a
+`Volume` points are LPS millimetres (the physical space in which ITK reads the file), so that they do not
+depend on how the voxels happen to be laid out.
 """
 from __future__ import annotations
 
@@ -13,7 +16,8 @@ from .errors import InputError
 
 @dataclass
 class Landmarks:
-    """Named points on one image; `present[i]` False means landmark i is missing (not annotated / not found)."""
+    """Named points on one image (N x 2 pixels) or volume (N x 3 LPS mm); `present[i]` False means landmark i is
+    missing (not annotated / not found)."""
 
     names: list[str]
     points: np.ndarray
@@ -23,7 +27,9 @@ class Landmarks:
     def __post_init__(self):
         self.names = [str(n) for n in self.names]
         n = len(self.names)
-        self.points = np.asarray(self.points, dtype=np.float64).reshape(-1, 2)
+        points = np.asarray(self.points, dtype=np.float64)
+        dim = points.shape[-1] if points.ndim == 2 and points.shape[-1] in (2, 3) else 2
+        self.points = points.reshape(-1, dim)
         if len(self.points) != n:
             raise InputError(f"{n} landmark names but {len(self.points)} points")
         if len(set(self.names)) != n:
@@ -40,10 +46,15 @@ class Landmarks:
     def __len__(self) -> int:
         return len(self.names)
 
+    @property
+    def dim(self) -> int:
+        """2 for image points (pixels), 3 for volume points (LPS mm)."""
+        return self.points.shape[1]
+
     def subset(self, names: list[str]) -> "Landmarks":
         """The same landmarks in the order of `names`; names not held here come back missing."""
         index = {n: i for i, n in enumerate(self.names)}
-        pts = np.full((len(names), 2), np.nan)
+        pts = np.full((len(names), self.dim), np.nan)
         conf = np.zeros(len(names))
         present = np.zeros(len(names), dtype=bool)
         for j, n in enumerate(names):
@@ -94,3 +105,60 @@ class Case:
     def size(self) -> tuple[int, int]:
         """(width, height) in pixels."""
         return int(self.image.shape[1]), int(self.image.shape[0])
+
+
+@dataclass
+class Volume:
+    """One 3D scalar volume: `voxels` (z, y, x) as numpy reads ITK images; `index_to_lps` (4 x 4) takes a voxel
+    index (i, j, k) = (x, y, z) to LPS mm through the file's origin, spacing and direction; landmarks in LPS mm."""
+
+    voxels: np.ndarray
+    index_to_lps: np.ndarray
+    landmarks: Landmarks | None = None
+    name: str = field(default="")
+
+    def __post_init__(self):
+        voxels = np.asarray(self.voxels)
+        if voxels.ndim != 3:
+            raise InputError(f"{self.label}: a volume must be a 3D scalar array, got shape {voxels.shape}")
+        if min(voxels.shape) < 2:
+            raise InputError(f"{self.label}: volume is too small ({' x '.join(map(str, voxels.shape[::-1]))} voxels)")
+        if voxels.dtype.kind not in "biuf":
+            raise InputError(f"{self.label}: unsupported voxel type {voxels.dtype}")
+        self.voxels = voxels
+        m = np.asarray(self.index_to_lps, dtype=np.float64).reshape(4, 4)
+        if not (np.isfinite(m).all() and abs(np.linalg.det(m[:3, :3])) > 1e-12):
+            raise InputError(f"{self.label}: the volume's spacing or direction is degenerate or not finite")
+        self.index_to_lps = m
+        if self.landmarks is not None and self.landmarks.dim != 3:
+            raise InputError(f"{self.label}: a volume's landmarks need 3 coordinates (LPS mm)")
+
+    @property
+    def label(self) -> str:
+        return self.name or "volume"
+
+    @property
+    def spacing(self) -> np.ndarray:
+        """(sx, sy, sz) mm: the lengths of the index axes in LPS."""
+        return np.linalg.norm(self.index_to_lps[:3, :3], axis=0)
+
+    @property
+    def size(self) -> tuple[int, int, int]:
+        """(x, y, z) voxels."""
+        return tuple(int(v) for v in self.voxels.shape[::-1])
+
+    def to_lps(self, index: np.ndarray) -> np.ndarray:
+        """(N, 3) voxel indices (x, y, z) -> (N, 3) LPS mm."""
+        index = np.asarray(index, dtype=np.float64).reshape(-1, 3)
+        return index @ self.index_to_lps[:3, :3].T + self.index_to_lps[:3, 3]
+
+    def to_index(self, lps: np.ndarray) -> np.ndarray:
+        """(N, 3) LPS mm -> (N, 3) continuous voxel indices (x, y, z)."""
+        lps = np.asarray(lps, dtype=np.float64).reshape(-1, 3)
+        return np.linalg.solve(self.index_to_lps[:3, :3], (lps - self.index_to_lps[:3, 3]).T).T
+
+    def contains(self, lps: np.ndarray) -> np.ndarray:
+        """(N,) whether each LPS point lies in the volume (up to half a voxel beyond the outer voxel centres)."""
+        index = self.to_index(lps)
+        with np.errstate(invalid="ignore"):
+            return ((index >= -0.5) & (index <= np.array(self.size) - 0.5)).all(axis=1)

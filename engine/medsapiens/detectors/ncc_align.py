@@ -1,8 +1,9 @@
 """Local affine alignment of many small image windows at once, by normalised cross-correlation (torch).
 
-The atlas detector's last stage: after a global registration, each landmark's neighbourhood in the atlas is
-aligned to the (globally warped) new image by its own affine map, coarse to fine, all landmarks in one batch.
-A window's final correlation says how well its landmark matched, which weights the atlases' votes.
+The atlas detectors' last stage: after a global registration, each landmark's neighbourhood in the atlas is
+aligned to the new image by its own affine map, coarse to fine, all landmarks in one batch. A window's final
+correlation says how well its landmark matched, which weights the atlases' votes. Works on images (points
+(x, y)) and volumes (points (x, y, z)) alike.
 """
 from __future__ import annotations
 
@@ -11,7 +12,15 @@ import torch.nn.functional as F
 
 
 def sample(image: torch.Tensor, xy: torch.Tensor) -> torch.Tensor:
-    """Bilinear values of `image` (H x W, or H x W x C) at pixel coordinates `xy` (..., 2) as (x, y); 0 outside."""
+    """Linearly interpolated values of `image` at voxel coordinates `xy`, 0 outside.
+
+    2D: image H x W (or H x W x C), xy (..., 2) as (x, y). 3D: image D x H x W, xy (..., 3) as (x, y, z)."""
+    if xy.shape[-1] == 3:
+        d, h, w = image.shape
+        grid = xy * torch.tensor([2 / (w - 1), 2 / (h - 1), 2 / (d - 1)], dtype=xy.dtype) - 1
+        out = F.grid_sample(image[None, None], grid.reshape(1, 1, 1, -1, 3), mode="bilinear", padding_mode="zeros",
+                            align_corners=True)
+        return out.reshape(xy.shape[:-1])
     h, w = image.shape[:2]
     grid = torch.stack([xy[..., 0] * (2 / (w - 1)) - 1, xy[..., 1] * (2 / (h - 1)) - 1], -1)
     planes = image.reshape(h, w, -1).permute(2, 0, 1)[None]
@@ -20,30 +29,41 @@ def sample(image: torch.Tensor, xy: torch.Tensor) -> torch.Tensor:
 
 
 def ncc(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Normalised cross-correlation of windows (..., n, n), in [-1, 1]; 0 where either is flat."""
-    a = a - a.mean((-1, -2), keepdim=True)
-    b = b - b.mean((-1, -2), keepdim=True)
-    return (a * b).sum((-1, -2)) / ((a * a).sum((-1, -2)) * (b * b).sum((-1, -2)) + 1e-8).sqrt()
+    """Normalised cross-correlation of windows (batch, ...), over all but the first axis; in [-1, 1], 0 where
+    either is flat."""
+    dims = tuple(range(1, a.ndim))
+    a = a - a.mean(dims, keepdim=True)
+    b = b - b.mean(dims, keepdim=True)
+    return (a * b).sum(dims) / ((a * a).sum(dims) * (b * b).sum(dims) + 1e-8).sqrt()
 
 
-def align_windows(fixed: dict, moving: dict, points: torch.Tensor, levels, iterations: int, rate: float):
-    """Where each of `points` (B x 2, px of `fixed`) lies in `moving` (same pixel grid, roughly aligned).
+def window_offsets(step: float, half: int, dim: int) -> torch.Tensor:
+    """The (2 half + 1)^dim sample offsets of a window, `step` apart, flattened: m x dim."""
+    ticks = torch.arange(-half, half + 1, dtype=torch.float32) * step
+    return torch.stack(torch.meshgrid(*[ticks] * dim, indexing="xy"), -1).reshape(-1, dim)
 
-    fixed / moving: px step -> image (H x W) smoothed for that step; levels: (px step, half window in steps),
-    coarse to fine. Each point's window gets an affine map (centred on the point), fitted by Adam on -NCC;
-    each level starts from the last. Returns the moved points (B x 2) and their final NCC (B)."""
-    n = len(points)
-    shift = torch.zeros(n, 2, requires_grad=True)  # px
-    linear = torch.zeros(n, 2, 2, requires_grad=True)  # matrix - identity
+
+def align_windows(fixed: dict, moving: dict, points: torch.Tensor, levels, iterations: int, rate: float,
+                  to_moving=None):
+    """Where each of `points` (B x dim, voxels of `fixed`) lies in `moving`.
+
+    fixed / moving: voxel step -> image smoothed for that step; levels: (voxel step, half window in steps),
+    coarse to fine. to_moving: differentiable map from `fixed` voxel coordinates to `moving`'s (default: the
+    same grid, `moving` already warped onto `fixed`). Each point's window gets an affine map (centred on the
+    point), fitted by Adam on -NCC; each level starts from the last. Returns the moved points (B x dim, in
+    `fixed` voxels) and their final NCC (B)."""
+    n, dim = points.shape
+    to_moving = to_moving or (lambda xy: xy)
+    shift = torch.zeros(n, dim, requires_grad=True)  # voxels
+    linear = torch.zeros(n, dim, dim, requires_grad=True)  # matrix - identity
 
     def score(step, offsets, template):
-        where = points[:, None, None] + offsets + torch.einsum("bij,hwj->bhwi", linear, offsets) + shift[:, None, None]
-        return ncc(template, sample(moving[step], where))
+        where = points[:, None] + offsets + torch.einsum("bij,mj->bmi", linear, offsets) + shift[:, None]
+        return ncc(template, sample(moving[step], to_moving(where)))
 
     for step, half in levels:
-        ticks = torch.arange(-half, half + 1, dtype=torch.float32) * step
-        offsets = torch.stack(torch.meshgrid(ticks, ticks, indexing="xy"), -1)  # n x n x 2
-        template = sample(fixed[step], points[:, None, None] + offsets)
+        offsets = window_offsets(step, half, dim)
+        template = sample(fixed[step], points[:, None] + offsets)
         # rates such that one Adam step moves the window's edge by about `rate` steps either way
         opt = torch.optim.Adam([{"params": [shift], "lr": rate * step}, {"params": [linear], "lr": rate / half}])
         for _ in range(iterations):
