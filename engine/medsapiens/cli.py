@@ -12,7 +12,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from .analysis.metrics import CEPH_RADII
+from .analysis.metrics import CEPH_RADII, VOLUME_RADII
 from .errors import InputError
 from .models.sapiens import ARCHS
 from .training.augment import PRESETS
@@ -80,17 +80,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_IntermixedParser)
 
-    p = sub.add_parser("detect", help="detect landmarks on images, write .mrk.json files and landmarks.csv",
-                       description="Detect landmarks on 2D images. MODEL is a weight file or a catalogue name "
-                                   "(see `medsapiens models`; NAME:SET picks one landmark set of the generalist); "
-                                   "with --atlas no MODEL is given. A LoRA file needs its base: `detect LORA --base "
-                                   "BASE IMAGE...` or `detect BASE --adapter LORA IMAGE...`.")
-    p.add_argument("inputs", nargs="+", metavar="[MODEL] IMAGE", help="model (unless --atlas), then images")
+    p = sub.add_parser("detect", help="detect landmarks on images or volumes, write .mrk.json files and "
+                                      "landmarks.csv",
+                       description="Detect landmarks on 2D images, or on 3D volumes with an atlas of volumes. MODEL "
+                                   "is a weight file or a catalogue name (see `medsapiens models`; NAME:SET picks one "
+                                   "landmark set of the generalist); with --atlas no MODEL is given. A LoRA file "
+                                   "needs its base: `detect LORA --base BASE IMAGE...` or `detect BASE --adapter "
+                                   "LORA IMAGE...`.")
+    p.add_argument("inputs", nargs="+", metavar="[MODEL] IMAGE",
+                   help="model (unless --atlas), then images; with a 3D atlas, volumes (NIfTI, NRRD, MHA, DICOM "
+                        "file or series folder)")
     p.add_argument("--out", required=True, type=Path, help="output folder")
-    p.add_argument("--atlas", help="weight-free detection from annotated cases: a landmarks.csv or a folder of "
-                                   ".mrk.json + image pairs")
-    p.add_argument("--atlas-cases", metavar="ID,ID,...", help="with a landmarks.csv atlas: the rows to use "
-                                                               "(image stems; default all)")
+    p.add_argument("--atlas", help="weight-free detection from annotated cases: a landmarks.csv (2D or 3D) or a "
+                                   "folder of .mrk.json + image or volume pairs")
+    p.add_argument("--atlas-cases", metavar="ID,ID,...", help="the atlas cases to use (case ids: file names "
+                                                               "without .png, .nii.gz...; default all)")
     p.add_argument("--atlas-deformable", action="store_true", help="with --atlas: add a B-spline stage "
                    "(better for articulated anatomy such as hands; slower)")
     p.add_argument("--spacing", type=float, metavar="MM", help="pixel size for images whose file has none "
@@ -172,8 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, type=Path, help="landmarks.csv with the truth")
     p.add_argument("--rows", metavar="A:B", help="rows to score, 0-based slice (default all)")
     p.add_argument("--out", required=True, type=Path, help="report folder")
-    p.add_argument("--radii", nargs="+", type=float, default=list(CEPH_RADII), metavar="MM",
-                   help="SDR radii in mm (default 2 2.5 3 4)")
+    p.add_argument("--radii", nargs="+", type=float, metavar="MM",
+                   help=f"SDR radii in mm (default {' '.join(f'{r:g}' for r in CEPH_RADII)} for images, "
+                        f"{' '.join(f'{r:g}' for r in VOLUME_RADII)} for volumes)")
     p.add_argument("--atlas", help="evaluate the weight-free atlas detector from this data set instead")
     p.add_argument("--atlas-cases", metavar="ID,ID,...", help="the atlas rows to use (image stems)")
     p.add_argument("--atlas-deformable", action="store_true", help="with --atlas: add a B-spline stage")
@@ -222,8 +227,8 @@ def _detect(args) -> int:
     from tqdm import tqdm
 
     from .detectors.factory import is_refined_atlas, load_detector
-    from .io.datasets import square_pixels, write_landmarks_csv
-    from .io.images import case_id, read_image
+    from .io.datasets import square_pixels, write_landmarks_csv, write_volume_landmarks_csv
+    from .io.images import case_id, read_image, read_volume
     from .io.markups import write_markups
 
     if args.atlas or (args.adapter and is_refined_atlas(args.adapter)):
@@ -235,7 +240,7 @@ def _detect(args) -> int:
     if args.spacing is not None and not (math.isfinite(args.spacing) and args.spacing > 0):
         raise InputError(f"--spacing {args.spacing:g}: must be a positive number of mm")
     images = [Path(i) for i in images]
-    if not any(i.is_file() for i in images):
+    if not any(i.exists() for i in images):  # a DICOM series is a folder
         more = f" (nor the {len(images) - 1} others)" if len(images) > 1 else ""
         raise InputError(f"{images[0]}: no such image file{more}")
     ids = [case_id(i) for i in images]
@@ -249,13 +254,16 @@ def _detect(args) -> int:
                              landmarks=_expected_landmarks(args.landmarks))
     if args.analyze:
         _check_cephalometric(detector.names, "the model")
+    volumes = detector.dim == 3
+    if volumes and args.spacing is not None:
+        raise InputError("--spacing is for 2D images without one; volumes keep their files' spacing")
     args.out.mkdir(parents=True, exist_ok=True)
     rows, failed = [], 0
     # one image that cannot be read or detected on is reported in one line; the others go on (exit status 1)
-    for path, name in tqdm(list(zip(images, ids)), desc="detect", unit="image", file=sys.stderr,
-                           disable=len(images) < 2):
+    for path, name in tqdm(list(zip(images, ids)), desc="detect", unit="volume" if volumes else "image",
+                           file=sys.stderr, disable=len(images) < 2):
         try:
-            case = read_image(path, spacing=args.spacing)
+            case = read_volume(path) if volumes else read_image(path, spacing=args.spacing)
             result = detector.detect(case)
         except (InputError, RuntimeError) as e:  # RuntimeError: ITK or torch failing on this image's content
             reason = str(e) if isinstance(e, InputError) else f"{path}: detection failed ({_first_line(e)})"
@@ -263,13 +271,19 @@ def _detect(args) -> int:
             failed += 1
             continue
         print(write_markups(args.out / f"{name}.mrk.json", result, case))
+        image = os.path.relpath(path.resolve(), args.out.resolve())
+        if volumes:
+            rows.append((image, result))
+            continue
         if not square_pixels(case.spacing):  # the .mrk.json holds the result; the CSV's one spacing_mm cannot
             tqdm.write(f"medsapiens: error: {path}: its pixels are {case.spacing[0]:g} x {case.spacing[1]:g} mm, "
                        "which the one spacing_mm of landmarks.csv cannot describe; left out of it", file=sys.stderr)
             failed += 1
             continue
-        rows.append((os.path.relpath(path.resolve(), args.out.resolve()), *case.size, case.spacing, result))
-    if rows:
+        rows.append((image, *case.size, case.spacing, result))
+    if rows and volumes:
+        print(write_volume_landmarks_csv(args.out / "landmarks.csv", rows))
+    elif rows:
         print(write_landmarks_csv(args.out / "landmarks.csv", rows))
         if args.analyze:
             _write_analysis([(image, lm, spacing) for image, _, _, spacing, lm in rows],
@@ -482,9 +496,10 @@ def _evaluate(args) -> int:
                              atlas_deformable=args.atlas_deformable,
                              device=args.device, precision=args.precision, input_size=args.input_size,
                              flip_test=args.flip_test)
+    radii = args.radii or (VOLUME_RADII if ds.dim == 3 else CEPH_RADII)
     bar = tqdm(total=len(rows), desc="evaluate", unit="image", file=sys.stderr)
     try:
-        ev = evaluate(detector, ds, rows, args.radii, progress=lambda n, total: bar.update(1))
+        ev = evaluate(detector, ds, rows, radii, progress=lambda n, total: bar.update(1))
     finally:
         bar.close()
     title = f"{args.model or 'atlas ' + args.atlas}{' + ' + args.adapter if args.adapter else ''} on {ds.path}"

@@ -1,4 +1,5 @@
-"""`evaluate`: a detector on an annotated data set -> MRE / SDR in mm, per landmark, JSON + Markdown + plots."""
+"""`evaluate`: a detector on an annotated data set (images or volumes) -> MRE / SDR in mm, per landmark, JSON +
+Markdown + plots."""
 from __future__ import annotations
 
 import json
@@ -8,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..case import Landmarks
+from ..case import Landmarks, Volume
 from ..errors import InputError, short_list
 from ..io.atomic import atomic_write, atomic_write_text
 from ..io.datasets import Dataset
@@ -55,6 +56,10 @@ def evaluate(detector, dataset: Dataset, rows=None, radii=CEPH_RADII, progress=N
     rows = list(range(len(dataset)) if rows is None else rows)
     if not rows:
         raise InputError(f"{dataset.path}: no rows selected to evaluate")
+    if detector.dim != dataset.dim:
+        kinds = {2: "2D images", 3: "3D volumes"}
+        raise InputError(f"{dataset.path}: a set of {kinds[dataset.dim]}, but the detector works on "
+                         f"{kinds[detector.dim]}")
     if not set(dataset.names) & set(detector.names):
         raise InputError(f"{dataset.path}: its landmarks ({short_list(dataset.names)}) are none of those the model "
                          f"detects ({short_list(detector.names)})")
@@ -133,11 +138,16 @@ def _plots(ev: Evaluation, dataset: Dataset, out: Path) -> list[Path]:
     index = {rid: i for i, rid in enumerate(dataset.ids())}
     for ax, i in zip(np.atleast_1d(axes), worst):
         case = dataset.case(index[ev.ids[i]])
-        ax.imshow(to_rgb255(case.image).astype(np.uint8))
         t, p = case.landmarks, ev.predictions[i]
-        ax.scatter(*t.points[t.present].T, s=10, c="lime", label="truth")
-        ax.scatter(*p.points[p.present].T, s=10, c="red", marker="x", label="detected")
-        for a, b, ok in zip(t.points, p.points, t.present & p.present):
+        if isinstance(case, Volume):  # maximum-intensity projection along the voxel z axis, points projected too
+            ax.imshow(case.voxels.max(axis=0), cmap="gray")
+            t_xy, p_xy = case.to_index(t.points)[:, :2], case.to_index(p.points)[:, :2]
+        else:
+            ax.imshow(to_rgb255(case.image).astype(np.uint8))
+            t_xy, p_xy = t.points, p.points
+        ax.scatter(*t_xy[t.present].T, s=10, c="lime", label="truth")
+        ax.scatter(*p_xy[p.present].T, s=10, c="red", marker="x", label="detected")
+        for a, b, ok in zip(t_xy, p_xy, t.present & p.present):
             if ok:
                 ax.plot([a[0], b[0]], [a[1], b[1]], c="yellow", lw=0.7)
         ax.set_title(f"{ev.ids[i]}: mean {means[i]:.2f} mm", fontsize=9)

@@ -177,10 +177,14 @@ def locate(atlas: Case, atlas_p: _Prepared, target_p: _Prepared, s: AtlasSetting
 class AtlasDetector:
     """Landmarks of new images from annotated cases; `detect(case) -> Landmarks` like every detector."""
 
+    dim = 2
+
     def __init__(self, atlases: list[Case], settings: AtlasSettings = AtlasSettings()):
         if not atlases:
             raise InputError("the atlas is empty: give at least one annotated case")
         for a in atlases:
+            if not isinstance(a, Case):
+                raise InputError(f"atlas case {a.label} is a 3D volume; a 2D atlas needs images")
             if a.landmarks is None or not a.landmarks.present.any():
                 raise InputError(f"atlas case {a.label} has no landmarks")
         names = atlases[0].landmarks.names
@@ -203,6 +207,8 @@ class AtlasDetector:
         return cls(load_cases(path, ids), settings)
 
     def detect(self, case: Case) -> Landmarks:
+        if not isinstance(case, Case):
+            raise InputError(f"{case.label}: a 3D volume; this atlas is of 2D images")
         s = self.settings
         target = _prepare(case, s, self.levels)
         votes = [locate(atlas, prepared, target, s, self.levels) for atlas, prepared in self.atlases]

@@ -5,8 +5,8 @@ The 2D atlas detector's structure, made to survive arbitrary orientation. Per at
    rotations (every proper signed permutation of the axes, since their order and signs are not reliable across
    specimens, each also twisted about each axis, since two axes of equal spread leave the frame free to turn),
    each scored by NCC over the atlas's landmark region on a coarse grid; the best few distinct ones go on;
-2. similarity registration (SimpleITK, Mattes MI over the landmark region, multi-resolution) from each kept
-   hypothesis; the best by NCC then gets an affine stage on a finer grid;
+2. similarity registration (SimpleITK, correlation over every voxel of the landmark region, multi-resolution)
+   from each kept hypothesis; the best by NCC then gets an affine stage on a finer grid;
 3. each landmark's neighbourhood gets its own affine map, fitted by NCC coarse to fine (`ncc_align`, all
    landmarks in one torch batch), sampling the new volume through the global map, so nothing is resampled
    whole.
@@ -33,18 +33,17 @@ from .ncc_align import align_windows, ncc, sample
 class Atlas3DSettings:
     work_side: int = 256  # volumes with a longer side are resampled to this many voxels (memory and time bound)
     coarse_side: int = 48  # grid (voxels along the longest side) of the orientation search and similarity stage
-    mid_side: int = 96  # grid of the affine stage
+    mid_side: int = 72  # grid of the affine stage
     keep: int = 3  # orientation hypotheses taken through the similarity stage
     distinct_deg: float = 45.0  # ... each at least this far from the others
-    levels: tuple = ((4, 6), (2, 6), (1, 6))  # local alignment: (voxel step, half window in steps)
+    levels: tuple = ((4, 4), (2, 4), (1, 4))  # local alignment: (voxel step, half window in steps)
     level_side: int = 200  # the steps hold for atlases up to this longest side (voxels); larger ones scale them
-    iterations: int = 30  # Adam steps per level
+    iterations: int = 20  # Adam steps per level
     rate: float = 0.05  # Adam step, in voxel steps (window shift) and window edges (affine part)
     fusion_ncc: float = 0.1  # an atlas whose local NCC is this much below the best one's counts e^-1 as much
     mask_margin: float = 0.15  # metric region: landmark box grown by this share of its size
     spread_mm: float = 1.0  # atlas disagreement at which confidence drops to 0.61 (one sigma)
     disagree_mm: float = 3.0  # weighted spread of the votes beyond which a landmark is reported missing
-    seed: int = 7
 
 
 def _rotations(twists_deg=(30.0, 60.0)) -> np.ndarray:
@@ -91,16 +90,19 @@ def index_to_lps(image: sitk.Image) -> np.ndarray:
 
 
 def _regridded(image: sitk.Image, side: int) -> sitk.Image:
-    """The image on an isotropic grid along its own axes with `side` voxels along its longest extent, smoothed
-    against aliasing; returned as it is when already as fine as that."""
+    """The image on an isotropic grid along its own axes with `side` voxels along its longest extent, centred on
+    the volume's centre (so that a flipped or permuted layout of the same volume gets the same grid points),
+    smoothed against aliasing; returned as it is when already as fine as that."""
     size = np.array(image.GetSize())
     extent = size * np.array(image.GetSpacing())
     spacing = extent.max() / side
     if spacing <= min(image.GetSpacing()) * 1.0001:
         return image
     direction = np.array(image.GetDirection()).reshape(3, 3)
-    origin = np.array(image.GetOrigin()) + direction @ ((spacing - np.array(image.GetSpacing())) / 2)
-    new_size = [max(int(np.ceil(e / spacing)), 4) for e in extent]
+    new_size = np.array([max(int(np.ceil(e / spacing)), 4) for e in extent])
+    centre = np.array(image.GetOrigin()) + direction @ ((size - 1) / 2 * np.array(image.GetSpacing()))
+    origin = centre - direction @ ((new_size - 1) / 2 * spacing)
+    new_size = new_size.tolist()
     smooth = sitk.SmoothingRecursiveGaussian(image, 0.5 * spacing)
     return sitk.Resample(smooth, new_size, sitk.Transform(), sitk.sitkLinear, origin.tolist(), [spacing] * 3,
                          direction.ravel().tolist(), 0.0, sitk.sitkFloat32)
@@ -135,13 +137,19 @@ class Prepared:
     mid_mask: sitk.Image | None = None
 
 
-def prepare(volume: Volume, s: Atlas3DSettings, levels: tuple) -> Prepared:
+def work_spacing(volume: Volume, s: Atlas3DSettings) -> float:
+    """The finest voxel size (mm) of the volume's working grid."""
+    return max(float((np.array(volume.size) * volume.spacing).max() / s.work_side), float(volume.spacing.min()))
+
+
+def prepare(volume: Volume, s: Atlas3DSettings, levels: tuple, voxel_mm: float) -> Prepared:
+    """levels: (atlas voxel step, half window); voxel_mm: the atlases' voxel size. Every level is smoothed by
+    half its step in mm, atlas and new volume alike, whatever the new volume's own grid."""
     full = to_sitk(volume)
     work = _regridded(full, s.work_side)
     coarse, mid = _regridded(work, s.coarse_side), _regridded(work, s.mid_side)
     levels_t = {step: torch.from_numpy(sitk.GetArrayFromImage(
-        sitk.SmoothingRecursiveGaussian(work, 0.5 * step * min(work.GetSpacing())) if step > 1 else work))
-        for step, _ in levels}
+        sitk.SmoothingRecursiveGaussian(work, 0.5 * step * voxel_mm))) for step, _ in levels}
     centre, axes, spread = _principal_axes(coarse, volume.label)
     prepared = Prepared(index_to_lps(work), levels_t, coarse, mid, centre, axes, spread)
     if volume.landmarks is not None:
@@ -206,12 +214,11 @@ def _as_matrix(transform: sitk.Transform):
     return m, c + t - m @ c
 
 
-def _registration(shrink, smooth, seed, mask) -> sitk.ImageRegistrationMethod:
+def _registration(shrink, smooth, mask) -> sitk.ImageRegistrationMethod:
     reg = sitk.ImageRegistrationMethod()
     reg.SetMetricFixedMask(mask)
     reg.SetMetricAsCorrelation()
-    reg.SetMetricSamplingStrategy(reg.RANDOM)
-    reg.SetMetricSamplingPercentage(0.3, seed)
+    reg.SetMetricSamplingStrategy(reg.NONE)  # every voxel of the region: the same answer whatever the layout
     reg.SetInterpolator(sitk.sitkLinear)
     reg.SetShrinkFactorsPerLevel(shrink)
     reg.SetSmoothingSigmasPerLevel(smooth)
@@ -240,7 +247,7 @@ def register(atlas_p: Prepared, target_p: Prepared, s: Atlas3DSettings):
         init.SetMatrix(rotations[h].ravel().tolist())
         init.SetScale(scale)
         init.SetTranslation((target_p.centre - atlas_p.centre).tolist())
-        reg = _registration([2, 1], [1, 0], s.seed, atlas_p.coarse_mask)
+        reg = _registration([2, 1], [1, 0], atlas_p.coarse_mask)
         reg.SetOptimizerAsRegularStepGradientDescent(1.0, 1e-3, 100, relaxationFactor=0.6)
         reg.SetOptimizerScalesFromPhysicalShift()
         reg.SetInitialTransform(init, inPlace=True)
@@ -259,7 +266,7 @@ def register(atlas_p: Prepared, target_p: Prepared, s: Atlas3DSettings):
     affine.SetCenter(similarity.GetCenter())
     affine.SetMatrix(similarity.GetMatrix())
     affine.SetTranslation(similarity.GetTranslation())
-    reg = _registration([2, 1], [1, 0], s.seed, atlas_p.mid_mask)
+    reg = _registration([2, 1], [1, 0], atlas_p.mid_mask)
     reg.SetOptimizerAsRegularStepGradientDescent(0.5, 1e-4, 100, relaxationFactor=0.6)
     reg.SetOptimizerScalesFromPhysicalShift()
     reg.SetInitialTransform(affine, inPlace=True)
@@ -323,6 +330,8 @@ def fuse(votes: list, target: Volume, names: list[str], s: Atlas3DSettings) -> L
 class Atlas3DDetector:
     """Landmarks of new volumes from annotated ones; `detect(volume) -> Landmarks` (N x 3 LPS mm)."""
 
+    dim = 3
+
     def __init__(self, atlases: list[Volume], settings: Atlas3DSettings = Atlas3DSettings()):
         if not atlases:
             raise InputError("the atlas is empty: give at least one annotated volume")
@@ -342,20 +351,13 @@ class Atlas3DDetector:
         side = max(min(max(a.size), settings.work_side) for a in atlases)
         scale = max(1.0, side / settings.level_side)
         self.levels = tuple((step * scale, half) for step, half in settings.levels)
-        self.atlases = [(a, prepare(a, settings, self.levels)) for a in atlases]
-
-    @classmethod
-    def from_path(cls, path, ids: list[str] | None = None,
-                  settings: Atlas3DSettings = Atlas3DSettings()) -> Atlas3DDetector:
-        """A 3D landmarks.csv (all rows, or those of `ids`) or a folder of `.mrk.json` + volume pairs."""
-        from ..io.datasets import load_cases
-
-        return cls(load_cases(path, ids), settings)
+        self.voxel_mm = min(work_spacing(a, settings) for a in atlases)
+        self.atlases = [(a, prepare(a, settings, self.levels, self.voxel_mm)) for a in atlases]
 
     def prepare(self, volume: Volume) -> Prepared:
         if not isinstance(volume, Volume):
             raise InputError(f"{volume.label}: a 2D image; this atlas is of 3D volumes")
-        return prepare(volume, self.settings, self.levels)
+        return prepare(volume, self.settings, self.levels, self.voxel_mm)
 
     def votes(self, volume: Volume, prepared: Prepared | None = None, which=None) -> list:
         """Each atlas's (points, local NCC) for `volume` (atlases `which`, default all)."""

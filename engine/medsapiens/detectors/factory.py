@@ -15,6 +15,7 @@ from .heatmap import DEFAULT_INPUT_HW, HeatmapDetector
 
 class Detector(Protocol):
     names: list[str]
+    dim: int  # 2: detects on images (Case), 3: on volumes (Volume)
 
     def detect(self, case: Case) -> Landmarks: ...
 
@@ -29,9 +30,9 @@ def load_detector(model=None, *, adapter=None, base=None, atlas=None, atlas_case
       model=LORA, base=BASE      the LoRA file is the model, BASE the Sapiens checkpoint under it
                                  (catalogue MedSapiens models name their base, fetched with them);
       model=BASE, adapter=LORA   the base is the model, the LoRA file is applied on it.
-    atlas: a data set (landmarks.csv or folder of .mrk.json + images) for the weight-free atlas detector;
-    atlas_cases: the rows of a landmarks.csv atlas to use (image stems; default all); atlas_deformable:
-    AtlasSettings.deformable. flip_test: None for the model's own test-time setting (on for the MedSapiens
+    atlas: a data set (landmarks.csv or folder of .mrk.json + images) for the weight-free atlas detector, in 2D
+    or, when the atlas holds volumes, in 3D; atlas_cases: the cases of the atlas to use (case ids; default all);
+    atlas_deformable: AtlasSettings.deformable (2D only). flip_test: None for the model's own test-time setting (on for the MedSapiens
     release, as in its test config). landmarks: the landmark names the caller expects; anything else is refused.
     precision: "auto" (bf16 where the device computes it natively and faster, see heatmap.pick_precision), "fp32"
     or "bf16".
@@ -48,9 +49,20 @@ def load_detector(model=None, *, adapter=None, base=None, atlas=None, atlas_case
     elif atlas is not None:
         if model is not None or adapter is not None or base is not None:
             raise InputError("--atlas works without model weights; give either an atlas or a model")
-        from .atlas import AtlasDetector, AtlasSettings
+        from ..case import Volume
+        from ..io.datasets import load_cases
 
-        detector = AtlasDetector.from_path(atlas, atlas_cases, AtlasSettings(deformable=atlas_deformable))
+        cases = load_cases(atlas, atlas_cases)
+        if isinstance(cases[0], Volume):
+            from .atlas3d import Atlas3DDetector
+
+            if atlas_deformable:
+                raise InputError(f"{atlas}: the deformable stage is for 2D atlases; this atlas holds volumes")
+            detector = Atlas3DDetector(cases)
+        else:
+            from .atlas import AtlasDetector, AtlasSettings
+
+            detector = AtlasDetector(cases, AtlasSettings(deformable=atlas_deformable))
     else:
         detector = _heatmap_detector(model, adapter, base, device, precision, input_size, flip_test, progress)
     if landmarks is not None and list(landmarks) != detector.names:

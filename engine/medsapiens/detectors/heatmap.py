@@ -93,6 +93,8 @@ def image_tensor(case: Case, device) -> torch.Tensor:
 class HeatmapDetector:
     """Detects a fixed, named landmark set with a SapiensPose model; `detect(case) -> Landmarks`."""
 
+    dim = 2
+
     def __init__(self, model: SapiensPose, names: list[str], input_hw=DEFAULT_INPUT_HW, sigma=DEFAULT_SIGMA,
                  flip_pairs=(), flip_test=False, device=None, precision="auto"):
         if len(names) != model.num_keypoints:

@@ -163,6 +163,8 @@ class Refiner:
 class RefinedAtlasDetector:
     """atlas -> refiner, `detect(case) -> Landmarks`; `detect_both` also returns the atlas's own answer."""
 
+    dim = 2
+
     def __init__(self, atlas, refiner: Refiner, meta: dict | None = None):
         self.atlas, self.refiner, self.meta = atlas, refiner, meta or {}
         self.names = atlas.names

@@ -1,4 +1,5 @@
-"""Landmark data sets on disk: `landmarks.csv` (image,width,height,spacing_mm,<name>_x,<name>_y,...).
+"""Landmark data sets on disk: `landmarks.csv` (image,width,height,spacing_mm,<name>_x,<name>_y,...) for 2D
+images in pixels, or (image,<name>_x,<name>_y,<name>_z,...) for volumes in LPS millimetres.
 
 Empty cells mark missing landmarks. Images are read lazily, relative to the CSV's folder. `spacing_mm` is one
 number, the size of the row's square pixels: it sets the spacing of plain pictures (PNG, JPEG...), and a file
@@ -15,20 +16,18 @@ from pathlib import Path
 
 import numpy as np
 
-from ..case import Case, Landmarks
+from ..case import Case, Landmarks, Volume
 from ..errors import InputError
 from .atomic import atomic_write_text
-from .images import PLAIN_FORMATS, case_id, read_image, with_spacing
-
-SQUARE_TOLERANCE = 1e-6  # relative difference of the two pixel sizes still written as one spacing_mm
+from .images import PLAIN_FORMATS, case_id, read_image, read_volume, with_spacing
 
 
 @dataclass
 class Row:
     image: str
-    width: int
-    height: int
-    spacing: float
+    width: int | None  # None in a volume set
+    height: int | None
+    spacing: float | None
     landmarks: Landmarks
 
     @property
@@ -44,6 +43,7 @@ class Dataset:
         self.path = path / "landmarks.csv" if path.is_dir() else path
         self.root = self.path.parent
         self.names, self.rows = _read_csv(self.path)
+        self.dim = self.rows[0].landmarks.dim  # 2: images (pixels), 3: volumes (LPS mm)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -59,9 +59,13 @@ class Dataset:
                              f"{self.rows[0].id})")
         return [index[i] for i in ids]
 
-    def case(self, i: int) -> Case:
+    def case(self, i: int) -> Case | Volume:
         row = self.rows[i]
         image_path = self.root / row.image
+        if self.dim == 3:
+            volume = read_volume(image_path)
+            volume.landmarks = row.landmarks
+            return volume
         case = read_image(image_path)
         if not image_path.name.lower().endswith(PLAIN_FORMATS) and not square_pixels(case.spacing):
             raise InputError(f"{image_path}: its pixels are {case.spacing[0]:g} x {case.spacing[1]:g} mm, which "
@@ -74,8 +78,9 @@ class Dataset:
         return case
 
 
-def load_cases(path, ids: list[str] | None = None) -> list[Case]:
-    """Annotated cases from a landmarks.csv (all rows, or those of `ids`) or a folder of `.mrk.json` + images."""
+def load_cases(path, ids: list[str] | None = None) -> list[Case | Volume]:
+    """Annotated cases from a landmarks.csv (all rows, or those of `ids`) or a folder of `.mrk.json` + images
+    or volumes (2D cases or volumes, not both)."""
     path = Path(path)
     if path.is_dir() and not (path / "landmarks.csv").is_file():
         cases = _markups_folder(path)
@@ -90,7 +95,7 @@ def load_cases(path, ids: list[str] | None = None) -> list[Case]:
     return [ds.case(i) for i in (ds.select(ids) if ids else range(len(ds)))]
 
 
-def _markups_folder(folder: Path) -> list[Case]:
+def _markups_folder(folder: Path) -> list[Case | Volume]:
     from .markups import landmarks_from_markups
 
     cases = []
@@ -99,13 +104,25 @@ def _markups_folder(folder: Path) -> list[Case]:
         images = sorted(p for p in folder.iterdir() if case_id(p) == stem and not p.name.endswith(".mrk.json"))
         if not images:
             raise InputError(f"{mrk}: no image named {stem}.* beside it")
-        case = read_image(images[0])
+        case = read_case(images[0])
         case.name = stem
         case.landmarks = landmarks_from_markups(mrk, case)
         cases.append(case)
     if not cases:
         raise InputError(f"{folder}: no .mrk.json files beside images")
+    if len({isinstance(c, Volume) for c in cases}) > 1:
+        raise InputError(f"{folder}: mixes 2D images and 3D volumes; an atlas is one or the other")
     return cases
+
+
+def read_case(path) -> Case | Volume:
+    """A 2D image as a Case or a 3D volume (or DICOM series folder) as a Volume, whichever the file holds."""
+    try:
+        return read_image(path)
+    except InputError as e:
+        if "a 3D volume" not in str(e) and not Path(path).is_dir():
+            raise
+    return read_volume(path)
 
 
 def _read_csv(path: Path):
@@ -115,9 +132,13 @@ def _read_csv(path: Path):
         raise InputError(f"{path}: cannot read ({e.strerror})") from None
     reader = csv.reader(io.StringIO(text))
     header = next(reader, None)
+    if header is not None and header[:1] == ["image"] and len(header) > 1 and header[1].endswith("_x") \
+            and len(header) > 3 and header[3].endswith("_z"):
+        return _read_volume_rows(path, header, reader)
     fixed = ["image", "width", "height", "spacing_mm"]
     if header is None or [h.strip() for h in header[:4]] != fixed:
-        raise InputError(f"{path}: not a landmarks CSV: the header must start with {','.join(fixed)}")
+        raise InputError(f"{path}: not a landmarks CSV: the header must start with {','.join(fixed)} (images) or "
+                         "image,<name>_x,<name>_y,<name>_z (volumes)")
     coords = header[4:]
     if len(coords) == 0 or len(coords) % 2:
         raise InputError(f"{path}: landmark columns must come in <name>_x,<name>_y pairs")
@@ -144,6 +165,48 @@ def _read_csv(path: Path):
     if not rows:
         raise InputError(f"{path}: no data rows")
     return names, rows
+
+
+def _read_volume_rows(path: Path, header: list[str], reader):
+    """The rows of a 3D landmarks CSV: image,<name>_x,<name>_y,<name>_z,... in LPS millimetres."""
+    coords = [h.strip() for h in header[1:]]
+    if len(coords) % 3:
+        raise InputError(f"{path}: landmark columns must come in <name>_x,<name>_y,<name>_z triples")
+    names = []
+    for cx, cy, cz in zip(coords[::3], coords[1::3], coords[2::3]):
+        if not (cx.endswith("_x") and cy.endswith("_y") and cz.endswith("_z") and cx[:-2] == cy[:-2] == cz[:-2]):
+            raise InputError(f"{path}: columns {cx},{cy},{cz} are not a <name>_x,<name>_y,<name>_z triple")
+        names.append(cx[:-2])
+    rows = []
+    for line_no, cells in enumerate(reader, start=2):
+        if not cells or all(not c.strip() for c in cells):
+            continue
+        if len(cells) != len(header):
+            raise InputError(f"{path}, line {line_no}: {len(cells)} cells, the header has {len(header)}")
+        try:
+            values = [float(c) if c.strip() else math.nan for c in cells[1:]]
+        except ValueError as e:
+            raise InputError(f"{path}, line {line_no}: {e}") from None
+        rows.append(Row(cells[0], None, None, None, Landmarks(names, np.array(values).reshape(-1, 3))))
+    if not rows:
+        raise InputError(f"{path}: no data rows")
+    return names, rows
+
+
+def volume_landmarks_csv(rows: list[tuple[str, Landmarks]]) -> str:
+    """3D CSV text (image,<name>_x,<name>_y,<name>_z,..., LPS mm) for (image, landmarks) rows of one set."""
+    names = rows[0][1].names
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["image"] + [f"{n}_{a}" for n in names for a in "xyz"])
+    for image, lm in rows:
+        if lm.names != names:
+            raise ValueError("all rows of a landmarks CSV need the same landmark names")
+        cells = []
+        for p, ok in zip(lm.points, lm.present):
+            cells += [f"{v:.4f}" for v in p] if ok else ["", "", ""]
+        writer.writerow([image] + cells)
+    return out.getvalue()
 
 
 def square_pixels(spacing) -> bool:
@@ -184,3 +247,7 @@ def landmark_sets(path) -> list[tuple[str, Landmarks, tuple[float, float]]]:
     if path.is_dir() and not (path / "landmarks.csv").is_file():
         return [(c.name, c.landmarks, c.spacing) for c in load_cases(path)]
     return [(r.image, r.landmarks, (r.spacing, r.spacing)) for r in Dataset(path).rows]
+
+
+def write_volume_landmarks_csv(path, rows) -> Path:
+    return atomic_write_text(path, volume_landmarks_csv(rows))

@@ -1,8 +1,10 @@
-"""Read 2D images of any common medical or plain format into a Case, with spacing and geometry from the file.
+"""Read 2D images of any common medical or plain format into a Case, and 3D volumes into a Volume, with spacing
+and geometry from the file.
 
-PNG, JPEG, TIFF, BMP, NIfTI, MHA, DICOM through SimpleITK; NRRD through pynrrd. The pixel -> LPS matrix comes
-from the file's origin, direction and spacing; plain photos get origin 0, identity axes and the given spacing,
-so that LPS = (x * sx, y * sy, 0) as for a PNG loaded into Slicer.
+PNG, JPEG, TIFF, BMP, NIfTI, MHA, DICOM (a file, or a series in a folder for volumes) through SimpleITK; NRRD
+through pynrrd. The pixel/voxel -> LPS matrix comes from the file's origin, direction and spacing; plain photos
+get origin 0, identity axes and the given spacing, so that LPS = (x * sx, y * sy, 0) as for a PNG loaded into
+Slicer.
 """
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..case import Case
+from ..case import Case, Volume
 from ..errors import InputError
 
 PLAIN_FORMATS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
@@ -59,12 +61,51 @@ def with_spacing(case: Case, spacing: float) -> Case:
     return Case(case.image, (spacing, spacing), case.landmarks, case.name, geometry)
 
 
+def read_volume(path) -> Volume:
+    """A 3D scalar volume (NIfTI, NRRD, MHA, a DICOM file or a folder holding one DICOM series) as a Volume
+    named by its case id, with the file's own index -> LPS geometry."""
+    path = Path(path)
+    if path.is_dir():
+        array, geometry = _read_dicom_series(path)
+    elif not path.is_file():
+        raise InputError(f"{path}: no such volume file or DICOM folder")
+    elif path.suffix.lower() in (".nrrd", ".nhdr"):
+        array, geometry = _read_nrrd(path)
+    else:
+        array, geometry = _read_sitk(path)
+    comps, depth, height, width = array.shape
+    if depth == 1:
+        raise InputError(f"{path}: a 2D image ({width} x {height}), not a volume; this detector works on volumes")
+    if comps != 1:
+        raise InputError(f"{path}: {comps} components per voxel; expected a scalar (grey) volume")
+    if not np.isfinite(geometry).all():
+        raise InputError(f"{path}: the file's spacing or orientation is not finite (NaN or infinity)")
+    voxels = array[0]
+    if voxels.dtype.kind == "f" and not np.isfinite(voxels).all():
+        raise InputError(f"{path}: the volume holds NaN or infinite values")
+    if voxels.max() <= voxels.min():
+        raise InputError(f"{path}: the volume is empty (every voxel is {voxels.flat[0]})")
+    return Volume(voxels, geometry, name=case_id(path))
 
-def _read_sitk(path: Path):
+
+def _read_dicom_series(folder: Path):
+    import SimpleITK as sitk
+
+    series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+    if not series:
+        raise InputError(f"{folder}: no DICOM series in this folder")
+    if len(series) > 1:
+        raise InputError(f"{folder}: {len(series)} DICOM series in one folder; give a folder per series")
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series[0]))
+    return _read_sitk(folder, reader)
+
+
+def _read_sitk(path: Path, reader=None):
     import SimpleITK as sitk
 
     try:
-        image = sitk.ReadImage(str(path))
+        image = reader.Execute() if reader is not None else sitk.ReadImage(str(path))
     except RuntimeError as e:
         reason = str(e).strip().splitlines()[-1] if str(e).strip() else "unreadable"
         raise InputError(f"{path}: not a readable image ({reason[:160]})") from None

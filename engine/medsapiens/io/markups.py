@@ -1,4 +1,5 @@
-"""Slicer 5 markups files (`.mrk.json`): one fiducial control point per landmark, in LPS millimetres.
+"""Slicer 5 markups files (`.mrk.json`): one fiducial control point per landmark, in LPS millimetres (image
+landmarks through the image's pixel -> LPS matrix; volume landmarks are LPS already).
 
 Label = landmark name, description = "confidence 0.934", missing landmarks with positionStatus "missing".
 """
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..case import Case, Landmarks
+from ..case import Case, Landmarks, Volume
 from ..errors import InputError
 from .atomic import atomic_write_text
 
@@ -19,8 +20,8 @@ SCHEMA = ("https://raw.githubusercontent.com/slicer/slicer/master/Modules/Loadab
 _CONFIDENCE = re.compile(r"confidence\s+([0-9.eE+-]+)")
 
 
-def markups_document(landmarks: Landmarks, case: Case) -> dict:
-    lps = case.to_lps(np.nan_to_num(landmarks.points))
+def markups_document(landmarks: Landmarks, case: Case | Volume) -> dict:
+    lps = np.nan_to_num(landmarks.points) if landmarks.dim == 3 else case.to_lps(np.nan_to_num(landmarks.points))
     points = []
     for i, name in enumerate(landmarks.names):
         present = bool(landmarks.present[i])
@@ -38,7 +39,7 @@ def markups_document(landmarks: Landmarks, case: Case) -> dict:
     }]}
 
 
-def write_markups(path, landmarks: Landmarks, case: Case) -> Path:
+def write_markups(path, landmarks: Landmarks, case: Case | Volume) -> Path:
     return atomic_write_text(path, json.dumps(markups_document(landmarks, case), indent=2))
 
 
@@ -65,9 +66,12 @@ def read_markups(path) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
     return names, np.array(positions).reshape(-1, 3), np.array(confidence), np.array(present, bool)
 
 
-def landmarks_from_markups(path, case: Case) -> Landmarks:
-    """Landmarks in the pixels of `case` from a `.mrk.json`, through the inverse of the image's pixel -> LPS."""
+def landmarks_from_markups(path, case: Case | Volume) -> Landmarks:
+    """Landmarks of `case` from a `.mrk.json`: LPS mm for a volume; for an image its pixels, through the inverse
+    of the image's pixel -> LPS."""
     names, lps, confidence, present = read_markups(path)
+    if isinstance(case, Volume):
+        return Landmarks(names, lps, confidence, present)
     m = case.pixel_to_lps
     # least squares through the in-plane columns of the matrix: exact for points on the image plane
     a = m[:3, :2]

@@ -1,0 +1,130 @@
+"""Accuracy, speed and memory of the 3D atlas detector, leave-cases-out on a volume set.
+
+    python benchmarks/atlas3d_accuracy.py ../shared/data/mouse_ct --atlases 1 3 5
+
+Every volume is scored in turn with atlases taken from the other volumes (the next ones in the CSV's order,
+cyclically: volume i gets i+1, i+2, ...); an atlas never sees its own volume. Each (atlas, volume) pair is
+registered once and its votes are fused for each atlas count (the first 1, 3, 5 of the same list), so the
+counts are compared on the same registrations. Per count: MRE, SDR at 0.5 / 1 / 2 mm, gross failures
+(landmarks more than 2 mm off or missing), the worst volume's MRE; seconds per volume, wall and CPU (target
+preparation + that many atlas registrations + fusion; the atlases' own preparation is done once per run and
+reported apart). Peak memory: a separate `medsapiens detect` process with the largest count on one volume
+(--memory-run). The CPU load (1-minute load average) is printed next to the timings.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from medsapiens.analysis.metrics import format_summary, radial_errors, summary
+from medsapiens.detectors.atlas3d import Atlas3DDetector, Atlas3DSettings, fuse
+from medsapiens.io.datasets import Dataset
+
+GROSS_MM = 2.0
+
+
+class Clock:
+    """Wall and CPU (this process, all threads) seconds of a block."""
+
+    def __enter__(self):
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc):
+        self.wall, self.cpu = time.perf_counter() - self.wall, time.process_time() - self.cpu
+
+
+def memory_run(data: Path, ds: Dataset, atlases: list[str], target: int) -> str:
+    """Peak RSS and times of one `medsapiens detect` process (its own interpreter, so nothing else counts)."""
+    with tempfile.TemporaryDirectory() as out:
+        cmd = [sys.executable, "-m", "medsapiens.cli", "detect", "--atlas", str(ds.path), "--atlas-cases",
+               ",".join(atlases), str(ds.root / ds.rows[target].image), "--out", out]
+        t = time.perf_counter()
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        wall = time.perf_counter() - t
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return (f"`medsapiens detect` with {len(atlases)} atlases on {ds.rows[target].id}: {wall:.1f} s wall, "
+            f"{usage.ru_utime + usage.ru_stime:.1f} s CPU (atlas loading included), peak RSS "
+            f"{usage.ru_maxrss / 2**20:.2f} GB")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("data", type=Path, help="volume set folder (with a 3D landmarks.csv)")
+    p.add_argument("--atlases", type=int, nargs="+", default=[1, 3, 5], help="atlas counts")
+    p.add_argument("--limit", type=int, help="score only the first this many volumes")
+    p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    p.add_argument("--memory-run", action="store_true", help="also run one detect process to measure peak memory")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    ds = Dataset(args.data / "landmarks.csv")
+    n, pool = len(ds), max(args.atlases)
+    if pool >= n:
+        sys.exit(f"{pool} atlases need at least {pool + 1} volumes; the set has {n}")
+    scored = list(range(n))[: args.limit]
+    settings = Atlas3DSettings()
+    cache, prep_times = {}, []
+
+    def atlas(i):  # each volume is prepared as an atlas once
+        if i not in cache:
+            with Clock() as c:
+                cache[i] = Atlas3DDetector([ds.case(i)], settings)
+            prep_times.append(c.wall)
+        return cache[i]
+
+    errors = {k: [] for k in args.atlases}
+    wall = {k: [] for k in args.atlases}
+    cpu = {k: [] for k in args.atlases}
+    print(f"load average at start: {os.getloadavg()[0]:.1f}", flush=True)
+    for i in scored:
+        target = ds.case(i)
+        pool_ids = [(i + j) % n for j in range(1, pool + 1)]
+        detectors = [atlas(j) for j in pool_ids]
+        with Clock() as prep:
+            prepared = detectors[0].prepare(target)
+        votes, pair_wall, pair_cpu = [], [], []
+        for d in detectors:
+            with Clock() as c:
+                votes += d.votes(target, prepared)
+            pair_wall.append(c.wall)
+            pair_cpu.append(c.cpu)
+        line = []
+        for k in args.atlases:
+            with Clock() as c:
+                found = fuse(votes[:k], target, detectors[0].names, settings)
+            errors[k].append(radial_errors(found, target.landmarks))
+            wall[k].append(prep.wall + sum(pair_wall[:k]) + c.wall)
+            cpu[k].append(prep.cpu + sum(pair_cpu[:k]) + c.cpu)
+            e = errors[k][-1]
+            line.append(f"{k}: {np.nanmean(np.where(np.isinf(e), np.nan, e)):.3f} mm "
+                        f"({int(np.isinf(e).sum())} missing)")
+        print(f"{ds.rows[i].id} (atlases {','.join(ds.rows[j].id for j in pool_ids)}): {'; '.join(line)}; "
+              f"{wall[max(args.atlases)][-1]:.1f} s wall for {pool}, load {os.getloadavg()[0]:.1f}", flush=True)
+    print(f"\n{ds.path}: {len(scored)} volumes, leave-cases-out; atlas preparation {statistics.median(prep_times):.1f} s "
+          f"(median, once per atlas per run)")
+    for k in args.atlases:
+        e = np.array(errors[k])
+        s = summary(e, (0.5, 1.0, 2.0))
+        per_volume = np.array([r[np.isfinite(r)].mean() for r in e])
+        gross = int(((e > GROSS_MM) & ~np.isnan(e)).sum())
+        print(f"{k} atlas(es): {format_summary(s)}; gross (> {GROSS_MM:g} mm or missing) {gross}; volumes with "
+              f"MRE > 1 mm: {int((per_volume > 1).sum())}, worst {per_volume.max():.3f} mm "
+              f"({ds.rows[scored[int(per_volume.argmax())]].id}); s/volume median {statistics.median(wall[k]):.1f} "
+              f"wall, {statistics.median(cpu[k]):.1f} CPU (max {max(wall[k]):.1f} / {max(cpu[k]):.1f})")
+    print(f"load average at end: {os.getloadavg()[0]:.1f}", flush=True)
+    if args.memory_run:
+        k = 3 if 3 in args.atlases else max(args.atlases)
+        print(memory_run(args.data, ds, [ds.rows[j].id for j in range(1, k + 1)], 0), flush=True)
+
+
+if __name__ == "__main__":
+    main()
