@@ -1,6 +1,9 @@
 """Accuracy, speed and memory of the 3D atlas detector, leave-cases-out on a volume set.
 
     python benchmarks/atlas3d_accuracy.py ../shared/data/mouse_ct --atlases 1 3 5
+    # or in shards (processes) that each save their volumes, then the figures over all of them:
+    python benchmarks/atlas3d_accuracy.py ../shared/data/mouse_ct --shard 0/4 --save s0.npz   # ... 3/4
+    python benchmarks/atlas3d_accuracy.py ../shared/data/mouse_ct --merge s0.npz s1.npz s2.npz s3.npz
 
 Every volume is scored in turn with atlases taken from the other volumes (the next ones in the CSV's order,
 cyclically: volume i gets i+1, i+2, ...); an atlas never sees its own volume. Each (atlas, volume) pair is
@@ -64,13 +67,27 @@ def main():
     p.add_argument("--limit", type=int, help="score only the first this many volumes")
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     p.add_argument("--memory-run", action="store_true", help="also run one detect process to measure peak memory")
+    p.add_argument("--shard", metavar="K/N", help="score only volumes i with i %% N == K")
+    p.add_argument("--save", type=Path, help="save the scored volumes' errors and times here (after each volume)")
+    p.add_argument("--merge", type=Path, nargs="+", help="print the figures over these saved shards and stop")
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
     ds = Dataset(args.data / "landmarks.csv")
+    if args.merge:
+        parts = [np.load(f, allow_pickle=False) for f in args.merge]
+        rows = [int(i) for part in parts for i in part["rows"]]
+        counts = [int(k) for k in parts[0]["counts"]]
+        report(ds, rows, counts, *({k: [row for part in parts for row in part[f"{name}_{k}"]] for k in counts}
+                                    for name in ("errors", "wall", "cpu")),
+               [float(v) for part in parts for v in part["prep"]])
+        return
+    torch.set_num_threads(args.threads)
     n, pool = len(ds), max(args.atlases)
     if pool >= n:
         sys.exit(f"{pool} atlases need at least {pool + 1} volumes; the set has {n}")
     scored = list(range(n))[: args.limit]
+    if args.shard:
+        k, of = (int(v) for v in args.shard.split("/"))
+        scored = [i for i in scored if i % of == k]
     settings = Atlas3DSettings()
     cache, prep_times = {}, []
 
@@ -108,10 +125,23 @@ def main():
             line.append(f"{k}: {np.nanmean(np.where(np.isinf(e), np.nan, e)):.3f} mm "
                         f"({int(np.isinf(e).sum())} missing)")
         print(f"{ds.rows[i].id} (atlases {','.join(ds.rows[j].id for j in pool_ids)}): {'; '.join(line)}; "
-              f"{wall[max(args.atlases)][-1]:.1f} s wall for {pool}, load {os.getloadavg()[0]:.1f}", flush=True)
+              f"{wall[max(args.atlases)][-1]:.1f} s wall, {cpu[max(args.atlases)][-1]:.1f} s CPU for {pool}, "
+              f"load {os.getloadavg()[0]:.1f}", flush=True)
+        if args.save:
+            done = scored[: scored.index(i) + 1]
+            np.savez(args.save, rows=done, counts=args.atlases, prep=prep_times,
+                     **{f"errors_{k}": errors[k] for k in args.atlases}, **{f"wall_{k}": wall[k] for k in args.atlases},
+                     **{f"cpu_{k}": cpu[k] for k in args.atlases})
+    report(ds, scored, args.atlases, errors, wall, cpu, prep_times)
+    if args.memory_run:
+        k = 3 if 3 in args.atlases else max(args.atlases)
+        print(memory_run(args.data, ds, [ds.rows[j].id for j in range(1, k + 1)], 0), flush=True)
+
+
+def report(ds: Dataset, scored: list[int], counts: list[int], errors: dict, wall: dict, cpu: dict, prep_times):
     print(f"\n{ds.path}: {len(scored)} volumes, leave-cases-out; atlas preparation {statistics.median(prep_times):.1f} s "
-          f"(median, once per atlas per run)")
-    for k in args.atlases:
+          f"wall (median, once per atlas per run)")
+    for k in counts:
         e = np.array(errors[k])
         s = summary(e, (0.5, 1.0, 2.0))
         per_volume = np.array([r[np.isfinite(r)].mean() for r in e])
@@ -120,10 +150,7 @@ def main():
               f"MRE > 1 mm: {int((per_volume > 1).sum())}, worst {per_volume.max():.3f} mm "
               f"({ds.rows[scored[int(per_volume.argmax())]].id}); s/volume median {statistics.median(wall[k]):.1f} "
               f"wall, {statistics.median(cpu[k]):.1f} CPU (max {max(wall[k]):.1f} / {max(cpu[k]):.1f})")
-    print(f"load average at end: {os.getloadavg()[0]:.1f}", flush=True)
-    if args.memory_run:
-        k = 3 if 3 in args.atlases else max(args.atlases)
-        print(memory_run(args.data, ds, [ds.rows[j].id for j in range(1, k + 1)], 0), flush=True)
+    print(f"load average now: {os.getloadavg()[0]:.1f}", flush=True)
 
 
 if __name__ == "__main__":
