@@ -11,7 +11,7 @@ registered once and its votes are fused for each atlas count (the first 1, 3, 5 
 counts are compared on the same registrations. Per count: MRE, SDR at 0.5 / 1 / 2 mm, gross failures
 (landmarks more than 2 mm off or missing), the worst volume's MRE; seconds per volume, wall and CPU (target
 preparation + that many atlas registrations + fusion; the atlases' own preparation is done once per run and
-reported apart). Peak memory: a separate `medsapiens detect` process with the largest count on one volume
+reported apart). Peak memory: a separate `medsapiens detect` process with 3 atlases on one volume
 (--memory-run). The CPU load (1-minute load average) is printed next to the timings.
 """
 from __future__ import annotations
@@ -66,7 +66,9 @@ def main():
     p.add_argument("--atlases", type=int, nargs="+", default=[1, 3, 5], help="atlas counts")
     p.add_argument("--limit", type=int, help="score only the first this many volumes")
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
-    p.add_argument("--memory-run", action="store_true", help="also run one detect process to measure peak memory")
+    p.add_argument("--memory-run", action="store_true",
+                   help="first run one detect process (3 atlases, on the first volume) to measure its peak memory; "
+                        "--limit 0 for only that")
     p.add_argument("--shard", metavar="K/N", help="score only volumes i with i %% N == K")
     p.add_argument("--save", type=Path, help="save the scored volumes' errors and times here (after each volume)")
     p.add_argument("--merge", type=Path, nargs="+", help="print the figures over these saved shards and stop")
@@ -81,6 +83,9 @@ def main():
                [float(v) for part in parts for v in part["prep"]])
         return
     torch.set_num_threads(args.threads)
+    if args.memory_run:
+        k = 3 if 3 in args.atlases else max(args.atlases)
+        print(memory_run(args.data, ds, [ds.rows[j].id for j in range(1, k + 1)], 0), flush=True)
     n, pool = len(ds), max(args.atlases)
     if pool >= n:
         sys.exit(f"{pool} atlases need at least {pool + 1} volumes; the set has {n}")
@@ -132,15 +137,13 @@ def main():
             np.savez(args.save, rows=done, counts=args.atlases, prep=prep_times,
                      **{f"errors_{k}": errors[k] for k in args.atlases}, **{f"wall_{k}": wall[k] for k in args.atlases},
                      **{f"cpu_{k}": cpu[k] for k in args.atlases})
-    report(ds, scored, args.atlases, errors, wall, cpu, prep_times)
-    if args.memory_run:
-        k = 3 if 3 in args.atlases else max(args.atlases)
-        print(memory_run(args.data, ds, [ds.rows[j].id for j in range(1, k + 1)], 0), flush=True)
+    if scored:
+        report(ds, scored, args.atlases, errors, wall, cpu, prep_times)
 
 
 def report(ds: Dataset, scored: list[int], counts: list[int], errors: dict, wall: dict, cpu: dict, prep_times):
-    print(f"\n{ds.path}: {len(scored)} volumes, leave-cases-out; atlas preparation {statistics.median(prep_times):.1f} s "
-          f"wall (median, once per atlas per run)")
+    print(f"\n{ds.path}: {len(scored)} volumes, leave-cases-out; atlas preparation "
+          f"{statistics.median(prep_times):.1f} s wall (median, once per atlas per run)")
     for k in counts:
         e = np.array(errors[k])
         s = summary(e, (0.5, 1.0, 2.0))

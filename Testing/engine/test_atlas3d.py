@@ -7,7 +7,7 @@ import SimpleITK as sitk
 from medsapiens import InputError, Landmarks, Volume, load_detector
 from medsapiens.cli import main
 from medsapiens.detectors.atlas3d import Atlas3DDetector, index_to_lps
-from medsapiens.io.datasets import Dataset, load_cases
+from medsapiens.io.datasets import Dataset, load_cases, volume_landmarks_csv
 from medsapiens.io.images import read_volume
 from medsapiens.io.markups import read_markups, write_markups
 
@@ -28,6 +28,15 @@ def halved(ds: Dataset, i: int) -> Volume:
     image = sitk.BinShrink(sitk.ReadImage(str(ds.root / ds.rows[i].image)), [2, 2, 2])
     lm = ds.rows[i].landmarks.subset(ds.names[::4][:KEPT])
     return Volume(sitk.GetArrayFromImage(image), index_to_lps(image), lm, name=ds.rows[i].id)
+
+
+def to_image(volume: Volume) -> sitk.Image:
+    """A SimpleITK image of the volume with its geometry (to write it in any format)."""
+    image = sitk.GetImageFromArray(volume.voxels)
+    image.SetSpacing(volume.spacing.tolist())
+    image.SetDirection((volume.index_to_lps[:3, :3] / volume.spacing).ravel().tolist())
+    image.SetOrigin(volume.index_to_lps[:3, 3].tolist())
+    return image
 
 
 def relaid(volume: Volume, rotation_voxels: np.ndarray) -> Volume:
@@ -110,10 +119,7 @@ def test_the_voxel_layout_does_not_change_the_physical_answer(atlas, target, lay
 def test_an_oblique_grid_resampled_in_physical_space_gives_the_same_landmarks(atlas, target):
     """The same volume resampled (B-spline) onto a grid turned by 30 degrees about an oblique axis, at 0.7 of its
     spacing (on a grid as coarse as its own, the resampling itself would blur it)."""
-    image = sitk.GetImageFromArray(target.voxels.astype(np.float32))
-    image.SetSpacing(target.spacing.tolist())
-    image.SetDirection((target.index_to_lps[:3, :3] / target.spacing).ravel().tolist())
-    image.SetOrigin(target.index_to_lps[:3, 3].tolist())
+    image = sitk.Cast(to_image(target), sitk.sitkFloat32)
     axis = np.array([1.0, 2.0, 3.0]) / np.sqrt(14)
     turn = sitk.VersorTransform(axis.tolist(), np.deg2rad(30.0)).GetMatrix()
     direction = (np.array(turn).reshape(3, 3) @ np.array(image.GetDirection()).reshape(3, 3))
@@ -211,17 +217,11 @@ def test_cli_detects_on_volumes_and_writes_markups_and_csv(tmp_path, mouse, caps
     folder = tmp_path / "atlas"
     folder.mkdir()
     a = halved(mouse, 0)
-    a_image = sitk.GetImageFromArray(a.voxels)
-    a_image.SetSpacing(a.spacing.tolist())
-    a_image.SetOrigin(a.index_to_lps[:3, 3].tolist())
-    sitk.WriteImage(a_image, str(folder / f"{a.name}.nii.gz"))
+    sitk.WriteImage(to_image(a), str(folder / f"{a.name}.nii.gz"))
     write_markups(folder / f"{a.name}.mrk.json", a.landmarks, a)
     t = halved(mouse, 4)
-    t_image = sitk.GetImageFromArray(t.voxels)
-    t_image.SetSpacing(t.spacing.tolist())
-    t_image.SetOrigin(t.index_to_lps[:3, 3].tolist())
     volume_path = tmp_path / f"{t.name}.nrrd"
-    sitk.WriteImage(t_image, str(volume_path))
+    sitk.WriteImage(to_image(t), str(volume_path))
     out = tmp_path / "out"
     assert main(["detect", "--atlas", str(folder), str(volume_path), "--out", str(out)]) == 0
     names, lps, confidence, present = read_markups(out / f"{t.name}.mrk.json")
@@ -236,3 +236,22 @@ def test_cli_detects_on_volumes_and_writes_markups_and_csv(tmp_path, mouse, caps
     # the atlas folder itself reads as 3D cases
     (case,) = load_cases(folder)
     assert isinstance(case, Volume) and np.allclose(case.landmarks.points, a.landmarks.points, atol=1e-4)
+
+
+def test_cli_evaluates_a_volume_atlas_on_a_3d_set(tmp_path, mouse, capsys):
+    folder = tmp_path / "atlas"
+    folder.mkdir()
+    a = halved(mouse, 0)
+    sitk.WriteImage(to_image(a), str(folder / f"{a.name}.nii.gz"))
+    write_markups(folder / f"{a.name}.mrk.json", a.landmarks, a)
+    t = halved(mouse, 5)
+    sitk.WriteImage(to_image(t), str(tmp_path / f"{t.name}.mha"))
+    (tmp_path / "landmarks.csv").write_text(volume_landmarks_csv([(f"{t.name}.mha", t.landmarks)]))
+    report = tmp_path / "report"
+    assert main(["evaluate", "--atlas", str(folder), "--data", str(tmp_path / "landmarks.csv"), "--out",
+                 str(report)]) == 0
+    doc = json.loads((report / "report.json").read_text())
+    assert doc["images"] == [t.name] and list(doc["summary"]["sdr"]) == ["0.5", "1.0", "2.0"]
+    assert doc["summary"]["mre_mm"] < 0.8 and doc["summary"]["scored"] == KEPT
+    assert [row["name"] for row in doc["per_landmark"]] == t.landmarks.names
+    assert all((report / f).stat().st_size > 0 for f in ("per_landmark.png", "sdr_curve.png", "worst_cases.png"))
