@@ -21,6 +21,8 @@ from ..errors import InputError
 from .atomic import atomic_write_text
 from .images import PLAIN_FORMATS, case_id, read_image, read_volume, with_spacing
 
+SQUARE_TOLERANCE = 1e-6  # relative difference of the two pixel sizes still written as one spacing_mm
+
 
 @dataclass
 class Row:
