@@ -100,7 +100,7 @@ def test_export_replaces_the_file_atomically(scene, ceph, tmp_path):
     out.write_text("an older export, longer than the new one\n" * 200)
     assert writeAnalysisCSV(rows, node.GetName(), out) == out
     assert sorted(p.name for p in tmp_path.iterdir()) == ["analysis.csv"]  # no temporary file left
-    with open(out, newline="") as f:
+    with open(out, newline="", encoding="utf-8") as f:
         table = list(csv.reader(f))
     assert tuple(table[0]) == CSV_COLUMNS and len(table) == 9
     for cells, r in zip(table[1:], rows):
