@@ -187,6 +187,6 @@ def test_detect_analyze_writes_the_analysis_of_its_detections(tmp_path, table, c
     detected = next(csv.DictReader(open(tmp_path / "landmarks.csv", newline="")))
     header, result = read_output(tmp_path / "analysis.csv")
     assert header == COLUMNS and list(result) == [detected["image"]]
-    want = expected(detected)
-    for name in ("SNA", "SNB", "ANB", "FHI", "FHA"):
-        assert float(result[detected["image"]][name]) == pytest.approx(want[name], abs=6e-4)
+    want = expected(detected)  # from the CSV's points, rounded to 0.001 px: up to ~8e-4 degrees on 100 px arms
+    for name in ("SNA", "SNB", "ANB", "FHI", "FHA"):   # plus 5e-4 from the value's own rounding
+        assert float(result[detected["image"]][name]) == pytest.approx(want[name], abs=1.5e-3)
