@@ -1,0 +1,40 @@
+"""What a clinician does with the released head model in the panel: pick "MedSapiens head (ISBI 19)" from the
+model list, Detect on a cephalogram loaded by Slicer's volume reader, see the analysis table. The release is the
+one `Testing/engine/test_release_models.py` writes (mmengine checkpoints in the authors' zip layout), served by
+its Drive-like local server; the detection runs in the real engine worker process."""
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "engine"))
+from test_release_models import hub, release  # noqa: E402,F401  (fixtures: the release and its local server)
+
+from MedSapiensSlicerLib.analysis import analysisRows  # noqa: E402
+from MedSapiensSlicerLib.logic import MedSapiensLogic  # noqa: E402
+from MedSapiensSlicerLib.worker_client import EngineWorker  # noqa: E402
+from test_worker import ceph_volume  # noqa: E402
+
+
+def test_pick_the_head_model_detect_and_see_the_analysis(hub, scene, ceph, tmp_path):
+    from medsapiens import api
+    from medsapiens.analysis.cephalometry import MEASURE_NAMES
+
+    choices = api.models()
+    name = next(n for n, display in choices.items() if display == "MedSapiens head (ISBI 19)")
+    assert api.needs_download(name), "asked before the first download"
+    worker = EngineWorker()  # started after the hub's environment is set, as Slicer's would be on first use
+    try:
+        logic = MedSapiensLogic(scene, worker)
+        volume, _ = ceph_volume(scene, ceph, 0, tmp_path, annotated=False)
+        job = logic.wait(logic.startDetect(volume, model=name, device="cpu"), timeout=600)
+        assert job.error is None, job.error
+        node = logic.finishDetect(job)
+    finally:
+        worker.shutdown()
+    labels = [node.GetNthControlPointLabel(i) for i in range(node.GetNumberOfControlPoints())]
+    assert labels == ceph.names
+    rows = analysisRows(node)
+    assert [r.measure for r in rows] == list(MEASURE_NAMES)
+    assert all(r.value_text and r.normal_range and r.class_number in (1, 2, 3, 4) for r in rows), rows
+    assert not api.needs_download(name), "downloaded once, then kept"
