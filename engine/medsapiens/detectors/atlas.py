@@ -174,25 +174,32 @@ def locate(atlas: Case, atlas_p: _Prepared, target_p: _Prepared, s: AtlasSetting
     return points, scores
 
 
+def atlas_names(atlases: list, kind: type, noun: str, wrong_kind: str, least: int = 1) -> list[str]:
+    """The landmark names every atlas case shares (2D or 3D atlas); one line for an empty atlas, a case of the
+    other kind (`wrong_kind` says what it is), fewer than `least` landmarks, or another landmark set."""
+    if not atlases:
+        raise InputError(f"the atlas is empty: give at least one annotated {noun}")
+    for a in atlases:
+        if not isinstance(a, kind):
+            raise InputError(f"atlas case {a.label} is {wrong_kind}")
+        if a.landmarks is None or a.landmarks.present.sum() < least:
+            few = "no landmarks" if least == 1 else f"fewer than {least} landmarks"
+            raise InputError(f"atlas {noun} {a.label} has {few}")
+    names = atlases[0].landmarks.names
+    for a in atlases[1:]:
+        if a.landmarks.names != names:
+            raise InputError(f"atlas {noun} {a.label} has landmarks {short_list(a.landmarks.names)}, but "
+                             f"{atlases[0].label} has {short_list(names)}; all atlases need the same set")
+    return list(names)
+
+
 class AtlasDetector:
     """Landmarks of new images from annotated cases; `detect(case) -> Landmarks` like every detector."""
 
     dim = 2
 
     def __init__(self, atlases: list[Case], settings: AtlasSettings = AtlasSettings()):
-        if not atlases:
-            raise InputError("the atlas is empty: give at least one annotated case")
-        for a in atlases:
-            if not isinstance(a, Case):
-                raise InputError(f"atlas case {a.label} is a 3D volume; a 2D atlas needs images")
-            if a.landmarks is None or not a.landmarks.present.any():
-                raise InputError(f"atlas case {a.label} has no landmarks")
-        names = atlases[0].landmarks.names
-        for a in atlases[1:]:
-            if a.landmarks.names != names:
-                raise InputError(f"atlas case {a.label} has landmarks {short_list(a.landmarks.names)}, but "
-                                 f"{atlases[0].label} has {short_list(names)}; all atlases need the same set")
-        self.names = list(names)
+        self.names = atlas_names(atlases, Case, "case", "a 3D volume; a 2D atlas needs images")
         self.settings = settings
         # the local stage works in atlas pixels: windows keep their anatomical size on finer-sampled atlases
         scale = max(1.0, max(max(a.image.shape[:2]) for a in atlases) / settings.level_side)

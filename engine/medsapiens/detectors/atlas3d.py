@@ -25,7 +25,8 @@ import SimpleITK as sitk
 import torch
 
 from ..case import Landmarks, Volume
-from ..errors import InputError, short_list
+from ..errors import InputError
+from .atlas import atlas_names
 from .ncc_align import align_windows, ncc, sample
 
 
@@ -333,19 +334,7 @@ class Atlas3DDetector:
     dim = 3
 
     def __init__(self, atlases: list[Volume], settings: Atlas3DSettings = Atlas3DSettings()):
-        if not atlases:
-            raise InputError("the atlas is empty: give at least one annotated volume")
-        for a in atlases:
-            if not isinstance(a, Volume):
-                raise InputError(f"atlas case {a.label} is a 2D image; a 3D atlas needs volumes")
-            if a.landmarks is None or a.landmarks.present.sum() < 4:
-                raise InputError(f"atlas volume {a.label} has fewer than 4 landmarks")
-        names = atlases[0].landmarks.names
-        for a in atlases[1:]:
-            if a.landmarks.names != names:
-                raise InputError(f"atlas volume {a.label} has landmarks {short_list(a.landmarks.names)}, but "
-                                 f"{atlases[0].label} has {short_list(names)}; all atlases need the same set")
-        self.names = list(names)
+        self.names = atlas_names(atlases, Volume, "volume", "a 2D image; a 3D atlas needs volumes", least=4)
         self.settings = settings
         # local steps are atlas voxels of the working grid: they keep their anatomy on finely sampled atlases
         side = max(min(max(a.size), settings.work_side) for a in atlases)
