@@ -141,20 +141,9 @@ def _read_csv(path: Path):
     if header is None or [h.strip() for h in header[:4]] != fixed:
         raise InputError(f"{path}: not a landmarks CSV: the header must start with {','.join(fixed)} (images) or "
                          "image,<name>_x,<name>_y,<name>_z (volumes)")
-    coords = header[4:]
-    if len(coords) == 0 or len(coords) % 2:
-        raise InputError(f"{path}: landmark columns must come in <name>_x,<name>_y pairs")
-    names = []
-    for cx, cy in zip(coords[::2], coords[1::2]):
-        if not (cx.endswith("_x") and cy.endswith("_y") and cx[:-2] == cy[:-2]):
-            raise InputError(f"{path}: columns {cx},{cy} are not a <name>_x,<name>_y pair")
-        names.append(cx[:-2])
+    names = _landmark_names(path, header[4:], "xy")
     rows = []
-    for line_no, cells in enumerate(reader, start=2):
-        if not cells or all(not c.strip() for c in cells):
-            continue
-        if len(cells) != len(header):
-            raise InputError(f"{path}, line {line_no}: {len(cells)} cells, the header has {len(header)}")
+    for line_no, cells in _data_rows(path, header, reader):
         try:
             width, height, spacing = int(cells[1]), int(cells[2]), float(cells[3])
             values = [float(c) if c.strip() else math.nan for c in cells[4:]]
@@ -164,35 +153,49 @@ def _read_csv(path: Path):
             raise InputError(f"{path}, line {line_no}: spacing_mm must be a positive number, got {cells[3]}")
         points = np.array(values).reshape(-1, 2)
         rows.append(Row(cells[0], width, height, spacing, Landmarks(names, points)))
-    if not rows:
-        raise InputError(f"{path}: no data rows")
     return names, rows
 
 
 def _read_volume_rows(path: Path, header: list[str], reader):
     """The rows of a 3D landmarks CSV: image,<name>_x,<name>_y,<name>_z,... in LPS millimetres."""
-    coords = [h.strip() for h in header[1:]]
-    if len(coords) % 3:
-        raise InputError(f"{path}: landmark columns must come in <name>_x,<name>_y,<name>_z triples")
-    names = []
-    for cx, cy, cz in zip(coords[::3], coords[1::3], coords[2::3]):
-        if not (cx.endswith("_x") and cy.endswith("_y") and cz.endswith("_z") and cx[:-2] == cy[:-2] == cz[:-2]):
-            raise InputError(f"{path}: columns {cx},{cy},{cz} are not a <name>_x,<name>_y,<name>_z triple")
-        names.append(cx[:-2])
+    names = _landmark_names(path, [h.strip() for h in header[1:]], "xyz", allow_none=True)
     rows = []
-    for line_no, cells in enumerate(reader, start=2):
-        if not cells or all(not c.strip() for c in cells):
-            continue
-        if len(cells) != len(header):
-            raise InputError(f"{path}, line {line_no}: {len(cells)} cells, the header has {len(header)}")
+    for line_no, cells in _data_rows(path, header, reader):
         try:
             values = [float(c) if c.strip() else math.nan for c in cells[1:]]
         except ValueError as e:
             raise InputError(f"{path}, line {line_no}: {e}") from None
         rows.append(Row(cells[0], None, None, None, Landmarks(names, np.array(values).reshape(-1, 3))))
-    if not rows:
-        raise InputError(f"{path}: no data rows")
     return names, rows
+
+
+def _landmark_names(path: Path, coords: list[str], axes: str, allow_none: bool = False) -> list[str]:
+    """Landmark names from coordinate columns grouped as <name>_x,<name>_y(,<name>_z)."""
+    n, pattern = len(axes), ",".join(f"<name>_{a}" for a in axes)
+    group = {2: "pair", 3: "triple"}[n]
+    if len(coords) % n or not (coords or allow_none):
+        raise InputError(f"{path}: landmark columns must come in {pattern} {group}s")
+    names = []
+    for i in range(0, len(coords), n):
+        cols = coords[i:i + n]
+        if not all(c.endswith(f"_{a}") for c, a in zip(cols, axes)) or len({c[:-2] for c in cols}) != 1:
+            raise InputError(f"{path}: columns {','.join(cols)} are not a {pattern} {group}")
+        names.append(cols[0][:-2])
+    return names
+
+
+def _data_rows(path: Path, header: list[str], reader):
+    """(line number, cells) of each non-blank row, which must have the header's width; at least one."""
+    count = 0
+    for line_no, cells in enumerate(reader, start=2):
+        if not cells or all(not c.strip() for c in cells):
+            continue
+        if len(cells) != len(header):
+            raise InputError(f"{path}, line {line_no}: {len(cells)} cells, the header has {len(header)}")
+        count += 1
+        yield line_no, cells
+    if not count:
+        raise InputError(f"{path}: no data rows")
 
 
 def volume_landmarks_csv(rows: list[tuple[str, Landmarks]]) -> str:
