@@ -1,4 +1,5 @@
-"""MedSapiens logic on any MRML scene: slice or 2D volume -> engine Case, engine results -> a new markups node.
+"""MedSapiens logic on any MRML scene: slice or 2D volume -> engine Case, whole 3D volume -> engine Volume, engine
+results -> a new markups node.
 
 MRML only (no Qt, no slicer.app), so it runs inside Slicer and under pytest on `slicer-core`. Engine work runs
 in the worker process (worker_client.EngineWorker): an image and its landmarks are copied out of the scene into
@@ -6,7 +7,9 @@ files when a request starts, and results enter the scene when the caller's poll 
 
 Annotated cases carry their own geometry: "Add case" keeps a copy of the image on the plane analysed then and
 its exact pixel -> RAS matrix (parent transforms included); only the points are read again when the case is
-used, projected onto that stored plane. A case whose volume or markups node is deleted leaves the table.
+used, projected onto that stored plane. A whole-volume case likewise keeps a copy of the voxels and their exact
+voxel -> LPS matrix (world coordinates), and its points are read in 3D. A case whose volume or markups node is
+deleted leaves the table.
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ from .geometry import PlaneGeometry, resample, slice_plane, thickness_along
 LOW_CONFIDENCE = 0.5
 SOURCE_ATTRIBUTE = "MedSapiens.Source"
 WHOLE_IMAGE = "whole image"
+WHOLE_VOLUME = "whole volume (3D)"  # what to analyse: the whole volume, in 3D, instead of a slice node or 2D image
 
 
 @dataclass(frozen=True)
@@ -28,9 +32,10 @@ class CaseRow:
 
     volumeID: str
     markupsID: str
-    plane: str              # what the table shows: WHOLE_IMAGE or the slice that was analysed
-    case: object            # medsapiens.Case: its own copy of the pixels, spacing and pixel -> LPS matrix
-    geometry: PlaneGeometry
+    plane: str              # what the table shows: WHOLE_IMAGE, WHOLE_VOLUME or the slice that was analysed
+    case: object            # medsapiens.Case: its own copy of the pixels, spacing and pixel -> LPS matrix;
+                            # medsapiens.Volume for WHOLE_VOLUME: its copy of the voxels and voxel -> LPS matrix
+    geometry: PlaneGeometry | None  # None for a whole volume (its points are LPS mm)
 
 
 class MedSapiensLogic:
@@ -86,29 +91,49 @@ class MedSapiensLogic:
                     pixel_to_lps=geometry.pixel_to_lps)
         return case, geometry
 
-    def caseFor(self, volumeNode, sliceNode=None):
-        """caseFromVolume2D for a single-slice volume without a view, else caseFromSlice."""
+    def caseFromVolume3D(self, volumeNode):
+        """The whole volume as an engine Volume: a copy of its voxels and their voxel -> LPS matrix in world
+        coordinates (the volume's linear parent transforms applied), so points read in world RAS match it."""
+        from medsapiens import InputError, Volume
+
+        image_data = self._imageData(volumeNode)
+        if image_data.GetNumberOfScalarComponents() != 1:
+            raise InputError(f"{volumeNode.GetName()}: a vector (e.g. colour) volume; whole-volume detection needs "
+                             "one scalar per voxel")
+        if min(image_data.GetDimensions()) < 2:
+            raise InputError(f"{volumeNode.GetName()}: a single-slice image; choose the whole 2D image instead")
+        index_to_lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ ijk_to_world(volumeNode)
+        return Volume(_scalars(image_data).copy(), index_to_lps, name=volumeNode.GetName())
+
+    def caseFor(self, volumeNode, view=None):
+        """(case, geometry) for what to analyse: `view` a slice node (its current slice; caseFromSlice), None
+        (the whole 2D image; caseFromVolume2D) or WHOLE_VOLUME (caseFromVolume3D; geometry None)."""
         from medsapiens import InputError
 
         if volumeNode is None:
             raise InputError("no input volume selected")
-        if sliceNode is None:
+        if view is None:
             return self.caseFromVolume2D(volumeNode)
-        return self.caseFromSlice(sliceNode, volumeNode)
+        if view == WHOLE_VOLUME:
+            return self.caseFromVolume3D(volumeNode), None
+        return self.caseFromSlice(view, volumeNode)
 
     # ---------------------------------------------------------------------------------------- annotated cases
-    def addCase(self, volumeNode, markupsNode, sliceNode=None) -> CaseRow:
-        """Capture an annotated case: the image on the plane analysed now (the slice of `sliceNode`, or the whole
-        2D image) with its geometry, and the markups node. Refused at once if none of its points is on the plane."""
+    def addCase(self, volumeNode, markupsNode, view=None) -> CaseRow:
+        """Capture an annotated case: the image on the plane analysed now (`view`: the slice of a slice node, None
+        for the whole 2D image) with its geometry, or the whole volume (WHOLE_VOLUME), and the markups node.
+        Refused at once if none of its points is on the plane (in the volume), or if it does not fit the table
+        (see trainingCases)."""
         from medsapiens import InputError
 
         if volumeNode is None or markupsNode is None:
             raise InputError("choose the input volume and your annotated points first")
-        case, geometry = self.caseFor(volumeNode, sliceNode)
-        plane = WHOLE_IMAGE if sliceNode is None else _describe_plane(sliceNode, geometry, case.size)
+        case, geometry = self.caseFor(volumeNode, view)
+        plane = WHOLE_IMAGE if view is None else WHOLE_VOLUME if view == WHOLE_VOLUME else \
+            _describe_plane(view, geometry, case.size)
         row = CaseRow(volumeNode.GetID(), markupsNode.GetID(), plane,
                       replace(case, name=f"{volumeNode.GetName()} ({plane})"), geometry)
-        self.annotatedCase(row)
+        self.trainingCases([*self.cases, row])
         self.cases.append(row)
         self._casesChanged()
         return row
@@ -118,21 +143,39 @@ class MedSapiensLogic:
             del self.cases[i]
         self._casesChanged()
 
-    def trainingCases(self) -> list:
-        """The table's cases as engine Cases with landmarks (the markups' current points on each stored plane),
-        all over the same names in the same order: a landmark one case lacks is missing there."""
-        from medsapiens import InputError
+    def trainingCases(self, rows=None) -> list:
+        """The table's cases (or `rows`) as engine cases with landmarks (the markups' current points on each
+        stored plane, or in each volume), all over the same names in the same order. 2D: a landmark one case
+        lacks is missing there. Whole volumes (the 3D atlas): every markups node must hold the same landmark set
+        (a point may be marked missing). 2D cases and whole volumes cannot be mixed."""
+        from medsapiens import InputError, Volume
+        from medsapiens.errors import short_list
 
-        if not self.cases:
+        rows = self.cases if rows is None else rows
+        if not rows:
             raise InputError("add at least one annotated case (volume + points) to the table first")
-        cases = [self.annotatedCase(row) for row in self.cases]
-        names = list(dict.fromkeys(n for c in cases for n in c.landmarks.names))
+        cases = [self.annotatedCase(row) for row in rows]
+        volumes = [isinstance(c, Volume) for c in cases]
+        if any(volumes) and not all(volumes):
+            raise InputError("the table mixes whole volumes (3D) and 2D cases; a detection uses one kind: remove "
+                             "the others")
+        if all(volumes):
+            names = cases[0].landmarks.names
+            for row, c in zip(rows[1:], cases[1:]):
+                if set(c.landmarks.names) != set(names):
+                    first, this = (self.scene.GetNodeByID(r.markupsID).GetName() for r in (rows[0], row))
+                    raise InputError(f"{this}: {len(c.landmarks)} landmarks ({short_list(c.landmarks.names)}), but "
+                                     f"{first} has {len(names)} ({short_list(names)}); every annotated volume needs "
+                                     "the same landmark names")
+        else:
+            names = list(dict.fromkeys(n for c in cases for n in c.landmarks.names))
         return [replace(c, landmarks=c.landmarks.subset(names)) for c in cases]
 
     def annotatedCase(self, row: CaseRow):
-        """The row's image with its markups' points projected into its pixels.
+        """The row's image with its markups' points projected into its pixels, or its volume with their LPS.
 
-        A point farther off the plane than half a slice, or without a defined position, is a missing landmark.
+        A point farther off the plane than half a slice (outside the volume), or without a defined position, is a
+        missing landmark.
         """
         from medsapiens import InputError, Landmarks
 
@@ -147,6 +190,13 @@ class MedSapiensLogic:
             defined[i] = markupsNode.GetNthControlPointPositionStatus(i) == markupsNode.PositionDefined
         if any(not name for name in names):
             raise InputError(f"{markupsNode.GetName()}: every control point needs a label (the landmark name)")
+        if row.geometry is None:  # a whole volume: world RAS -> the LPS of its voxel -> LPS matrix
+            lps = ras * [-1.0, -1.0, 1.0]
+            inside = defined & row.case.contains(lps)
+            if not inside.any():
+                raise InputError(f"{markupsNode.GetName()}: none of its points lies in {row.case.name}")
+            lps[~inside] = np.nan
+            return replace(row.case, landmarks=Landmarks(names, lps, present=inside))
         pixels, off_plane = row.geometry.to_pixel(ras)
         on_plane = defined & (off_plane <= row.geometry.thickness / 2)
         if not on_plane.any():
@@ -167,8 +217,9 @@ class MedSapiensLogic:
             self.onCasesChanged()
 
     # ----------------------------------------------------------------------------------------------- markups
-    def writeLandmarks(self, landmarks, geometry: PlaneGeometry, name: str | None = None, source: str = ""):
-        """A NEW fiducial node: one named point per landmark on the analysed plane, confidence in the description.
+    def writeLandmarks(self, landmarks, geometry: PlaneGeometry | None, name: str | None = None, source: str = ""):
+        """A NEW fiducial node: one named point per landmark on the analysed plane (`geometry`; None for volume
+        landmarks, which are LPS mm in world coordinates), confidence in the description.
 
         Confident points are locked; low-confidence ones are left unlocked and unselected (drawn in the
         display node's other colour) for review; missing landmarks get position status "missing".
@@ -178,7 +229,8 @@ class MedSapiensLogic:
         node = self.scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode",
                                             self.scene.GenerateUniqueName(name or "MedSapiens landmarks"))
         node.CreateDefaultDisplayNodes()
-        ras = geometry.to_ras(np.nan_to_num(landmarks.points))
+        points = np.nan_to_num(landmarks.points)  # a missing landmark's position is marked missing below
+        ras = points * [-1.0, -1.0, 1.0] if geometry is None else geometry.to_ras(points)
         wasModifying = node.StartModify()
         for i, label in enumerate(landmarks.names):
             index = node.AddControlPoint(vtk.vtkVector3d(*ras[i]), label)
@@ -190,20 +242,33 @@ class MedSapiensLogic:
             if not landmarks.present[i]:
                 node.SetNthControlPointPositionMissing(index)
         node.SetAttribute(SOURCE_ATTRIBUTE, source)
-        node.SetAttribute(PLANE_ATTRIBUTE, planeAttribute(geometry))  # for the analysis of the points later
+        if geometry is not None:
+            node.SetAttribute(PLANE_ATTRIBUTE, planeAttribute(geometry))  # for the analysis of the points later
         node.EndModify(wasModifying)
         return node
 
     # ------------------------------------------------------------------------------------ engine (worker process)
-    def startDetect(self, volumeNode, sliceNode=None, *, model=None, adapter=None, atlas=False, deformable=False,
+    def startDetect(self, volumeNode, view=None, *, model=None, adapter=None, atlas=False, deformable=False,
                     device="auto", precision="auto"):
         """Send the image (a copy, in a file) to the engine worker; returns its Job (finish it with finishDetect).
 
-        model: a weight file or catalogue name (with an optional adapter file); atlas=True: the weight-free
-        atlas of the table's cases instead (`deformable`: with its B-spline stage).
+        view: what to analyse (see caseFor). model: a weight file or catalogue name (with an optional adapter
+        file); atlas=True: the weight-free atlas of the table's cases instead (`deformable`: with its B-spline
+        stage). A whole volume (WHOLE_VOLUME) is detected by the 3D atlas of the table's whole-volume cases.
         """
-        case, geometry = self.caseFor(volumeNode, sliceNode)
-        atlasFiles = self._writeCases(self.trainingCases()) if atlas else None
+        from medsapiens import InputError
+
+        case, geometry = self.caseFor(volumeNode, view)
+        if view == WHOLE_VOLUME and not atlas:
+            raise InputError("a whole volume is detected by the atlas of your annotated volumes; choose the atlas")
+        atlasFiles = None
+        if atlas:
+            atlasCases = self.trainingCases()
+            if type(atlasCases[0]) is not type(case):
+                held, wanted = ("2D cases", "whole volumes (3D)") if geometry is None else \
+                    ("whole volumes (3D)", "2D cases (a slice or a 2D image)")
+                raise InputError(f"the table holds {held}; to detect on {case.name}, add annotated {wanted}")
+            atlasFiles = self._writeCases(atlasCases)
         image = self._worker().writeCase(case, "image")
         out = str(self._worker().newFile("found"))
         context = {"geometry": geometry, "name": f"{volumeNode.GetName()} landmarks", "source": "atlas" if atlas

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from medsapiens import Case, Landmarks, api
+from medsapiens import Case, Landmarks, Volume, api
 from medsapiens.detectors.factory import load_detector
 from medsapiens.models.weight_files import save_trained
 from medsapiens.worker import protocol
@@ -28,6 +28,27 @@ def test_cases_and_landmarks_travel_as_plain_arrays(tmp_path):
     assert plain.landmarks is None and plain.image.shape == (4, 5, 3)
     with np.load(tmp_path / "c.npz", allow_pickle=False) as f:  # no object arrays: nothing to unpickle
         assert all(f[k].dtype != object for k in f.files)
+    index_to_lps = np.array([[0, 0, -0.5, 9], [0.4, 0, 0, -3], [0, -0.3, 0, 2], [0, 0, 0, 1.0]])  # permuted, flipped
+    points = Landmarks(["x", "y"], [[1.5, -2.0, 3.25], [np.nan] * 3], [0.9, 0.0], [True, False])
+    volume = Volume(np.arange(60, dtype=np.int16).reshape(3, 4, 5), index_to_lps, points, name="skull 1")
+    back = protocol.read_case(protocol.write_case(tmp_path / "v.npz", volume))
+    assert isinstance(back, Volume) and back.name == "skull 1" and back.voxels.dtype == np.int16
+    assert np.array_equal(back.voxels, volume.voxels) and np.array_equal(back.index_to_lps, index_to_lps)
+    assert back.landmarks.names == ["x", "y"] and back.landmarks.present.tolist() == [True, False]
+    assert np.array_equal(back.landmarks.points, points.points, equal_nan=True)
+    with np.load(tmp_path / "v.npz", allow_pickle=False) as f:
+        assert all(f[k].dtype != object for k in f.files)
+
+
+def test_api_detect_takes_volumes_only_with_a_volume_atlas(tmp_path, micro_file):
+    volume = Volume(np.zeros((4, 5, 6), np.uint8), np.eye(4), name="skull")
+    with pytest.raises(api.InputError, match="skull: a 3D volume; models detect on 2D images"):
+        api.detect(volume, str(micro_file))
+    atlas = Volume(np.zeros((4, 5, 6), np.uint8), np.eye(4), Landmarks(list("abcd"), np.ones((4, 3))), name="a")
+    with pytest.raises(api.InputError, match="the deformable stage is for 2D atlases"):
+        api.detect(volume, atlas=[atlas], deformable=True)
+    with pytest.raises(api.Cancelled):
+        api.detect(volume, atlas=[atlas], cancel=lambda: True)
 
 
 class Worker:

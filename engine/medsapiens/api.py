@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 from typing import Callable
 
-from .case import Case, Landmarks
+from .case import Case, Landmarks, Volume
 from .errors import Cancelled, InputError
 
 __all__ = ["Cancelled", "InputError", "adapters_dir", "detect", "file_key", "finetune", "models", "needs_download",
@@ -71,14 +71,19 @@ def file_key(path) -> tuple:
     return st.st_size, st.st_mtime_ns, head
 
 
-def detect(case: Case, model: str | None = None, *, adapter: str | None = None, atlas: list[Case] | None = None,
-           deformable: bool = False, device: str | None = None, precision: str = "auto",
-           progress: Progress | None = None, cancel=None) -> Landmarks:
+def detect(case: Case | Volume, model: str | None = None, *, adapter: str | None = None,
+           atlas: list[Case | Volume] | None = None, deformable: bool = False, device: str | None = None,
+           precision: str = "auto", progress: Progress | None = None, cancel=None) -> Landmarks:
     """Landmarks on `case`, by a model (weight file or catalogue name, optionally with an adapter file) or by the
-    weight-free atlas of annotated `atlas` cases (`deformable`: add the B-spline stage)."""
+    weight-free atlas of annotated `atlas` cases (`deformable`: add the B-spline stage). Volume atlas cases make
+    the 3D atlas, which detects on a Volume (points in LPS mm)."""
     if atlas is not None:
         if model is not None or adapter is not None:
             raise InputError("give either a model or atlas cases, not both")
+        if atlas and isinstance(atlas[0], Volume):
+            if deformable:
+                raise InputError("the deformable stage is for 2D atlases; this atlas holds volumes")
+            return _detect_in_volume(case, list(atlas), progress, cancel)
         from .detectors.atlas import AtlasDetector, AtlasSettings
 
         if progress:
@@ -87,11 +92,34 @@ def detect(case: Case, model: str | None = None, *, adapter: str | None = None, 
     else:
         if model is None:
             raise InputError("no model given: a weight file, a catalogue name, or atlas cases")
+        if isinstance(case, Volume):
+            raise InputError(f"{case.label}: a 3D volume; models detect on 2D images, volumes need an atlas of "
+                             "annotated volumes")
         detector = _model_detector(model, adapter, device, precision, progress, cancel)
     _check(cancel)
     if progress:
         progress(0.5, "detecting")
     return detector.detect(case)
+
+
+def _detect_in_volume(volume: Volume, atlas: list[Volume], progress, cancel) -> Landmarks:
+    """The 3D atlas, one atlas volume at a time so that progress moves and Cancel is checked between them."""
+    from .detectors.atlas3d import Atlas3DDetector, fuse
+
+    def stage(done: int, message: str) -> None:
+        _check(cancel)
+        if progress:
+            progress(done / (len(atlas) + 1), message)
+
+    stage(0, f"preparing {len(atlas)} atlas volumes")
+    detector = Atlas3DDetector(atlas)
+    prepared = detector.prepare(volume)
+    votes = []
+    for i in range(len(atlas)):
+        stage(i + 1, f"registering atlas volume {i + 1} of {len(atlas)} ({atlas[i].label})")
+        votes += detector.votes(volume, prepared, [i])
+    _check(cancel)
+    return fuse(votes, volume, detector.names, detector.settings)
 
 
 def _model_detector(model, adapter, device, precision, progress, cancel):

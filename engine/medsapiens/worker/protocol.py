@@ -13,7 +13,8 @@ Replies: {"kind": "ready", "pid": 123} once at start; then per request any numbe
 {"id": 2, "kind": "progress", "fraction": 0.4, "message": "step 12, loss 0.8"} and one of
 {"id": 2, "kind": "result", ...}, {"id": 2, "kind": "error", "message": "one line"}, {"id": 2, "kind": "cancelled"}.
 
-Images and landmarks travel as .npz files (arrays only, read without pickle) in a folder the client owns.
+Images, volumes and landmarks travel as .npz files (arrays only, read without pickle) in a folder the client
+owns; a `detect` on a volume case with volume atlas cases runs the 3D atlas.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import json
 
 import numpy as np
 
-from ..case import Case, Landmarks
+from ..case import Case, Landmarks, Volume
 
 DETECT, FINETUNE, CANCEL, SHUTDOWN = "detect", "finetune", "cancel", "shutdown"
 READY, PROGRESS, RESULT, ERROR, CANCELLED = "ready", "progress", "result", "error", "cancelled"
@@ -47,19 +48,26 @@ def one_line(error: BaseException) -> str:
     return text if isinstance(error, InputError) else f"{type(error).__name__}: {text}"
 
 
-def write_case(path, case: Case) -> str:
-    """The case's own copy of its pixels, spacing, pixel -> LPS matrix and landmarks (if any), as one .npz."""
-    arrays = {"image": np.ascontiguousarray(case.image), "spacing": np.asarray(case.spacing),
-              "pixel_to_lps": case.pixel_to_lps, "name": np.array(case.name)}
+def write_case(path, case: Case | Volume) -> str:
+    """The case's own copy of its pixels, spacing, pixel -> LPS matrix and landmarks (if any), as one .npz; a
+    Volume's voxels and index -> LPS matrix."""
+    if isinstance(case, Volume):
+        arrays = {"voxels": np.ascontiguousarray(case.voxels), "index_to_lps": case.index_to_lps}
+    else:
+        arrays = {"image": np.ascontiguousarray(case.image), "spacing": np.asarray(case.spacing),
+                  "pixel_to_lps": case.pixel_to_lps}
+    arrays["name"] = np.array(case.name)
     if case.landmarks is not None:
         arrays.update(_landmark_arrays(case.landmarks))
     np.savez(path, **arrays)
     return str(path)
 
 
-def read_case(path) -> Case:
+def read_case(path) -> Case | Volume:
     with np.load(path, allow_pickle=False) as f:
         landmarks = _landmarks(f) if "names" in f else None
+        if "voxels" in f:
+            return Volume(f["voxels"], f["index_to_lps"], landmarks, name=str(f["name"]))
         return Case(f["image"], tuple(f["spacing"]), landmarks, name=str(f["name"]), pixel_to_lps=f["pixel_to_lps"])
 
 
