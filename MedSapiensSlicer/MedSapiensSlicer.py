@@ -1,4 +1,5 @@
-"""MedSapiens: detect named anatomical landmarks on the current slice or a 2D radiograph, and fine-tune adapters.
+"""MedSapiens: detect named anatomical landmarks on the current slice, a 2D radiograph or a whole 3D volume, and
+fine-tune adapters.
 
 The widget only wires the panel (Resources/UI/MedSapiensSlicer.ui) to MedSapiensSlicerLogic, whose behaviour
 lives in MedSapiensSlicerLib.logic.MedSapiensLogic (MRML only; tested on slicer-core). Engine work runs in a
@@ -22,9 +23,11 @@ from slicer.util import VTKObservationMixin
 from MedSapiensSlicerLib.analysis import analysisRows, writeAnalysisCSV
 from MedSapiensSlicerLib.dependencies import (EngineInstaller, InstallError, add_engine_to_path, missing,
                                                slicer_version_problem)
+from MedSapiensSlicerLib.logic import WHOLE_VOLUME as VOLUME_IN_3D
 from MedSapiensSlicerLib.logic import MedSapiensLogic
 
 WHOLE_IMAGE = "Whole 2D image"
+WHOLE_VOLUME = "Whole volume (3D)"
 ATLAS = "Atlas from my annotated cases"
 LOCAL_FILE = "Local file"
 POLL_MS = 100
@@ -38,9 +41,10 @@ class MedSapiensSlicer(ScriptedLoadableModule):
         self.parent.dependencies = []
         self.parent.contributors = ["MedSapiens for 3D Slicer developers"]
         self.parent.helpText = (
-            "Detect named anatomical landmarks on a radiograph or on the current slice of any view (including "
-            "oblique reformats), and fine-tune a LoRA adapter from a few annotated cases. Results go to a new "
-            "markups node; low-confidence points are left unlocked for review.")
+            "Detect named anatomical landmarks on a radiograph, on the current slice of any view (including "
+            "oblique reformats) or in a whole 3D volume (the atlas of a few annotated volumes), and fine-tune a "
+            "LoRA adapter from a few annotated cases. Results go to a new markups node; low-confidence points are "
+            "left unlocked for review.")
         self.parent.acknowledgementText = (
             "Method: MedSapiens (Sapiens ViT + LoRA + heatmap head). Sapiens models by Meta.")
 
@@ -48,7 +52,7 @@ class MedSapiensSlicer(ScriptedLoadableModule):
 @parameterNodeWrapper
 class MedSapiensSlicerParameterNode:
     inputVolume: vtkMRMLScalarVolumeNode
-    view: Annotated[str, Choice([WHOLE_IMAGE, "Red", "Green", "Yellow"])] = WHOLE_IMAGE
+    view: Annotated[str, Choice([WHOLE_IMAGE, WHOLE_VOLUME, "Red", "Green", "Yellow"])] = WHOLE_IMAGE
     model: str = ATLAS      # a catalogue name, LOCAL_FILE or ATLAS (set from the model box by the widget)
     atlasDeformable: bool = False
     modelFile: str = ""
@@ -86,6 +90,7 @@ class MedSapiensSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.installer = EngineInstaller(on_installed=self.refreshModelChoices)
         self.refreshModelChoices()
         self.ui.modelComboBox.connect("currentTextChanged(QString)", self.onModelChanged)
+        self.ui.viewComboBox.connect("currentTextChanged(QString)", lambda text: self._updateAtlasOptions())
         self.ui.modelPathLineEdit.connect("currentPathChanged(QString)", lambda path: self._set("modelFile", path))
         self.ui.adapterPathLineEdit.connect("currentPathChanged(QString)", lambda path: self._set("adapter", path))
         self.ui.detectButton.connect("clicked(bool)", self.onDetect)
@@ -179,16 +184,26 @@ class MedSapiensSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onModelChanged(self, text: str) -> None:
         self._set("model", text)
-        self.ui.atlasDeformableCheckBox.enabled = text == ATLAS
+        self._updateAtlasOptions()
+
+    def _updateAtlasOptions(self) -> None:
+        """The B-spline stage is an option of the 2D atlas only."""
+        self.ui.atlasDeformableCheckBox.enabled = (self.ui.modelComboBox.currentText == ATLAS and
+                                                   self.ui.viewComboBox.currentText != WHOLE_VOLUME)
 
     def _set(self, name: str, value: str) -> None:
         if self._parameterNode:
             setattr(self._parameterNode, name, value)
 
     # ------------------------------------------------------------------------------------------------ actions
-    def _sliceNode(self):
+    def _view(self):
+        """What to analyse, as the logic takes it: None (the whole 2D image), VOLUME_IN_3D or a slice node."""
         view = self._parameterNode.view
-        return None if view == WHOLE_IMAGE else slicer.app.layoutManager().sliceWidget(view).mrmlSliceNode()
+        if view == WHOLE_IMAGE:
+            return None
+        if view == WHOLE_VOLUME:
+            return VOLUME_IN_3D
+        return slicer.app.layoutManager().sliceWidget(view).mrmlSliceNode()
 
     def onDetect(self) -> None:
         if self.job or not self._engineReady():
@@ -198,7 +213,7 @@ class MedSapiensSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             options = self.logic.detectOptions(p)
             if not self.logic.confirmDownload(options["model"]):
                 return
-            self._start(self.logic.startDetect(p.inputVolume, self._sliceNode(), **options), "Detecting")
+            self._start(self.logic.startDetect(p.inputVolume, self._view(), **options), "Detecting")
 
     def onFinetune(self) -> None:
         if self.job or not self._engineReady():
@@ -218,7 +233,7 @@ class MedSapiensSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onAddCase(self) -> None:
         p = self._parameterNode
         with slicer.util.tryWithErrorDisplay("Cannot add this case.", waitCursor=True):
-            self.logic.addCase(p.inputVolume, p.trainingMarkups, self._sliceNode())  # refuses bad cases now
+            self.logic.addCase(p.inputVolume, p.trainingMarkups, self._view())  # refuses bad cases now
 
     def onRemoveCase(self) -> None:
         self.logic.removeCases({i.row() for i in self.ui.casesTable.selectedIndexes()})
@@ -304,8 +319,9 @@ class MedSapiensSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode.outputMarkups = node
         names = [node.GetNthControlPointLabel(i) for i in range(node.GetNumberOfControlPoints())]
         self.ui.landmarkNamesLabel.text = ", ".join(names)
-        placed = sum(node.GetNthControlPointPositionStatus(i) != node.PositionMissing for i in range(len(names)))
-        return f"{placed} of {len(names)} landmarks placed in '{node.GetName()}'."
+        missing = [n for i, n in enumerate(names) if node.GetNthControlPointPositionStatus(i) == node.PositionMissing]
+        notFound = f" Not found: {', '.join(missing)}." if missing else ""
+        return f"{len(names) - len(missing)} of {len(names)} landmarks placed in '{node.GetName()}'.{notFound}"
 
     def onCancel(self) -> None:
         if self.job:
@@ -337,7 +353,7 @@ class MedSapiensSlicerLogic(ScriptedLoadableModuleLogic, MedSapiensLogic):
         """startDetect's options for the chosen model: the atlas of the table's cases, a local file or a
         catalogue model (`model` is None for the atlas)."""
         if p.model == ATLAS:
-            return {"model": None, "atlas": True, "deformable": p.atlasDeformable}
+            return {"model": None, "atlas": True, "deformable": p.atlasDeformable and p.view != WHOLE_VOLUME}
         model = p.modelFile if p.model == LOCAL_FILE else p.model
         if not model:
             raise ValueError("choose the model file")

@@ -289,7 +289,13 @@ class MedSapiensLogic:
         settings: time_budget (s), steps, views_per_case, lora_blocks, lr. `out` is written atomically at the
         end, so a cancelled or failed run leaves any previous file there byte for byte as it was.
         """
-        files = self._writeCases(self.trainingCases())
+        from medsapiens import InputError, Volume
+
+        cases = self.trainingCases()
+        if isinstance(cases[0], Volume):
+            raise InputError("fine-tuning learns from 2D cases; whole volumes (3D) are detected by the atlas of the "
+                             "table's volumes as they are")
+        files = self._writeCases(cases)
         return self._worker().submit("finetune", {"files": files}, cases=files, base=str(base), out=str(out),
                                      device=device, settings=settings)
 

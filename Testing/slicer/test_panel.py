@@ -51,7 +51,7 @@ def test_widget_kinds_fit_their_use(panel):
              "inputVolumeSelector": QComboBox, "modelPathLineEdit": QLineEdit}
     for name, kind in kinds.items():
         assert isinstance(w[name], kind), name
-    assert [w["viewComboBox"].itemText(i) for i in range(4)] == ["Whole 2D image", "Red", "Green", "Yellow"]
+    assert views_of(panel) == ["Whole 2D image", "Whole volume (3D)", "Red", "Green", "Yellow"]
     assert not w["cancelButton"].isEnabled(), "Cancel is enabled only while work runs"
 
 
@@ -61,8 +61,15 @@ def test_parameter_bindings_name_parameter_node_fields(panel):
     fields = {n.target.id for n in cls.body if isinstance(n, ast.AnnAssign)}
     bound = {w.property("SlicerParameterName") for w in widgets(panel).values()} - {None}
     assert bound and bound <= fields, f"bound to no parameter: {sorted(bound - fields)}"
-    choices = re.search(r'view: Annotated\[str, Choice\(\[WHOLE_IMAGE, (.*?)\]\)\]', SOURCE).group(1)
+    choices = re.search(r'view: Annotated\[str, Choice\(\[WHOLE_IMAGE, WHOLE_VOLUME, (.*?)\]\)\]', SOURCE).group(1)
     assert choices.replace('"', "").split(", ") == ["Red", "Green", "Yellow"]
+    texts = dict(re.findall(r'^(WHOLE_IMAGE|WHOLE_VOLUME) = "(.*)"$', SOURCE, re.M))
+    assert [texts["WHOLE_IMAGE"], texts["WHOLE_VOLUME"]] == views_of(panel)[:2], "the choices are the .ui's entries"
+
+
+def views_of(panel) -> list:
+    box = widgets(panel)["viewComboBox"]
+    return [box.itemText(i) for i in range(box.count())]
 
 
 def test_module_files_compile(tmp_path):

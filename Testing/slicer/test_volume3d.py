@@ -207,6 +207,8 @@ def test_whole_volume_cases_are_checked_in_one_line(scene, mouse, radiograph_in)
         far = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "far")
         far.AddControlPoint(vtk.vtkVector3d(500.0, 0.0, 0.0), "1")
         logic.addCase(volume, far, WHOLE_VOLUME)
+    with pytest.raises(InputError, match="fine-tuning learns from 2D cases"):
+        logic.startFinetune("base.safetensors", "task.safetensors")
     with pytest.raises(InputError, match="detected by the atlas of your annotated volumes"):
         logic.startDetect(volume, WHOLE_VOLUME, model="medsapiens-head")
     with pytest.raises(InputError, match="the table holds whole volumes"):
