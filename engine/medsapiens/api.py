@@ -106,17 +106,17 @@ def _detect_in_volume(volume: Volume, atlas: list[Volume], progress, cancel) -> 
     """The 3D atlas, one atlas volume at a time so that progress moves and Cancel is checked between them."""
     from .detectors.atlas3d import Atlas3DDetector, fuse
 
-    def stage(done: int, message: str) -> None:
+    def stage(fraction: float, message: str) -> None:
         _check(cancel)
         if progress:
-            progress(done / (len(atlas) + 1), message)
+            progress(fraction, message)
 
-    stage(0, f"preparing {len(atlas)} atlas volumes")
+    stage(0.0, f"preparing {len(atlas)} atlas volumes and the volume")  # about a tenth of the time
     detector = Atlas3DDetector(atlas)
     prepared = detector.prepare(volume)
     votes = []
     for i in range(len(atlas)):
-        stage(i + 1, f"registering atlas volume {i + 1} of {len(atlas)} ({atlas[i].label})")
+        stage(0.1 + 0.9 * i / len(atlas), f"registering atlas volume {i + 1} of {len(atlas)} ({atlas[i].label})")
         votes += detector.votes(volume, prepared, [i])
     _check(cancel)
     return fuse(votes, volume, detector.names, detector.settings)
