@@ -116,7 +116,7 @@ def _detect_in_volume(volume: Volume, atlas: list[Volume], progress, cancel) -> 
     prepared = detector.prepare(volume)
     votes = []
     for i in range(len(atlas)):
-        stage(0.1 + 0.9 * i / len(atlas), f"registering atlas volume {i + 1} of {len(atlas)} ({atlas[i].label})")
+        stage(0.1 + 0.9 * i / len(atlas), f"registering atlas volume {i + 1} of {len(atlas)}")
         votes += detector.votes(volume, prepared, [i])
     _check(cancel)
     return fuse(votes, volume, detector.names, detector.settings)
