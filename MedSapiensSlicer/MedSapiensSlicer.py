@@ -354,6 +354,8 @@ class MedSapiensSlicerLogic(ScriptedLoadableModuleLogic, MedSapiensLogic):
         catalogue model (`model` is None for the atlas)."""
         if p.model == ATLAS:
             return {"model": None, "atlas": True, "deformable": p.atlasDeformable and p.view != WHOLE_VOLUME}
+        if p.view == WHOLE_VOLUME:  # said here, before any download question (startDetect refuses it too)
+            raise ValueError("a whole volume is detected by the atlas of your annotated volumes; choose the atlas")
         model = p.modelFile if p.model == LOCAL_FILE else p.model
         if not model:
             raise ValueError("choose the model file")
