@@ -7,7 +7,6 @@ separate process of Slicer's Python (MedSapiensSlicerLib.worker_client.EngineWor
 a QTimer applies its replies on the main thread (progress, result, Cancel).
 """
 import logging
-import re
 import unittest
 from typing import Annotated, Optional
 
@@ -42,9 +41,10 @@ class MedSapiensSlicer(ScriptedLoadableModule):
         self.parent.contributors = ["MedSapiens for 3D Slicer developers"]
         self.parent.helpText = (
             "Detect named anatomical landmarks on a radiograph, on the current slice of any view (including "
-            "oblique reformats) or in a whole 3D volume (the atlas of a few annotated volumes), and fine-tune a "
-            "LoRA adapter from a few annotated cases. Results go to a new markups node; low-confidence points are "
-            "left unlocked for review.")
+            "oblique reformats) or in a whole 3D volume (the atlas of a few annotated volumes), and fine-tune an "
+            "adapter from a few annotated 2D cases: on the atlas of those cases (with its error measured on "
+            "held-out cases), or a LoRA adapter on a model. Results go to a new markups node; low-confidence "
+            "points are left unlocked for review.")
         self.parent.acknowledgementText = (
             "Method: MedSapiens (Sapiens ViT + LoRA + heatmap head). Sapiens models by Meta.")
 
@@ -55,6 +55,8 @@ class MedSapiensSlicerParameterNode:
     view: Annotated[str, Choice([WHOLE_IMAGE, WHOLE_VOLUME, "Red", "Green", "Yellow"])] = WHOLE_IMAGE
     model: str = ATLAS      # a catalogue name, LOCAL_FILE or ATLAS (set from the model box by the widget)
     atlasDeformable: bool = False
+    atlasAdapter: str = ""      # the adapter last fine-tuned on the atlas (set by Fine-tune)
+    useAtlasAdapter: bool = True  # Detect with the atlas uses atlasAdapter (off: the plain atlas of the table)
     modelFile: str = ""
     adapter: str = ""
     device: Annotated[str, Choice(["auto", "cpu", "cuda"])] = "auto"
@@ -153,6 +155,7 @@ class MedSapiensSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.modelComboBox.setCurrentText(node.model)
             self.ui.modelPathLineEdit.currentPath = node.modelFile
             self.ui.adapterPathLineEdit.currentPath = node.adapter
+        self._showAdapter()
 
     def refreshModelChoices(self) -> None:
         """Fill the model box (catalogue names appear once the engine's packages are installed); keeps the choice."""
@@ -187,9 +190,10 @@ class MedSapiensSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._updateAtlasOptions()
 
     def _updateAtlasOptions(self) -> None:
-        """The B-spline stage is an option of the 2D atlas only."""
-        self.ui.atlasDeformableCheckBox.enabled = (self.ui.modelComboBox.currentText == ATLAS and
-                                                   self.ui.viewComboBox.currentText != WHOLE_VOLUME)
+        """The B-spline stage and the fine-tuned adapter are options of the 2D atlas only."""
+        atlas2D = (self.ui.modelComboBox.currentText == ATLAS and self.ui.viewComboBox.currentText != WHOLE_VOLUME)
+        self.ui.atlasDeformableCheckBox.enabled = atlas2D
+        self._showAdapter()
 
     def _set(self, name: str, value: str) -> None:
         if self._parameterNode:
@@ -220,15 +224,17 @@ class MedSapiensSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         with slicer.util.tryWithErrorDisplay("Fine-tuning failed.", waitCursor=True):
             p = self._parameterNode
-            base = self.logic.detectOptions(p)["model"]
-            if base is None:
-                raise ValueError("choose the base model to fine-tune (a catalogue model or a local file)")
-            if not self.logic.confirmDownload(base):
-                return
-            name = re.sub(r"[^A-Za-z0-9_.-]+", "-", p.adapterName).strip("-") or "adapter"
-            out = self.logic.adaptersDir() / f"{name}.safetensors"
-            self._start(self.logic.startFinetune(base, out, device=p.device, time_budget=float(p.timeBudget)),
-                        "Fine-tuning")
+            if p.model == ATLAS:  # a refiner on top of the atlas of the table's cases
+                out = self.logic.adapterPath(p.adapterName, atlas=True)
+                job = self.logic.startFinetune(None, out, time_budget=float(p.timeBudget),
+                                               deformable=p.atlasDeformable)
+            else:  # LoRA on the chosen model
+                base = self.logic.detectOptions(p)["model"]
+                if not self.logic.confirmDownload(base):
+                    return
+                out = self.logic.adapterPath(p.adapterName, atlas=False)
+                job = self.logic.startFinetune(base, out, device=p.device, time_budget=float(p.timeBudget))
+            self._start(job, "Fine-tuning")
 
     def onAddCase(self) -> None:
         p = self._parameterNode
@@ -241,10 +247,26 @@ class MedSapiensSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _showCases(self) -> None:
         table = self.ui.casesTable
         table.setRowCount(len(self.logic.cases))
+        seen = self.logic.casesSeen(self.logic.adapterInfo(self._atlasAdapter()))
         for r, row in enumerate(self.logic.cases):
             for c, text in enumerate((slicer.mrmlScene.GetNodeByID(row.volumeID).GetName(),
-                                      slicer.mrmlScene.GetNodeByID(row.markupsID).GetName(), row.plane)):
+                                      slicer.mrmlScene.GetNodeByID(row.markupsID).GetName(), row.plane,
+                                      "seen" if seen[r] else "")):
                 table.setItem(r, c, qt.QTableWidgetItem(text))
+
+    def _atlasAdapter(self) -> str:
+        return self._parameterNode.atlasAdapter if self._parameterNode else ""
+
+    def _showAdapter(self) -> None:
+        """The atlas adapter's estimate, its check box (enabled when there is one) and the table's "seen" column."""
+        info = self.logic.adapterInfo(self._atlasAdapter())
+        self.ui.adapterEstimateLabel.text = self.logic.adapterSummary(info)
+        self.ui.useAtlasAdapterCheckBox.enabled = (info is not None and self.ui.modelComboBox.currentText == ATLAS
+                                                   and self.ui.viewComboBox.currentText != WHOLE_VOLUME)
+        self.ui.useAtlasAdapterCheckBox.toolTip = (
+            f"Detect with the atlas uses {info['path']}: its own atlas cases, refined. Off: the plain atlas of the "
+            "table's cases." if info else "Fine-tune with the atlas chosen to make an adapter.")
+        self._showCases()
 
     # ------------------------------------------------------------------------------- cephalometric analysis
     def showAnalysis(self, node=None) -> None:
@@ -312,6 +334,11 @@ class MedSapiensSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.ui.statusLabel.text = f"{self._finish(job)} ({job.elapsed:.1f} s)"
 
     def _finish(self, job) -> str:
+        if job.kind == "finetune" and "info" in job.result:  # on the atlas: Detect with the atlas uses it now
+            self._parameterNode.atlasAdapter = job.result["adapter"]
+            self._parameterNode.useAtlasAdapter = True
+            self._showAdapter()
+            return f"Adapter saved to {job.result['adapter']}; Detect with the atlas uses it."
         if job.kind == "finetune":
             self.ui.adapterPathLineEdit.currentPath = job.result["adapter"]
             return f"Adapter saved to {job.result['adapter']} and selected."
@@ -350,9 +377,11 @@ class MedSapiensSlicerLogic(ScriptedLoadableModuleLogic, MedSapiensLogic):
         return [ATLAS, LOCAL_FILE, *names]
 
     def detectOptions(self, p: MedSapiensSlicerParameterNode) -> dict:
-        """startDetect's options for the chosen model: the atlas of the table's cases, a local file or a
-        catalogue model (`model` is None for the atlas)."""
+        """startDetect's options for the chosen model: with the atlas, the adapter fine-tuned on it when there is
+        one and it is in use, else the atlas of the table's cases; a local file or a catalogue model."""
         if p.model == ATLAS:
+            if p.view != WHOLE_VOLUME and p.useAtlasAdapter and self.adapterInfo(p.atlasAdapter):
+                return {"model": None, "adapter": p.atlasAdapter}  # the adapter carries its own atlas
             return {"model": None, "atlas": True, "deformable": p.atlasDeformable and p.view != WHOLE_VOLUME}
         if p.view == WHOLE_VOLUME:  # said here, before any download question (startDetect refuses it too)
             raise ValueError("a whole volume is detected by the atlas of your annotated volumes; choose the atlas")
@@ -370,12 +399,6 @@ class MedSapiensSlicerLogic(ScriptedLoadableModuleLogic, MedSapiensLogic):
             return True
         what = "\n".join(f"{e.display}: {e.source.url}" for e in needed)
         return slicer.util.confirmOkCancelDisplay(f"Download\n{what}?", windowTitle="MedSapiens model download")
-
-    @staticmethod
-    def adaptersDir():
-        from medsapiens import api
-
-        return api.adapters_dir()
 
 
 class MedSapiensSlicerTest(ScriptedLoadableModuleTest):

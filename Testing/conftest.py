@@ -82,8 +82,7 @@ def micro_file(tmp_path_factory, ceph):
                         (256, 192), 3.0)
 
 
-@pytest.fixture
-def scene():
+def new_scene():
     """A real MRML scene from slicer-core (Slicer's libraries, no application), with the logics Slicer sets up."""
     slicer = pytest.importorskip("slicer", reason="slicer-core (Slicer's MRML on PyPI) is needed")
     scene = slicer.vtkMRMLScene()
@@ -101,5 +100,20 @@ def scene():
     slicer.vtkMRMLSliceNode.AddDefaultSliceOrientationPresets(scene)
     scene.logics = logics  # kept alive with the scene
     scene.app = app
+    return scene
+
+
+@pytest.fixture
+def scene():
+    """new_scene(), cleared after the test."""
+    scene = new_scene()
+    yield scene
+    scene.Clear(True)
+
+
+@pytest.fixture(scope="module")
+def module_scene():
+    """new_scene() shared by one test module (for a fixture that is costly to make once per test)."""
+    scene = new_scene()
     yield scene
     scene.Clear(True)

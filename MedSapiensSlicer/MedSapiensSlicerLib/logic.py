@@ -10,10 +10,17 @@ its exact pixel -> RAS matrix (parent transforms included); only the points are 
 used, projected onto that stored plane. A whole-volume case likewise keeps a copy of the voxels and their exact
 voxel -> LPS matrix (world coordinates), and its points are read in 3D. A case whose volume or markups node is
 deleted leaves the table.
+
+Fine-tuning with the atlas chosen trains a patch refiner on top of the atlas of the table's (2D) cases; its
+adapter carries those cases and an error estimated on held-out cases (api.adapter_info), which `adapterSummary`
+words for the panel and `casesSeen` matches to the table's rows.
 """
 from __future__ import annotations
 
+import hashlib
+import re
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 
@@ -253,8 +260,9 @@ class MedSapiensLogic:
         """Send the image (a copy, in a file) to the engine worker; returns its Job (finish it with finishDetect).
 
         view: what to analyse (see caseFor). model: a weight file or catalogue name (with an optional adapter
-        file); atlas=True: the weight-free atlas of the table's cases instead (`deformable`: with its B-spline
-        stage). A whole volume (WHOLE_VOLUME) is detected by the 3D atlas of the table's whole-volume cases.
+        file); adapter alone: an adapter fine-tuned on the atlas (it carries its own atlas cases); atlas=True: the
+        weight-free atlas of the table's cases instead (`deformable`: with its B-spline stage). A whole volume
+        (WHOLE_VOLUME) is detected by the 3D atlas of the table's whole-volume cases.
         """
         from medsapiens import InputError
 
@@ -271,8 +279,9 @@ class MedSapiensLogic:
             atlasFiles = self._writeCases(atlasCases)
         image = self._worker().writeCase(case, "image")
         out = str(self._worker().newFile("found"))
-        context = {"geometry": geometry, "name": f"{volumeNode.GetName()} landmarks", "source": "atlas" if atlas
-                   else str(model), "files": [image, out, *(atlasFiles or [])]}
+        source = "atlas" if atlas else str(model) if model else f"atlas + adapter {Path(adapter or '').name}"
+        context = {"geometry": geometry, "name": f"{volumeNode.GetName()} landmarks", "source": source,
+                   "files": [image, out, *(atlasFiles or [])]}
         return self._worker().submit("detect", context, case=image, out=out, model=None if atlas else model,
                                      adapter=adapter or None, atlas=atlasFiles, deformable=bool(deformable),
                                      device=device, precision=precision)
@@ -286,8 +295,13 @@ class MedSapiensLogic:
     def startFinetune(self, base, out, device="auto", **settings):
         """Train an adapter on the table's cases in the engine worker; the Job's result names the adapter file.
 
-        settings: time_budget (s), steps, views_per_case, lora_blocks, lr. `out` is written atomically at the
-        end, so a cancelled or failed run leaves any previous file there byte for byte as it was.
+        base None: on the weight-free atlas of the cases (a patch refiner; settings: time_budget (s), steps,
+        deformable, lr, ...). The result's "info" is api.adapter_info of the new adapter (its held-out estimate,
+        the cases it has seen); an adapter already at `out` for the same landmarks is the warm start (half the
+        steps); a refiner worse than the atlas on held-out cases ends as a one-line error and writes nothing.
+        base a model: LoRA on it (settings: time_budget (s), steps, views_per_case, lora_blocks, lr).
+        `out` is written atomically at the end, so a cancelled or failed run leaves any previous file there byte
+        for byte as it was.
         """
         from medsapiens import InputError, Volume
 
@@ -296,8 +310,76 @@ class MedSapiensLogic:
             raise InputError("fine-tuning learns from 2D cases; whole volumes (3D) are detected by the atlas of the "
                              "table's volumes as they are")
         files = self._writeCases(cases)
-        return self._worker().submit("finetune", {"files": files}, cases=files, base=str(base), out=str(out),
-                                     device=device, settings=settings)
+        return self._worker().submit("finetune", {"files": files}, cases=files,
+                                     base=None if base is None else str(base), out=str(out), device=device,
+                                     settings=settings)
+
+    def adapterPath(self, taskName: str, atlas: bool) -> Path:
+        """Where Fine-tune writes its adapter, in api.adapters_dir(): `<task>.safetensors` on a base model; on the
+        atlas `<task>.atlas-<8 hex>.safetensors`, the hex from the SHA256 of the table's landmark names, so each
+        task and landmark set has its own file: re-training it warm-starts from it, and another landmark set
+        never replaces it."""
+        from medsapiens import api
+
+        name = re.sub(r"[^A-Za-z0-9_.-]+", "-", taskName).strip("-.") or "adapter"
+        if not atlas:
+            return api.adapters_dir() / f"{name}.safetensors"
+        names = self.trainingCases()[0].landmarks.names
+        digest = hashlib.sha256("\n".join(names).encode("utf-8")).hexdigest()[:8]
+        return api.adapters_dir() / f"{name}.atlas-{digest}.safetensors"
+
+    @staticmethod
+    def adapterInfo(path):
+        """api.adapter_info of an adapter fine-tuned on the atlas (read from its header), or None where there is
+        no such file (none trained yet, deleted, or a LoRA adapter)."""
+        from medsapiens import InputError, api
+
+        if not path or not Path(path).is_file():
+            return None
+        try:
+            return api.adapter_info(path)
+        except InputError:
+            return None
+
+    @staticmethod
+    def adapterSummary(info) -> str:
+        """The estimate as the panel shows it, only figures measured on held-out cases: the refiner's error and
+        the atlas's, the method and number of cases, and how many landmarks the detector refines (elsewhere it
+        keeps the atlas's answer: the held-out cases favoured the atlas there; that choice was made on the same
+        cases, so no error is claimed for the mix)."""
+        if not info:
+            return ""
+        mm = lambda v: "n/a" if v is None else f"{v:.2f} mm"  # noqa: E731
+        warm = ", continued from the previous adapter" if info.get("warm_started") else ""
+        return (f"Expected error on unseen cases: adapter {mm(info['adapter_mre_mm'])}, atlas "
+                f"{mm(info['atlas_mre_mm'])} ({info['method']}, {info['cases_estimated']} cases); refined landmarks: "
+                f"{len(info['refined_landmarks'])} of {len(info['landmark_names'])}. Trained {info['steps']} steps in "
+                f"{info['train_seconds']:.0f} s{warm}.")
+
+    def casesSeen(self, info) -> list:
+        """Per table row, True when the adapter (api.adapter_info) has seen that case.
+
+        The key is exact: api.case_checksum (SHA256 of the grey image as the refiner stores it and of the points
+        over the adapter's landmarks) of the row's case as it would be sent to the worker now (its stored image,
+        its markups' points projected now), against the checksums the adapter recorded for its cases. A point
+        moved since the training, or a row whose points cannot be read, makes the row unseen; whole-volume rows are
+        never seen (adapters learn from 2D cases).
+        """
+        from medsapiens import InputError, Volume, api
+
+        if not info:
+            return [False] * len(self.cases)
+        known = {c["sha256"] for c in info["cases"]}
+        seen = []
+        for row in self.cases:
+            if isinstance(row.case, Volume):  # adapters are fine-tuned on 2D cases only
+                seen.append(False)
+                continue
+            try:
+                seen.append(api.case_checksum(self.annotatedCase(row), info["landmark_names"]) in known)
+            except InputError:
+                seen.append(False)
+        return seen
 
     def poll(self) -> list:
         """Apply the worker's replies (call often from the main thread); returns the jobs that changed."""

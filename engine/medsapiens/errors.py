@@ -1,8 +1,19 @@
 """User-facing errors: the command line prints these as one line and exits non-zero, never a traceback."""
+from __future__ import annotations
+
 
 
 class InputError(ValueError):
     """Bad input from the user: a file that cannot be read, a wrong landmark set, a checkpoint of an unknown layout."""
+
+
+class NotBetter(InputError):
+    """A fine-tuned adapter was worse than the atlas on held-out cases; nothing was written. `estimate`: the
+    held-out figures (training.refine's estimate dict), or None."""
+
+    def __init__(self, message: str, estimate: dict | None = None):
+        super().__init__(message)
+        self.estimate = estimate
 
 
 class Cancelled(Exception):

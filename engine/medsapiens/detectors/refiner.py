@@ -10,7 +10,6 @@ said the atlas was better.
 """
 from __future__ import annotations
 
-import hashlib
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -20,6 +19,7 @@ from torch import nn
 
 from ..case import Case, Landmarks
 from ..errors import InputError
+from ..io.checksum import case_checksum
 from ..io.intensity import to_rgb255
 from ..models import weight_files
 
@@ -176,14 +176,6 @@ class RefinedAtlasDetector:
 
     def detect(self, case: Case) -> Landmarks:
         return self.detect_both(case)[0]
-
-
-def case_checksum(case: Case, names: list[str]) -> str:
-    """SHA256 of the grey image as the detector sees it and the landmarks: what 'this case' means in the file."""
-    h = hashlib.sha256()
-    h.update(np.ascontiguousarray(grey(case).round().to(torch.uint8).numpy()).tobytes())
-    h.update(np.nan_to_num(case.landmarks.subset(names).points, nan=-1.0).astype("<f8").tobytes())
-    return h.hexdigest()
 
 
 def load_refined_atlas(path) -> RefinedAtlasDetector:

@@ -12,11 +12,13 @@ from __future__ import annotations
 import json
 from datetime import datetime, timezone
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..io.atomic import atomic_write
 from ..io.checksum import sha256_of
+
+if TYPE_CHECKING:  # reading a header (kind_of, read_metadata) needs no torch
+    import torch
 
 FORMAT = "medsapiens-weights/1"
 KINDS = ("adapter", "model", "state", "atlas-refiner")
@@ -51,13 +53,20 @@ def is_weights_file(path) -> bool:
     return _header(path) is not None
 
 
-def kind_of(path) -> str | None:
-    """The kind of a file written by save_weights (read from its header only), else None."""
+def read_metadata(path) -> dict | None:
+    """The metadata of a file written by save_weights, read from its header only (no tensors, no torch); else
+    None."""
     meta = _header(path)
     try:
-        return json.loads(meta["metadata"]).get("kind") if meta else None
+        return json.loads(meta["metadata"]) if meta else None
     except (KeyError, ValueError):
         return None
+
+
+def kind_of(path) -> str | None:
+    """The kind of a file written by save_weights (read from its header only), else None."""
+    meta = read_metadata(path)
+    return meta.get("kind") if isinstance(meta, dict) else None
 
 
 def load_weights(path) -> tuple[dict[str, torch.Tensor], dict]:

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from ..case import Case, Landmarks
-from ..errors import InputError
+from ..errors import InputError, NotBetter
 from ..models import weight_files
 from ..detectors.atlas import AtlasDetector, AtlasSettings
 from ..detectors.refiner import (
@@ -63,10 +63,6 @@ class RefineSettings:
 
 
 REFINE_DEFAULTS = RefineSettings()
-
-
-class NotBetter(Exception):
-    """The refined adapter was worse than the atlas on held-out cases; nothing was written."""
 
 
 def folds_of(n: int) -> list[list[int]]:
@@ -273,7 +269,7 @@ def finetune_on_atlas(cases: list[Case], out, *, settings: RefineSettings = Refi
     if not better and not keep_worse:
         raise NotBetter(f"the fine-tuned adapter was worse than the atlas on held-out cases "
                         f"({estimate['refined_mre_mm']:.2f} vs {estimate['atlas_mre_mm']:.2f} mm MRE); "
-                        f"{out} was not written - keep using the atlas of these cases")
+                        f"{out} was not written - keep using the atlas of these cases", estimate)
     return result
 
 

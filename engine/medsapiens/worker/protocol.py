@@ -5,13 +5,14 @@ Requests (the client numbers them; `cancel` and `shutdown` act at once, even whi
     {"id": 1, "kind": "detect", "case": "case-1.npz", "out": "found-1.npz", "model": "ceph.safetensors",
      "adapter": null, "atlas": null, "deformable": false, "device": "auto", "precision": "fp32"}
     {"id": 2, "kind": "finetune", "cases": ["a.npz", "b.npz", "c.npz"], "base": "...", "out": "task.safetensors",
-     "device": "auto", "settings": {"time_budget": 300}}
+     "device": "auto", "settings": {"time_budget": 300}}       (base null: fine-tune on the atlas of the cases)
     {"kind": "cancel", "id": 2}
     {"kind": "shutdown"}
 
 Replies: {"kind": "ready", "pid": 123} once at start; then per request any number of
 {"id": 2, "kind": "progress", "fraction": 0.4, "message": "step 12, loss 0.8"} and one of
 {"id": 2, "kind": "result", ...}, {"id": 2, "kind": "error", "message": "one line"}, {"id": 2, "kind": "cancelled"}.
+A finetune's result: {"adapter": path}, and on the atlas also {"info": api.adapter_info(path)}.
 
 Images, volumes and landmarks travel as .npz files (arrays only, read without pickle) in a folder the client
 owns; a `detect` on a volume case with volume atlas cases runs the 3D atlas.

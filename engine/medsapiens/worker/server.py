@@ -29,10 +29,12 @@ def detect(request: dict, progress, cancel) -> dict:
 
 
 def finetune(request: dict, progress, cancel) -> dict:
+    """On a base model, or on the atlas (no base): then the result also carries api.adapter_info of the new
+    adapter (its held-out estimate and the cases it has seen), so the application need not read the file."""
     cases = [protocol.read_case(p) for p in request["cases"]]
-    out = api.finetune(request["base"], cases, request["out"], device=request.get("device"), progress=progress,
+    out = api.finetune(request.get("base"), cases, request["out"], device=request.get("device"), progress=progress,
                        cancel=cancel, **request.get("settings", {}))
-    return {"adapter": str(out)}
+    return {"adapter": str(out), **({"info": api.adapter_info(out)} if request.get("base") is None else {})}
 
 
 HANDLERS = {protocol.DETECT: detect, protocol.FINETUNE: finetune}
