@@ -1,5 +1,6 @@
 """The engine worker (`python -m medsapiens.worker`) over its real pipes, its file format, and the public API's
 detector cache (a model re-written in place is loaded again)."""
+import hashlib
 import json
 import shutil
 import subprocess
@@ -132,3 +133,63 @@ def test_a_model_rewritten_in_place_is_loaded_again(tmp_path, micro_file, ceph):
 def test_api_finetune_refuses_unknown_settings(micro_file, ceph, tmp_path):
     with pytest.raises(api.InputError, match="unknown fine-tune settings: colour"):
         api.finetune(str(micro_file), [ceph.case(0)], tmp_path / "a.safetensors", colour="red")
+
+
+@pytest.fixture(scope="module")
+def atlas_adapter(ceph, tmp_path_factory):
+    """An adapter fine-tuned on the atlas of 2 cephalograms through the API (small, kept even if worse)."""
+    from dataclasses import replace
+
+    from medsapiens.training.refine import REFINE_DEFAULTS, finetune_on_atlas
+
+    out = tmp_path_factory.mktemp("atlas-adapter") / "task.safetensors"
+    settings = replace(REFINE_DEFAULTS, steps=8, batch=16, patch=32, width=8)
+    finetune_on_atlas([ceph.case(0), ceph.case(1)], out, settings=settings, keep_worse=True)
+    return out
+
+
+def test_adapter_info_reads_the_header_only_and_case_checksums_match_the_file(atlas_adapter, ceph):
+    from medsapiens.detectors.refiner import grey
+    from medsapiens.models.weight_files import load_weights
+
+    code = ("import sys; from medsapiens import api; info = api.adapter_info(sys.argv[1]); "
+            "print('torch' in sys.modules, info['cases_estimated'], len(info['landmark_names']))")
+    run = subprocess.run([sys.executable, "-c", code, str(atlas_adapter)], capture_output=True, text=True, check=True)
+    assert run.stdout.split() == ["False", "2", "19"]  # no torch in an application's process for this
+    info, meta = api.adapter_info(atlas_adapter), load_weights(atlas_adapter)[1]
+    assert info["adapter_mre_mm"] == meta["estimate"]["refined_mre_mm"]
+    assert info["atlas_mre_mm"] == meta["estimate"]["atlas_mre_mm"] and info["method"] == "leave-one-case-out"
+    assert info["refined_landmarks"] == [n for n, u in zip(meta["landmark_names"], meta["use_refined"]) if u]
+    assert [c["label"] for c in info["cases"]] == ["001", "002"] and info["steps"] == 16
+    # the numpy checksum hashes the image as the refiner sees it (torch) and stores it, rounded to 8 bits
+    for i, stored in enumerate(info["cases"]):
+        case = ceph.case(i)
+        assert api.case_checksum(case, ceph.names) == stored["sha256"]
+        as_float = Case(grey(case).numpy() / 3.0 + 7.0, case.spacing, case.landmarks)  # windowed like a float image
+        h = hashlib.sha256(grey(as_float).round().to(torch.uint8).numpy().tobytes())
+        h.update(np.nan_to_num(as_float.landmarks.points, nan=-1.0).astype("<f8").tobytes())  # missing: -1
+        assert api.case_checksum(as_float, ceph.names) == h.hexdigest()
+    case = ceph.case(0)
+    points = case.landmarks.points.copy()  # (the data set's own landmarks stay as they are)
+    points[3, 0] += 0.5
+    moved = Case(case.image, case.spacing, Landmarks(case.landmarks.names, points))
+    assert api.case_checksum(moved, ceph.names) != info["cases"][0]["sha256"]
+    with pytest.raises(api.InputError, match="not an adapter fine-tuned on the atlas"):
+        api.adapter_info(ceph.root / "landmarks.csv")
+
+
+def test_api_detect_with_an_atlas_adapter_alone(atlas_adapter, ceph, micro_file, tmp_path):
+    case = ceph.case(6)
+    found = api.detect(case, adapter=str(atlas_adapter))
+    assert api.detect(case, adapter=str(atlas_adapter)) is not found  # a new detection ...
+    assert api._loaded["key"][2] == api.file_key(atlas_adapter)  # ... by the detector kept loaded for this file
+    expected = load_detector(adapter=str(atlas_adapter)).detect(case)
+    assert found.names == expected.names
+    assert np.median(np.linalg.norm(found.points - expected.points, axis=1)) < 1.0
+    lora = tmp_path / "lora.safetensors"
+    shutil.copy(micro_file, lora)
+    with pytest.raises(api.InputError, match="runs on its base model"):
+        api.detect(case, adapter=str(lora))
+    with pytest.raises(api.InputError, match="unknown settings for fine-tuning on the atlas: colour"):
+        api.finetune(None, [ceph.case(0), ceph.case(1)], tmp_path / "a.safetensors", colour="red")
+    assert issubclass(api.NotBetter, api.InputError)  # the worker and the CLI report it in one line
