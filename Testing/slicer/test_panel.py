@@ -36,8 +36,10 @@ def test_ui_holds_every_widget_the_module_uses(panel):
 
 def test_widget_kinds_fit_their_use(panel):
     from PySide6.QtWidgets import (
+        QCheckBox,
         QComboBox,
         QDoubleSpinBox,
+        QLabel,
         QLineEdit,
         QProgressBar,
         QPushButton,
@@ -48,11 +50,16 @@ def test_widget_kinds_fit_their_use(panel):
     kinds = {"detectButton": QPushButton, "finetuneButton": QPushButton, "cancelButton": QPushButton,
              "progressBar": QProgressBar, "casesTable": QTableWidget, "timeBudgetSpinBox": QDoubleSpinBox,
              "viewComboBox": QComboBox, "modelComboBox": QComboBox, "adapterNameLineEdit": QLineEdit,
-             "inputVolumeSelector": QComboBox, "modelPathLineEdit": QLineEdit}
+             "inputVolumeSelector": QComboBox, "modelPathLineEdit": QLineEdit,
+             "useAtlasAdapterCheckBox": QCheckBox, "adapterEstimateLabel": QLabel}
     for name, kind in kinds.items():
         assert isinstance(w[name], kind), name
     assert views_of(panel) == ["Whole 2D image", "Whole volume (3D)", "Red", "Green", "Yellow"]
     assert not w["cancelButton"].isEnabled(), "Cancel is enabled only while work runs"
+    assert not w["useAtlasAdapterCheckBox"].isEnabled(), "enabled once there is an adapter fine-tuned on the atlas"
+    table = w["casesTable"]
+    assert [table.horizontalHeaderItem(i).text() for i in range(table.columnCount())] == \
+        ["Volume", "Points", "Plane", "Adapter"]  # Adapter: "seen" for the cases the atlas adapter was trained on
 
 
 def test_parameter_bindings_name_parameter_node_fields(panel):
