@@ -43,7 +43,7 @@ def test_cases_and_landmarks_travel_as_plain_arrays(tmp_path):
 
 def test_api_detect_takes_volumes_only_with_a_volume_atlas(tmp_path, micro_file):
     volume = Volume(np.zeros((4, 5, 6), np.uint8), np.eye(4), name="skull")
-    with pytest.raises(api.InputError, match="skull: a 3D volume; models detect on 2D images"):
+    with pytest.raises(api.InputError, match="skull: a 3D volume; models and adapters detect on 2D images"):
         api.detect(volume, str(micro_file))
     atlas = Volume(np.zeros((4, 5, 6), np.uint8), np.eye(4), Landmarks(list("abcd"), np.ones((4, 3))), name="a")
     with pytest.raises(api.InputError, match="the deformable stage is for 2D atlases"):
