@@ -261,6 +261,7 @@ class MedSapiensSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """The atlas adapter's estimate, its check box (enabled when there is one) and the table's "seen" column."""
         info = self.logic.adapterInfo(self._atlasAdapter())
         self.ui.adapterEstimateLabel.text = self.logic.adapterSummary(info)
+        self.ui.adapterEstimateLabel.toolTip = self.logic.adapterLandmarks(info)  # per landmark
         self.ui.useAtlasAdapterCheckBox.enabled = (info is not None and self.ui.modelComboBox.currentText == ATLAS
                                                    and self.ui.viewComboBox.currentText != WHOLE_VOLUME)
         self.ui.useAtlasAdapterCheckBox.toolTip = (

@@ -356,6 +356,17 @@ class MedSapiensLogic:
                 f"{len(info['refined_landmarks'])} of {len(info['landmark_names'])}. Trained {info['steps']} steps in "
                 f"{info['train_seconds']:.0f} s{warm}.")
 
+    @staticmethod
+    def adapterLandmarks(info) -> str:
+        """The held-out estimate per landmark, one line each (the panel's tooltip on the estimate)."""
+        if not info:
+            return ""
+        mm = lambda v: "n/a" if v is None else f"{v:.2f} mm"  # noqa: E731
+        refined = set(info["refined_landmarks"])
+        return "\n".join(f"{name}: adapter {mm(e['refined_mm'])}, atlas {mm(e['atlas_mm'])}"
+                         f"{' (refined)' if name in refined else ' (atlas kept)'}"
+                         for name, e in info["per_landmark"].items())
+
     def casesSeen(self, info) -> list:
         """Per table row, True when the adapter (api.adapter_info) has seen that case.
 

@@ -69,6 +69,11 @@ def test_finetune_with_the_atlas_writes_an_adapter_and_its_estimate_reaches_the_
     assert float(match[1]) == round(est["refined_mre_mm"], 2) and float(match[2]) == round(est["atlas_mre_mm"], 2)
     assert int(match[3]) == 3 and int(match[4]) == sum(est["use_refined"]) and int(match[5]) == 3 * FAST["steps"]
     assert match[6] is None  # a first training
+    lines = MedSapiensLogic.adapterLandmarks(info).splitlines()  # the tooltip: per landmark
+    assert len(lines) == 19
+    for line, (name, e), use in zip(lines, est["per_landmark"].items(), est["use_refined"]):
+        assert line == f"{name}: adapter {e['refined_mm']:.2f} mm, atlas {e['atlas_mm']:.2f} mm " + \
+            ("(refined)" if use else "(atlas kept)")
     assert est["refined_mre_mm"] <= est["atlas_mre_mm"]  # else it would not have been written
     assert [c["label"] for c in info["cases"]] == ["ceph000 (whole image)", "ceph001 (whole image)",
                                                    "ceph002 (whole image)"]
