@@ -130,8 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                          "all of --data)")
     p.add_argument("--out", required=True, type=Path, help="adapter file to write (.safetensors)")
     p.add_argument("--time-budget", type=float, metavar="S",
-                   help=f"training time in seconds (default {REFINE_DEFAULTS.time_budget:g} on the atlas, "
-                        f"{FINETUNE_DEFAULTS.time_budget:g} with --base)")
+                   help=f"training time in seconds (default {REFINE_DEFAULTS.time_budget:g} on the atlas; "
+                        f"{FINETUNE_DEFAULTS.time_budget:g} with --base, views and cached tokens included)")
     p.add_argument("--steps", type=int, help=f"optimiser steps (default {REFINE_DEFAULTS.steps} per fold on the "
                                              "atlas; with --base the time budget decides)")
     p.add_argument("--atlas-deformable", action="store_true", help="without --base: the atlas adds a B-spline "
@@ -143,8 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     views = FinetuneSettings.views_per_case
     p.add_argument("--views", type=int, default=views, help=f"with --base: augmented views per case, made once "
                                                             f"(default {views})")
-    p.add_argument("--lora-blocks", type=int, metavar="N", help="with --base: LoRA on the last N blocks only; the "
-                                                                "blocks below run once per view (default: all)")
+    p.add_argument("--lora-blocks", type=int, metavar="N", help="with --base: LoRA on the last N blocks only, 0 "
+                   "for the head alone; the blocks below run once per view (default: all on a GPU; on a CPU, planned "
+                   f"so that {FinetuneSettings.min_steps} steps fit in the time budget)")
     p.add_argument("--flip-pairs", metavar="A:B,...", help="with --base: symmetric landmark pairs (names); enables "
                                                            "mirroring")
     _add_training_options(p, FINETUNE_DEFAULTS, f"{REFINE_DEFAULTS.lr:g}; {FINETUNE_DEFAULTS.lr:g} with --base")
@@ -401,8 +402,11 @@ def _finetune(args) -> int:
     from .io.datasets import load_cases
     from .models.weight_files import load_weights
     from .training.loops import check_cases, finetune
+    from .training.schedule import Plan
 
-    _positive(time_budget=args.time_budget, steps=args.steps, views=args.views, lora_blocks=args.lora_blocks)
+    _positive(time_budget=args.time_budget, steps=args.steps, views=args.views)
+    if args.lora_blocks is not None and args.lora_blocks < 0:
+        raise InputError(f"--lora-blocks {args.lora_blocks}: must be 0 (head only) or more")
     cases = load_cases(args.data, args.cases.split(",") if args.cases else None)
     names = check_cases(cases)
     if args.base is None:
@@ -419,6 +423,8 @@ def _finetune(args) -> int:
     finally:
         bar.close()
     meta = load_weights(out)[1]
+    if "schedule" in meta:
+        print(f"schedule: {Plan(**meta['schedule']).describe(meta['architecture']['depth'])}", file=sys.stderr)
     phases = ", ".join(f"{k} {v:.1f} s" for k, v in meta["phase_seconds"].items())
     print(f"{out}  {meta['steps']} steps  {time.monotonic() - t0:.1f} s  {phases}")
     return 0

@@ -80,7 +80,8 @@ def build_model(ckpt: Checkpoint, base: Checkpoint | None = None, channels=None)
     if channels is not None:
         head = select_channels(head, channels, ckpt)
     tensors = {**backbone, **head}
-    model = _empty_model(tensors, source, head["head.final_layer.weight"].shape[0])
+    arch, grid, head_width = architecture_of(tensors, source)
+    model = SapiensPose(arch, head["head.final_layer.weight"].shape[0], grid, head_width)
     _load_strict(model, tensors, ckpt.path)
     if lora_weights:
         lora.add_lora(model, lora.lora_blocks(lora_weights))
@@ -102,20 +103,20 @@ def select_channels(head: dict, channels, ckpt: Checkpoint) -> dict:
                        if f"head.final_layer.{p}" in head}}
 
 
-def base_for_training(ckpt: Checkpoint, names: list[str]) -> SapiensPose:
+def base_for_training(ckpt: Checkpoint, names: list[str], head_channels: int | None = None) -> SapiensPose:
     """A model for `names` on a base checkpoint: its backbone, and its head where it has one.
 
     The head's final layer is kept only when the base detects exactly these landmarks; otherwise it starts
-    afresh, as MedSapiens re-initialises the final conv for a new task.
+    afresh, as MedSapiens re-initialises the final conv for a new task. head_channels: the width of a head the
+    base does not bring (default the architecture's).
     """
-    if ckpt.layout not in BASE_LAYOUTS:
-        raise InputError(f"{ckpt.path}: holds {ckpt.layout} weights, which cannot serve as a base; give the "
-                         "base model they were trained on")
+    require_base(ckpt)
     head = head_tensors(ckpt)
     if ckpt.landmark_names != list(names):
         head = {k: v for k, v in head.items() if not k.startswith("head.final_layer.")}
     tensors = {**backbone_tensors(ckpt), **head}
-    model = _empty_model(tensors, ckpt, len(names))
+    arch, grid, head_width = architecture_of(tensors, ckpt)
+    model = SapiensPose(arch, len(names), grid, head_width or head_channels)
     expected = model.state_dict()
     kept = {k: v for k, v in tensors.items() if k in expected and v.shape == expected[k].shape}
     absent = [k for k in expected if k.startswith("backbone.") and k not in kept]
@@ -126,8 +127,14 @@ def base_for_training(ckpt: Checkpoint, names: list[str]) -> SapiensPose:
     return model
 
 
-def _empty_model(tensors: dict, source: Checkpoint, num_keypoints: int) -> SapiensPose:
-    """The architecture the tensors describe (width and depth of the backbone, head width where present)."""
+def require_base(ckpt: Checkpoint) -> None:
+    if ckpt.layout not in BASE_LAYOUTS:
+        raise InputError(f"{ckpt.path}: holds {ckpt.layout} weights, which cannot serve as a base; give the "
+                         "base model they were trained on")
+
+
+def architecture_of(tensors: dict, source: Checkpoint) -> tuple[str, tuple[int, int], int | None]:
+    """(architecture name, position grid, head width or None without a head) that the tensors describe."""
     required = ("backbone.patch_embed.projection.weight", "backbone.pos_embed")
     absent = [k for k in required if k not in tensors]
     if absent:
@@ -136,11 +143,10 @@ def _empty_model(tensors: dict, source: Checkpoint, num_keypoints: int) -> Sapie
     depth = len({k.split(".")[2] for k in tensors if re.match(r"backbone\.layers\.\d+\.", k)})
     head_width = tensors["head.deconv_layers.0.weight"].shape[1] if "head.deconv_layers.0.weight" in tensors else None
     try:
-        arch = arch_name_for(width, depth, head_width)
-        grid = pos_grid_for(tensors["backbone.pos_embed"].shape[1], source.meta)
+        return (arch_name_for(width, depth), pos_grid_for(tensors["backbone.pos_embed"].shape[1], source.meta),
+                head_width)
     except (KeyError, InputError) as e:
         raise InputError(f"{source.path}: {e.args[0]}") from None
-    return SapiensPose(arch, num_keypoints, grid)
 
 
 def _load_strict(model: SapiensPose, tensors: dict, path: Path) -> None:

@@ -7,7 +7,7 @@ official state dicts load with no renaming: `backbone.patch_embed.projection`, `
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -168,10 +168,11 @@ class HeatmapHead(nn.Module):
 class SapiensPose(nn.Module):
     """Backbone + heatmap head: (B, 3, H, W) normalised image -> (B, K, H/4, W/4) heatmaps."""
 
-    def __init__(self, arch: str | Arch, num_keypoints: int, pos_grid: tuple[int, int] = (64, 48)):
+    def __init__(self, arch: str, num_keypoints: int, pos_grid: tuple[int, int] = (64, 48),
+                 head_channels: int | None = None):
         super().__init__()
-        self.arch_name = arch if isinstance(arch, str) else None
-        self.arch = ARCHS[arch] if isinstance(arch, str) else arch
+        self.arch_name = arch
+        self.arch = replace(ARCHS[arch], head_channels=head_channels or ARCHS[arch].head_channels)
         self.backbone = SapiensViT(self.arch, pos_grid)
         self.head = HeatmapHead(self.arch.embed_dim, num_keypoints, self.arch.head_channels)
 
@@ -187,10 +188,10 @@ class SapiensPose(nn.Module):
                 "pos_grid": list(self.backbone.pos_grid)}
 
 
-def arch_name_for(embed_dim: int, depth: int, head_channels: int | None = None) -> str:
-    """The registered architecture with this width and depth (and head width, where given)."""
+def arch_name_for(embed_dim: int, depth: int) -> str:
+    """The registered architecture with this backbone width and depth (the head's width is the model's own)."""
     for name, a in ARCHS.items():
-        if a.embed_dim == embed_dim and a.depth == depth and head_channels in (None, a.head_channels):
+        if a.embed_dim == embed_dim and a.depth == depth:
             return name
     known = ", ".join(f"{n} ({a.embed_dim} x {a.depth})" for n, a in ARCHS.items())
     raise KeyError(f"no architecture with embedding width {embed_dim} and depth {depth}; known: {known}")

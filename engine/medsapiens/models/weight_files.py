@@ -1,6 +1,7 @@
 """This project's weight files: one safetensors file each, its header carrying JSON metadata.
 
-kind "adapter": LoRA matrices (peft names) + head, applied on a base checkpoint identified by its SHA256.
+kind "adapter": LoRA matrices (peft names; none for a head-only adapter) + head, applied on a base checkpoint
+                identified by its SHA256.
 kind "model": a whole backbone + head (models trained here), no base needed.
 kind "atlas-refiner": networks that refine the atlas + the atlas cases themselves (detectors/refiner.py).
 kind "state": the optimizer state beside a model in training (`<model>.state`), to resume it.
@@ -79,9 +80,9 @@ def load_weights(path) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def save_trained(path, model, names: list[str], input_hw, sigma: float, base=None, **extra) -> Path:
-    """Save a model trained here: kind "adapter" (LoRA + head, on `base`) when it carries LoRA, else "model".
+    """Save a model trained here: kind "adapter" (its LoRA, if any, + head, on the frozen `base`), else "model".
 
-    Refuses an adapter without its base file, whose name and SHA256 are recorded to check it at load time.
+    An adapter records its base file's name and SHA256, to check it at load time.
     """
     from .lora import has_lora, lora_state_dict
 
@@ -90,10 +91,10 @@ def save_trained(path, model, names: list[str], input_hw, sigma: float, base=Non
     meta = {"landmark_names": list(names), "input_hw": list(input_hw), "sigma": float(sigma),
             "architecture": model.config(), "pos_grid": list(model.backbone.pos_grid), **extra}
     head = {k: v for k, v in model.state_dict().items() if k.startswith("head.")}
-    if has_lora(model):
-        if base is None:
-            raise ValueError("an adapter needs the base checkpoint it was trained on")
+    if base is not None:
         meta["base"] = {"name": Path(base).name, "sha256": sha256_of(base)}
         meta.pop("pos_grid")  # the base's grid applies
         return save_weights(path, {**lora_state_dict(model), **head}, meta, "adapter")
+    if has_lora(model):
+        raise ValueError("an adapter needs the base checkpoint it was trained on")
     return save_weights(path, model.state_dict(), meta, "model")

@@ -1,0 +1,79 @@
+"""The few-shot schedule: which blocks get LoRA, which are cached, the head's width and the views, chosen from
+costs measured on the device; and a planned fine-tune on a pretrain-layout base, whose head-only adapter
+with a narrower head loads back on its base and detects."""
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from medsapiens.detectors.factory import load_detector
+from medsapiens.models.checkpoints import read_checkpoint
+from medsapiens.models.sapiens import ARCHS, SapiensPose
+from medsapiens.training.loops import FinetuneSettings, Settings, finetune
+from medsapiens.training.schedule import Costs, Plan, choose
+
+BASE_0P3B = ARCHS["sapiens_0.3b"]
+
+
+def costs(block, heads):
+    return Costs(block, lambda width: heads[width])
+
+
+def test_large_base_on_a_slow_device_gets_the_cached_head_and_fewer_views():
+    # About the 0.3b on 2 CPU cores at 256 x 192: the recipe would be 3 x 8 x 24 x 0.05 s = 29 s a step.
+    plan = choose(BASE_0P3B, True, cases=3, views_per_case=64, batch=8, budget=300, min_steps=500,
+                  costs=costs(0.05, {768: 4.5, 256: 0.3, 128: 0.12}))
+    assert plan == Plan(0, 256, 32, 0.3, 24 * 0.05)
+    assert 3 * 32 * plan.view_seconds + 500 * plan.step_seconds <= 300
+
+
+def test_the_recipe_stays_where_it_fits_and_a_base_head_keeps_its_width():
+    cheap = costs(1e-5, {768: 0.01, 256: 0.005, 128: 0.002})
+    assert choose(BASE_0P3B, True, 3, 64, 8, 300, 500, cheap) == Plan(24, 768, 64, 3 * 8 * 24 * 1e-5 + 0.01, 0.0)
+    # a base with its own (768-channel) head is never narrowed: the blocks give way instead
+    slow_head = costs(0.002, {768: 0.3, 256: 0.05, 128: 0.02})
+    plan = choose(BASE_0P3B, False, 3, 64, 8, 300, 500, slow_head)
+    assert plan.head_channels == 768 and plan.lora_blocks < 24
+    assert 500 * plan.step_seconds <= 0.8 * 300
+
+
+def test_when_nothing_fits_the_cheapest_plan_is_taken():
+    plan = choose(BASE_0P3B, True, 3, 64, 8, 10, 500, costs(0.05, {768: 4.5, 256: 0.3, 128: 0.12}))
+    assert plan == Plan(0, 128, 16, 0.12, 24 * 0.05)
+
+
+@pytest.fixture
+def small_pretrain_file(tmp_path):
+    """The "small" architecture in the official pretrain layout (flat backbone keys, cls token): no head."""
+    torch.manual_seed(3)
+    backbone = SapiensPose("small", 1, (8, 6)).backbone
+    state = dict(backbone.state_dict())
+    state["pos_embed"] = torch.cat([torch.randn(1, 1, 384), state["pos_embed"]], dim=1)
+    state["cls_token"] = torch.randn(1, 1, 384)
+    path = tmp_path / "sapiens_small_epoch_1600_clean.pth"
+    torch.save(state, path)
+    return path
+
+
+def test_planned_finetune_on_a_pretrain_base_writes_a_narrow_head_only_adapter(tmp_path, ceph, small_pretrain_file):
+    cases = [ceph.case(i) for i in range(2)]
+    out = tmp_path / "head-only.safetensors"
+    settings = FinetuneSettings(Settings(input_hw=(128, 96), time_budget=8.0), views_per_case=4,
+                                min_steps=10 ** 6)  # nothing can fit: the cheapest plan, and a warning
+    with pytest.warns(UserWarning, match="steps fitted in the 8 s budget"):
+        finetune(small_pretrain_file, cases, out, settings=settings, device="cpu")
+    ckpt = read_checkpoint(out)
+    assert ckpt.layout == "adapter"
+    assert ckpt.meta["schedule"] == {"lora_blocks": 0, "head_channels": 128, "views_per_case": 4,
+                                     "step_seconds": pytest.approx(ckpt.meta["schedule"]["step_seconds"]),
+                                     "view_seconds": pytest.approx(ckpt.meta["schedule"]["view_seconds"])}
+    assert ckpt.meta["schedule"]["step_seconds"] > 0 and ckpt.meta["schedule"]["view_seconds"] > 0
+    assert set(ckpt.meta["phase_seconds"]) == {"plan", "views", "features", "train"}
+    assert sum(ckpt.meta["phase_seconds"].values()) <= 8.0 * 1.5
+    assert all(k.startswith("head.") for k in ckpt.tensors), "head only: no LoRA, no backbone copy"
+    assert ckpt.tensors["head.deconv_layers.0.weight"].shape == (384, 128, 4, 4)
+
+    detector = load_detector(small_pretrain_file, adapter=out, device="cpu", precision="fp32")
+    assert detector.model.arch.head_channels == 128
+    found = detector.detect(ceph.case(2))
+    assert found.names == ceph.names and np.isfinite(found.points).all()
