@@ -68,8 +68,10 @@ def test_planned_finetune_on_a_pretrain_base_writes_a_narrow_head_only_adapter(t
                                      "step_seconds": pytest.approx(ckpt.meta["schedule"]["step_seconds"]),
                                      "view_seconds": pytest.approx(ckpt.meta["schedule"]["view_seconds"])}
     assert ckpt.meta["schedule"]["step_seconds"] > 0 and ckpt.meta["schedule"]["view_seconds"] > 0
-    assert set(ckpt.meta["phase_seconds"]) == {"plan", "views", "features", "train"}
-    assert sum(ckpt.meta["phase_seconds"].values()) <= 8.0 * 1.5
+    assert set(ckpt.meta["phase_seconds"]) == {"base", "plan", "views", "features", "train"}
+    phases = ckpt.meta["phase_seconds"]
+    before = phases["base"] + phases["plan"] + phases["views"] + phases["features"]
+    assert phases["train"] <= max(8.0 - before, 0.8) + 2.0, "training gets what the budget has left (+ a last step)"
     assert all(k.startswith("head.") for k in ckpt.tensors), "head only: no LoRA, no backbone copy"
     assert ckpt.tensors["head.deconv_layers.0.weight"].shape == (384, 128, 4, 4)
 

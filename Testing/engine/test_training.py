@@ -148,7 +148,7 @@ def test_finetune_cli_from_markups_folder_and_bad_inputs(tmp_path, fitted_file, 
     assert main(["finetune", "--base", str(fitted_file), "--data", str(folder), "--out", str(out), "--steps", "3",
                  "--views", "2", "--lora-blocks", "1", "--device", "cpu"]) == 0
     line = capsys.readouterr().out.strip()  # `<adapter path>  <steps> steps  <seconds> s  <phase times>`
-    assert re.fullmatch(rf"{re.escape(str(out))}  3 steps  [0-9.]+ s  views [0-9.]+ s, features [0-9.]+ s, "
+    assert re.fullmatch(rf"{re.escape(str(out))}  3 steps  [0-9.]+ s  base [0-9.]+ s, views [0-9.]+ s, features [0-9.]+ s, "
                         r"train [0-9.]+ s", line), line
     # same landmark set as the base: its head is kept whole and only LoRA + head are stored
     ckpt = read_checkpoint(out)

@@ -240,8 +240,8 @@ def finetune(base, cases: list[Case], out, *, flip_pairs=(), settings: FinetuneS
 
     base: a weight file or catalogue name (LoRA on its frozen backbone, as `schedule.py` plans it), or an
     architecture name from model.ARCHS (no pre-training: every weight is trained, the result is a whole model
-    file). The time budget covers the whole run. progress(Progress) is called every step (phases "plan",
-    "views", "features" before "train"); cancel() -> True stops with Cancelled and leaves `out` as it was.
+    file). The time budget covers the whole run, reading the base included. progress(Progress) is called every
+    step (phases "plan", "views", "features" before "train"); cancel() -> True stops with Cancelled and leaves `out` as it was.
     """
     names = check_cases(cases)
     s = settings.train
@@ -257,9 +257,11 @@ def finetune(base, cases: list[Case], out, *, flip_pairs=(), settings: FinetuneS
         start, views_per_case = 0, settings.views_per_case
     else:
         ckpt, base_path = _base_checkpoint(base)
+        phase_seconds["base"] = round(time.monotonic() - t_run, 1)
+        t0 = time.monotonic()
         plan = _plan(ckpt, len(names), len(cases), settings, dev, precision, progress)
         if plan.step_seconds:  # measured here
-            phase_seconds["plan"] = round(time.monotonic() - t_run, 1)
+            phase_seconds["plan"] = round(time.monotonic() - t0, 1)
         model = base_for_training(ckpt, names, plan.head_channels)
         del ckpt
         start, views_per_case = model.arch.depth - plan.lora_blocks, plan.views_per_case

@@ -81,8 +81,8 @@ def choose(arch: Arch, depth_trainable_head: bool, cases: int, views_per_case: i
 
 def measure(arch: Arch, input_hw: tuple[int, int], num_keypoints: int, batch: int, device, cache_precision: str,
             train_precision: str) -> Costs:
-    """Time one block (one view, no gradient, as the cached tokens are made) and head steps (the training batch,
-    when a plan needs them)."""
+    """Time one block (one view, no gradient, as the cached tokens are made) and a head's training step (per
+    view, scaled to the batch; only for the widths a plan asks about)."""
     tokens = grid_size(input_hw)[0] * grid_size(input_hw)[1]
     block = Block(arch).to(device).eval()
     x = torch.randn(1, tokens, arch.embed_dim, device=device)
@@ -93,14 +93,14 @@ def measure(arch: Arch, input_hw: tuple[int, int], num_keypoints: int, batch: in
     def head_step(width: int) -> float:
         if width not in heads:
             head = HeatmapHead(arch.embed_dim, num_keypoints, width).to(device)
-            feats = torch.randn(batch, arch.embed_dim, *grid_size(input_hw), device=device)
+            feats = torch.randn(1, arch.embed_dim, *grid_size(input_hw), device=device)
 
             def step():
                 with _autocast(device, train_precision):
                     out = head(feats)
                 out.float().square().mean().backward()
 
-            heads[width] = _fastest(step, device)
+            heads[width] = batch * _fastest(step, device)  # one view, times the batch: a 768-wide head is slow
         return heads[width]
 
     return Costs(block_forward, head_step)
