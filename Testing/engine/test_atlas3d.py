@@ -211,6 +211,12 @@ def test_2d_and_3d_cannot_be_mixed(tmp_path, mouse, ceph, capsys):
     assert main(["detect", "--atlas", str(ceph.path), "--atlas-cases", "001", str(mouse.root / mouse.rows[1].image),
                  "--out", str(tmp_path)]) == 1
     assert "a 3D volume" in capsys.readouterr().err
+    for base in ([], ["--base", "micro"]):  # fine-tuning is for 2D images; volumes need no training
+        assert main(["finetune", *base, "--data", str(mouse.path), "--cases", f"{mouse.rows[0].id},{mouse.rows[1].id}",
+                     "--out", str(tmp_path / "a.safetensors")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "fine-tuning learns from 2D images" in err, err
+    assert not (tmp_path / "a.safetensors").exists()
 
 
 def test_cli_detects_on_volumes_and_writes_markups_and_csv(tmp_path, mouse, capsys):

@@ -117,6 +117,18 @@ def test_damaged_atlas_case_is_refused(adapter, tmp_path):
         load_detector(adapter=str(bad))
 
 
+def test_adapter_from_another_version_is_refused_in_one_line(adapter, tmp_path):
+    from medsapiens.errors import InputError
+    from medsapiens.models.weight_files import save_weights
+
+    tensors, meta = load_weights(adapter[0])
+    meta["atlas_settings"]["local_side"] = meta["atlas_settings"].pop("bspline_side")  # its earlier name
+    meta.pop("kind"), meta.pop("created")
+    old = save_weights(tmp_path / "old.safetensors", tensors, meta, "atlas-refiner")
+    with pytest.raises(InputError, match="another version of medsapiens .*local_side"):
+        load_detector(adapter=str(old))
+
+
 def test_warm_start_continues_from_the_adapter_with_half_the_steps(adapter, two_cases, tmp_path):
     out, _ = adapter
     target = tmp_path / "task.safetensors"

@@ -10,7 +10,7 @@ said the atlas was better.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 import torch
@@ -196,6 +196,10 @@ def load_refined_atlas(path) -> RefinedAtlasDetector:
     from .atlas import AtlasDetector, AtlasSettings
 
     a = dict(meta["atlas_settings"])
+    unknown = set(a) - {f.name for f in fields(AtlasSettings)}
+    if unknown:
+        raise InputError(f"{path}: written by another version of medsapiens (atlas settings "
+                         f"{', '.join(sorted(unknown))} are unknown here); fine-tune it again")
     a["levels"] = tuple(tuple(v) for v in a["levels"])
     atlas = AtlasDetector(cases, AtlasSettings(**a))
     cfg = RefinerConfig(**meta["refiner"])

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..case import Case
+from ..case import Case, Volume
 from ..detectors.heatmap import PRECISIONS, image_tensor, normalise, pick_device, pick_precision
 from ..errors import Cancelled, InputError, short_list
 from ..models import lora, weight_files
@@ -222,6 +222,9 @@ def check_cases(cases: list[Case]) -> list[str]:
         raise InputError("no training cases given")
     names = None
     for c in cases:
+        if isinstance(c, Volume):
+            raise InputError(f"{c.label}: fine-tuning learns from 2D images; for volumes the 3D atlas needs no "
+                             "training: `medsapiens detect --atlas CASES VOLUME...`")
         if c.landmarks is None:
             raise InputError(f"{c.label}: a training case needs landmarks")
         if names is None:
