@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from medsapiens.detectors.factory import load_detector
+from medsapiens.errors import InputError
 from medsapiens.models.checkpoints import read_checkpoint
 from medsapiens.models.sapiens import ARCHS, SapiensPose
 from medsapiens.training.loops import FinetuneSettings, Settings, finetune
@@ -30,6 +31,9 @@ def test_large_base_on_a_slow_device_gets_the_cached_head_and_fewer_views():
 def test_the_recipe_stays_where_it_fits_and_a_base_head_keeps_its_width():
     cheap = costs(1e-5, {768: 0.01, 256: 0.005, 128: 0.002})
     assert choose(BASE_0P3B, True, 3, 64, 8, 300, 500, cheap) == Plan(24, 768, 64, 3 * 8 * 24 * 1e-5 + 0.01, 0.0)
+    # a small base whose head costs more than its blocks keeps the recipe, even short of 500 steps
+    tiny = ARCHS["tiny"]
+    assert choose(tiny, False, 3, 64, 8, 300, 500, costs(0.001, {128: 0.6})) == Plan(12, 128, 64, 0.888, 0.0)
     # a base with its own (768-channel) head is never narrowed: the blocks give way instead
     slow_head = costs(0.002, {768: 0.3, 256: 0.05, 128: 0.02})
     plan = choose(BASE_0P3B, False, 3, 64, 8, 300, 500, slow_head)
@@ -55,27 +59,37 @@ def small_pretrain_file(tmp_path):
     return path
 
 
-def test_planned_finetune_on_a_pretrain_base_writes_a_narrow_head_only_adapter(tmp_path, ceph, small_pretrain_file):
-    cases = [ceph.case(i) for i in range(2)]
+def test_head_only_adapter_with_a_narrower_head_loads_on_its_base_and_detects(tmp_path, ceph, small_pretrain_file):
     out = tmp_path / "head-only.safetensors"
-    settings = FinetuneSettings(Settings(input_hw=(128, 96), time_budget=8.0), views_per_case=4,
-                                min_steps=10 ** 6)  # nothing can fit: the cheapest plan, and a warning
-    with pytest.warns(UserWarning, match="steps fitted in the 8 s budget"):
-        finetune(small_pretrain_file, cases, out, settings=settings, device="cpu")
+    settings = FinetuneSettings(Settings(input_hw=(128, 96), steps=3), views_per_case=2, lora_blocks=0,
+                                head_channels=128)
+    finetune(small_pretrain_file, [ceph.case(0), ceph.case(1)], out, settings=settings, device="cpu")
     ckpt = read_checkpoint(out)
-    assert ckpt.layout == "adapter"
-    assert ckpt.meta["schedule"] == {"lora_blocks": 0, "head_channels": 128, "views_per_case": 4,
-                                     "step_seconds": pytest.approx(ckpt.meta["schedule"]["step_seconds"]),
-                                     "view_seconds": pytest.approx(ckpt.meta["schedule"]["view_seconds"])}
-    assert ckpt.meta["schedule"]["step_seconds"] > 0 and ckpt.meta["schedule"]["view_seconds"] > 0
-    assert set(ckpt.meta["phase_seconds"]) == {"base", "plan", "views", "features", "train"}
-    phases = ckpt.meta["phase_seconds"]
-    before = phases["base"] + phases["plan"] + phases["views"] + phases["features"]
-    assert phases["train"] <= max(8.0 - before, 0.8) + 2.0, "training gets what the budget has left (+ a last step)"
+    assert ckpt.layout == "adapter" and ckpt.meta["steps"] == 3
     assert all(k.startswith("head.") for k in ckpt.tensors), "head only: no LoRA, no backbone copy"
     assert ckpt.tensors["head.deconv_layers.0.weight"].shape == (384, 128, 4, 4)
-
+    assert set(ckpt.meta["phase_seconds"]) == {"base", "views", "features", "train"}  # all 12 blocks cached
     detector = load_detector(small_pretrain_file, adapter=out, device="cpu", precision="fp32")
     assert detector.model.arch.head_channels == 128
     found = detector.detect(ceph.case(2))
     assert found.names == ceph.names and np.isfinite(found.points).all()
+
+
+def test_planned_finetune_measures_keeps_to_its_budget_and_says_when_steps_fall_short(tmp_path, ceph,
+                                                                                      small_pretrain_file,
+                                                                                      fitted_file):
+    out = tmp_path / "planned.safetensors"
+    settings = FinetuneSettings(Settings(input_hw=(128, 96), time_budget=8.0), views_per_case=4,
+                                min_steps=10 ** 6)  # cannot fit: the plan's fallback, and a warning
+    with pytest.warns(UserWarning, match="steps fitted in the 8 s budget"):
+        finetune(small_pretrain_file, [ceph.case(0), ceph.case(1)], out, settings=settings, device="cpu")
+    meta = read_checkpoint(out).meta
+    plan = Plan(**meta["schedule"])
+    assert plan.step_seconds > 0 and 0 <= plan.lora_blocks <= 12 and plan.head_channels in (256, 128)
+    phases = meta["phase_seconds"]
+    before = phases["base"] + phases["plan"] + phases["views"] + phases.get("features", 0)
+    assert phases["train"] <= max(8.0 - before, 0.8) + 2.0, "training gets what the budget has left (+ a last step)"
+    assert load_detector(small_pretrain_file, adapter=out, device="cpu").detect(ceph.case(2)).names == ceph.names
+    with pytest.raises(InputError, match="brings its own"):  # a head width only for a base without a head
+        finetune(fitted_file, [ceph.case(0)], tmp_path / "x", settings=FinetuneSettings(head_channels=64),
+                 device="cpu")

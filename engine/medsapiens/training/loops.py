@@ -214,6 +214,7 @@ class FinetuneSettings:
     views_per_case: int = 64
     lora_blocks: int | None = None  # LoRA on the last N blocks, 0: head only (None: planned, training/schedule.py)
     min_steps: int = 500            # the plan keeps at least this many optimiser steps within the time budget
+    head_channels: int | None = None  # width of a head the base does not bring (None: planned, or the arch's)
 
 
 def check_cases(cases: list[Case]) -> list[str]:
@@ -317,9 +318,13 @@ def _plan(ckpt, keypoints: int, cases: int, settings: FinetuneSettings, dev, pre
     arch_name, _, head_width = architecture_of({**backbone_tensors(ckpt), **head_tensors(ckpt)}, ckpt)
     arch = replace(ARCHS[arch_name], head_channels=head_width or ARCHS[arch_name].head_channels)
     s = settings.train
+    if settings.head_channels is not None and head_width is not None:
+        raise InputError(f"{ckpt.path}: the base brings its own {head_width}-channel head; a head width can only "
+                         "be chosen for a base without one")
     if settings.lora_blocks is not None or dev.type == "cuda" or s.time_budget is None:
         blocks = arch.depth if settings.lora_blocks is None else min(arch.depth, settings.lora_blocks)
-        return schedule.Plan(blocks, arch.head_channels, settings.views_per_case, 0.0, 0.0)
+        return schedule.Plan(blocks, settings.head_channels or arch.head_channels, settings.views_per_case, 0.0,
+                             0.0)
     if progress:
         progress(Progress(0, 0.0, float("nan"), 0.0, "plan"))
     costs = schedule.measure(arch, s.input_hw, keypoints, s.batch, dev, pick_precision("auto", dev), precision)

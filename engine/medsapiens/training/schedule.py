@@ -48,18 +48,25 @@ class Costs:
     head_step: Callable[[int], float]   # head width -> seconds per step at the training batch
 
 
-def choose(arch: Arch, depth_trainable_head: bool, cases: int, views_per_case: int, batch: int, budget: float,
+def choose(arch: Arch, fresh_head: bool, cases: int, views_per_case: int, batch: int, budget: float,
            min_steps: int, costs: Costs) -> Plan:
     """The plan for `budget` seconds: the most LoRA blocks, then the widest head, then the most views.
 
-    depth_trainable_head: the head is new (the base brings none), so its width may be chosen. A step with LoRA
+    fresh_head: the head is new (the base brings none), so its width may be chosen. A step with LoRA
     on n blocks costs about 3 x batch x n block forwards (forward and backward) plus the head's step; a view
-    costs (depth - n) block forwards once. If nothing fits, the cheapest plan is returned (the budget then
-    stops it early, and the caller says so).
+    costs (depth - n) block forwards once. Where the head costs as much as the recipe's LoRA blocks (the small
+    bases trained here), the recipe stays even short of `min_steps`: caching could not halve a step, and
+    halving was measured not to pay (README, "Few-shot speed and accuracy choices"). If nothing fits, the
+    cheapest plan is returned (the budget then stops it early, and the caller says so).
     """
     depth = arch.depth
+    recipe = Plan(depth, arch.head_channels, views_per_case,
+                  3 * batch * depth * costs.block_forward + costs.head_step(arch.head_channels), 0.0)
+    if min_steps * recipe.step_seconds > SHARE_FOR_STEPS * budget and \
+            3 * batch * depth * costs.block_forward <= costs.head_step(arch.head_channels):
+        return recipe  # the head is the bottleneck: caching blocks would not even halve a step
     widths = [arch.head_channels] + ([w for w in HEAD_CHOICES if w < arch.head_channels]
-                                     if depth_trainable_head else [])
+                                     if fresh_head else [])
     candidates = []
     for n in (depth, *[n for n in LORA_CHOICES if n < depth]):
         lora_step = 3 * batch * n * costs.block_forward
@@ -81,8 +88,8 @@ def choose(arch: Arch, depth_trainable_head: bool, cases: int, views_per_case: i
 
 def measure(arch: Arch, input_hw: tuple[int, int], num_keypoints: int, batch: int, device, cache_precision: str,
             train_precision: str) -> Costs:
-    """Time one block (one view, no gradient, as the cached tokens are made) and a head's training step (per
-    view, scaled to the batch; only for the widths a plan asks about)."""
+    """Time one block (one view, no gradient, as the cached tokens are made) and a head's training step (the
+    training batch; only for the widths a plan asks about)."""
     tokens = grid_size(input_hw)[0] * grid_size(input_hw)[1]
     block = Block(arch).to(device).eval()
     x = torch.randn(1, tokens, arch.embed_dim, device=device)
@@ -93,14 +100,14 @@ def measure(arch: Arch, input_hw: tuple[int, int], num_keypoints: int, batch: in
     def head_step(width: int) -> float:
         if width not in heads:
             head = HeatmapHead(arch.embed_dim, num_keypoints, width).to(device)
-            feats = torch.randn(1, arch.embed_dim, *grid_size(input_hw), device=device)
+            feats = torch.randn(batch, arch.embed_dim, *grid_size(input_hw), device=device)
 
             def step():
                 with _autocast(device, train_precision):
                     out = head(feats)
                 out.float().square().mean().backward()
 
-            heads[width] = batch * _fastest(step, device)  # one view, times the batch: a 768-wide head is slow
+            heads[width] = _fastest(step, device, repeats=1)
         return heads[width]
 
     return Costs(block_forward, head_step)
