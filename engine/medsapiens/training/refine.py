@@ -220,7 +220,7 @@ def finetune_on_atlas(cases: list[Case], out, *, settings: RefineSettings = Refi
         params = [{"params": list(net.parameters()), "weight_decay": 1e-4, "lr_scale": 1.0}]
         t_run = time.monotonic()
 
-        def run_progress(p, f=f, t_run=t_run, phase="train all" if last else f"train {f + 1}/{len(folds)}"):
+        def run_progress(p, f=f, t_run=t_run, phase=f"train {f + 1}/{len(runs)}"):  # the last: all cases
             spent = time.monotonic() - t0
             per_run = (time.monotonic() - t_run) / max(p.fraction, 1e-3)
             left = per_run * (1 - p.fraction) + per_run * (len(runs) - f - 1)
