@@ -22,6 +22,16 @@ def ceph(data_dir):
     return Dataset(data_dir / "ceph_hamedan" / "landmarks.csv")
 
 
+@pytest.fixture(scope="session")
+def mouse(data_dir):
+    from medsapiens.io.datasets import Dataset
+
+    path = data_dir / "mouse_ct" / "landmarks.csv"
+    if not path.is_file():
+        pytest.skip("the mouse micro-CT set is not in ../shared/data")
+    return Dataset(path)
+
+
 def overfit(model, case, input_hw, steps=60, lr=3e-3, sigma=3.0):
     """Train `model` on one real case for a few steps (real warp, codec and loss) so its peaks mean something."""
     from medsapiens.detectors.heatmap import image_tensor, normalise

@@ -14,14 +14,6 @@ from medsapiens.io.markups import read_markups, write_markups
 KEPT = 12  # landmarks used here (every fourth of the 45): the local stage's cost grows with them
 
 
-@pytest.fixture(scope="module")
-def mouse(data_dir):
-    path = data_dir / "mouse_ct" / "landmarks.csv"
-    if not path.is_file():
-        pytest.skip("the mouse micro-CT set is not in ../shared/data")
-    return Dataset(path)
-
-
 def halved(ds: Dataset, i: int) -> Volume:
     """Volume i of the set at half resolution (2 x 2 x 2 voxels averaged; geometry kept exact by ITK), with a
     subset of its landmarks."""

@@ -1,7 +1,6 @@
 """The few-shot schedule: which blocks get LoRA, which are cached, the head's width and the views, chosen from
 costs measured on the device; and a planned fine-tune on a pretrain-layout base, whose head-only adapter
 with a narrower head loads back on its base and detects."""
-import warnings
 
 import numpy as np
 import pytest

@@ -10,6 +10,7 @@ from medsapiens import InputError, Landmarks
 from medsapiens.detectors.factory import load_detector
 from medsapiens.io.images import read_image
 from medsapiens.io.markups import write_markups
+from slicer.util import vtkMatrixFromArray
 from MedSapiensSlicerLib.logic import WHOLE_IMAGE, MedSapiensLogic
 from vtk.util.numpy_support import numpy_to_vtk, vtk_to_numpy
 
@@ -19,14 +20,6 @@ def rotation(axis, degrees):
     a = math.radians(degrees)
     k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
     return np.eye(3) + math.sin(a) * k + (1 - math.cos(a)) * k @ k
-
-
-def vtk_matrix(m):
-    out = vtk.vtkMatrix4x4()
-    for r in range(4):
-        for c in range(4):
-            out.SetElement(r, c, m[r, c])
-    return out
 
 
 # IJK -> RAS of the test volumes: near-identity, LPS (as DICOM), LAS, and oblique with anisotropic voxels
@@ -55,7 +48,7 @@ def add_volume(scene, directions, spacing, spheres=SPHERES, dims=(48, 48, 48), n
     image.GetPointData().SetScalars(numpy_to_vtk(values.astype(np.float32).ravel(), deep=True))
     node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
     node.SetAndObserveImageData(image)
-    node.SetIJKToRASMatrix(vtk_matrix(ijk_to_ras))
+    node.SetIJKToRASMatrix(vtkMatrixFromArray(ijk_to_ras))
     return node, ijk_to_ras
 
 
@@ -242,7 +235,7 @@ def parent_transform(scene, node, degrees=30.0, axis=(1, 2, 3), shift=(12.0, -7.
     m = np.eye(4)
     m[:3, :3], m[:3, 3] = rotation(axis, degrees), shift
     transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "moved")
-    transform.SetMatrixTransformToParent(vtk_matrix(m))
+    transform.SetMatrixTransformToParent(vtkMatrixFromArray(m))
     node.SetAndObserveTransformNodeID(transform.GetID())
     return m
 

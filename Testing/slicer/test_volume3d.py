@@ -10,30 +10,14 @@ import pytest
 import SimpleITK as sitk
 import vtk
 from medsapiens import InputError, Landmarks, api
-from medsapiens.io.datasets import Dataset
 from medsapiens.io.images import read_volume
 from medsapiens.io.markups import read_markups
 from MedSapiensSlicerLib import worker_client
+from slicer.util import vtkMatrixFromArray
 from MedSapiensSlicerLib.logic import WHOLE_VOLUME, MedSapiensLogic
 
 ATLAS, TARGET = "129S1_SVLMJ_", "BALB_CBYJ_"
 MRE_MM = 0.35  # one atlas: the benchmark's worst volume is 0.28 mm (README, 3D atlas detector); the issue's goal
-
-
-@pytest.fixture(scope="module")
-def mouse(data_dir):
-    path = data_dir / "mouse_ct" / "landmarks.csv"
-    if not path.is_file():
-        pytest.skip("the mouse micro-CT set is not in ../shared/data")
-    return Dataset(path)
-
-
-def vtk_matrix(m):
-    out = vtk.vtkMatrix4x4()
-    for r in range(4):
-        for c in range(4):
-            out.SetElement(r, c, m[r, c])
-    return out
 
 
 def turned(degrees=(90.0, 30.0), shift=(5.0, -7.0, 12.0)):
@@ -49,7 +33,7 @@ def turned(degrees=(90.0, 30.0), shift=(5.0, -7.0, 12.0)):
 def under(scene, node, m, name="moved"):
     """Put `node` under a new linear transform node with matrix `m` (RAS)."""
     transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", name)
-    transform.SetMatrixTransformToParent(vtk_matrix(m))
+    transform.SetMatrixTransformToParent(vtkMatrixFromArray(m))
     node.SetAndObserveTransformNodeID(transform.GetID())
     return node
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..case import Case, Landmarks
+from ..case import Case
 from ..errors import InputError, NotBetter
 from ..models import weight_files
 from ..detectors.atlas import AtlasDetector, AtlasSettings
@@ -34,7 +34,6 @@ from ..detectors.refiner import (
     KIND,
     PatchNet,
     Refiner,
-    RefinedAtlasDetector,
     RefinerConfig,
     case_checksum,
     cell_centres,
