@@ -67,7 +67,7 @@ def test_finetune_with_the_atlas_writes_an_adapter_and_its_estimate_reaches_the_
     match = SUMMARY.fullmatch(text)
     assert match, text
     assert float(match[1]) == round(est["refined_mre_mm"], 2) and float(match[2]) == round(est["atlas_mre_mm"], 2)
-    assert int(match[3]) == 3 and int(match[4]) == sum(est["use_refined"]) and int(match[5]) == 4 * FAST["steps"]
+    assert int(match[3]) == 3 and int(match[4]) == sum(est["use_refined"]) and int(match[5]) == 3 * FAST["steps"]
     assert match[6] is None  # a first training
     lines = MedSapiensLogic.adapterLandmarks(info).splitlines()  # the tooltip: per landmark
     assert len(lines) == 19

@@ -5,7 +5,7 @@ can still teach is the landmark's exact local appearance. One small encoder-deco
 (one output map per landmark), reads a grey patch centred on the atlas estimate and scores every cell of the
 patch as the landmark's position (log-probabilities). The atlas's own error (measured leave-one-case-out when
 fine-tuning) is the prior: posterior = network scores + log N(atlas estimate, sigma). Several networks (one
-per training fold, and one trained on all cases) are averaged. Per landmark the adapter keeps the atlas's answer where the held-out cases
+per training fold) are averaged. Per landmark the adapter keeps the atlas's answer where the held-out cases
 said the atlas was better.
 """
 from __future__ import annotations
@@ -127,30 +127,22 @@ def decode(log_p: torch.Tensor, cfg: RefinerConfig) -> torch.Tensor:
 
 
 class Refiner:
-    """Networks + config: `refine(image, points, present) -> points` for the landmarks in `use`.
+    """Networks (one per fold) + config: `refine(image, points, present) -> points` for the landmarks in `use`."""
 
-    nets: one per fold (each trained without its held-out cases); full: one trained on every case, which counts
-    as much as the folds together (measured better than the folds alone on held-out images: README).
-    """
-
-    def __init__(self, nets: list[PatchNet], cfg: RefinerConfig, use: np.ndarray, full: PatchNet | None = None):
+    def __init__(self, nets: list[PatchNet], cfg: RefinerConfig, use: np.ndarray):
         self.nets = [n.eval() for n in nets]
-        self.full = full.eval() if full is not None else None
         self.cfg = cfg
         self.use = np.asarray(use, bool)
 
     @torch.inference_mode()
     def log_probs(self, image: torch.Tensor, centres: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        """(B, C, C) network log-probabilities of landmarks `index` around `centres` (the folds' average, then
-        averaged with the all-cases network where there is one)."""
+        """(B, C, C) network log-probabilities (fold average) of landmarks `index` around `centres`."""
         x = standardise(sample_patches(image, patch_grid(centres, self.cfg)))
-
-        def log_p(net):
+        total = 0
+        for net in self.nets:
             out = net(x)[torch.arange(len(index)), index]
-            return torch.log_softmax(out.reshape(len(index), -1), 1).reshape(out.shape)
-
-        folds = sum(log_p(net) for net in self.nets) / len(self.nets)
-        return folds if self.full is None else (folds + log_p(self.full)) / 2
+            total = total + torch.log_softmax(out.reshape(len(index), -1), 1).reshape(out.shape)
+        return total / len(self.nets)
 
     def refine(self, image: torch.Tensor, points: np.ndarray, present: np.ndarray, use=None) -> np.ndarray:
         """Points moved by the networks (image px), for present landmarks in `use` (default self.use)."""
@@ -211,11 +203,9 @@ def load_refined_atlas(path) -> RefinedAtlasDetector:
     a["levels"] = tuple(tuple(v) for v in a["levels"])
     atlas = AtlasDetector(cases, AtlasSettings(**a))
     cfg = RefinerConfig(**meta["refiner"])
-    def network(prefix):
+    nets = []
+    for f in range(len(meta["folds"])):
         net = PatchNet(len(names), cfg.width)
-        net.load_state_dict({k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith(f"{prefix}.")})
-        return net
-
-    nets = [network(f"fold{f}") for f in range(len(meta["folds"]))]
-    full = network("full") if any(k.startswith("full.") for k in tensors) else None
-    return RefinedAtlasDetector(atlas, Refiner(nets, cfg, np.array(meta["use_refined"]), full), meta)
+        net.load_state_dict({k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith(f"fold{f}.")})
+        nets.append(net)
+    return RefinedAtlasDetector(atlas, Refiner(nets, cfg, np.array(meta["use_refined"])), meta)

@@ -8,13 +8,10 @@ Phases (each reports progress and checks cancel; nothing is written before the l
             landmarks at offsets drawn from the atlas's error, rotated, scaled and re-toned a little.
   estimate  each fold's network refines its held-out cases' atlas estimates: the adapter's error on unseen
             cases, next to the atlas's, per landmark. The adapter refines the landmarks where that was better.
-  full      one more network on all the cases, which the detector weighs as much as the folds together.
-  save      one file: the networks, the atlas cases (images and points, checksummed), the estimate.
-The estimate is measured with the fold networks, each of which never saw the cases it is scored on; the
-all-cases network learnt from one case more, so the estimate is, if anything, pessimistic (the adapter with
-it was measured better than with the folds alone, on images none of them saw: README). Re-fine-tuning with an
-adapter at `out` warm-starts each fold from a previous network that did not see the fold's held-out case,
-and the all-cases network from the previous one, with half the steps.
+  save      one file: the fold networks, the atlas cases (images and points, checksummed), the estimate.
+The detector averages the fold networks, so the estimate describes networks that are all in the adapter.
+Re-fine-tuning with an adapter at `out` warm-starts each fold from a previous network that did not see the
+fold's held-out case, with half the steps.
 """
 from __future__ import annotations
 
@@ -199,37 +196,35 @@ def finetune_on_atlas(cases: list[Case], out, *, settings: RefineSettings = Refi
         steps, budget = s.steps, s.time_budget
     phase_seconds["atlas"] = time.monotonic() - t0
 
-    # ---- train one network per fold, then one on all the cases
+    # ---- train one network per fold
     t0 = time.monotonic()
     nets, total_steps = [], 0
-    runs = [[i for i in range(len(cases)) if i not in held] for held in folds] + [list(range(len(cases)))]
-    for f, train_index in enumerate(runs):
+    for f, held in enumerate(folds):
         check()
-        last = f == len(folds)
+        train_cases = [c for i, c in enumerate(cases) if i not in held]
         torch.manual_seed(s.seed + f)
         net = PatchNet(len(names), s.width)
-        start = (previous or {}).get("full") if last else _warm(previous, {labels[i] for i in folds[f]})
+        start = _warm(previous, {labels[i] for i in held})
         if start is not None:
             net.load_state_dict(start)
-        sampler = PatchSampler([cases[i] for i in train_index], names, cfg, s, s.offset_spread * sigma)
+        sampler = PatchSampler(train_cases, names, cfg, s, s.offset_spread * sigma)
         rng = np.random.default_rng(s.seed + f)
-        run_budget = max(1.0, budget - (time.monotonic() - t0)) / (len(runs) - f)
-        train_settings = Settings(lr=s.lr, weight_decay=1e-4, steps=steps, time_budget=run_budget, warmup=0.05,
+        fold_budget = max(1.0, budget - (time.monotonic() - t0)) / (len(folds) - f)
+        train_settings = Settings(lr=s.lr, weight_decay=1e-4, steps=steps, time_budget=fold_budget, warmup=0.05,
                                   batch=s.batch, seed=s.seed)
         params = [{"params": list(net.parameters()), "weight_decay": 1e-4, "lr_scale": 1.0}]
-        t_run = time.monotonic()
+        t_fold = time.monotonic()
 
-        def run_progress(p, f=f, t_run=t_run, phase=f"train {f + 1}/{len(runs)}"):  # the last: all cases
+        def fold_progress(p, f=f, t_fold=t_fold):
             spent = time.monotonic() - t0
-            per_run = (time.monotonic() - t_run) / max(p.fraction, 1e-3)
-            left = per_run * (1 - p.fraction) + per_run * (len(runs) - f - 1)
-            report(phase, p.step, steps, p.loss, spent, left)
+            per_fold = (time.monotonic() - t_fold) / max(p.fraction, 1e-3)
+            left = per_fold * (1 - p.fraction) + per_fold * (len(folds) - f - 1)
+            report(f"train {f + 1}/{len(folds)}", p.step, steps, p.loss, spent, left)
 
         result = fit(net, params, lambda _: sampler.batch(rng), train_settings, torch.device("cpu"),
-                     progress=run_progress, cancel=cancel, loss_fn=soft_cross_entropy)
+                     progress=fold_progress, cancel=cancel, loss_fn=soft_cross_entropy)
         total_steps += result["steps"]
         nets.append(net.eval())
-    nets, full = nets[:-1], nets[-1]
     phase_seconds["train"] = time.monotonic() - t0
 
     # ---- estimate on the held-out cases
@@ -261,9 +256,8 @@ def finetune_on_atlas(cases: list[Case], out, *, settings: RefineSettings = Refi
                 "folds": [[labels[i] for i in held] for held in folds], "estimate": estimate,
                 "use_refined": estimate["use_refined"], "steps": total_steps, "steps_per_fold": steps,
                 "warm_started": previous is not None, "train_seconds": round(seconds, 1),
-                "schedule_complete": total_steps >= steps * (len(folds) + 1)}
+                "schedule_complete": total_steps >= steps * len(folds)}
         tensors = {f"fold{f}.{k}": v for f, net in enumerate(nets) for k, v in net.state_dict().items()}
-        tensors.update({f"full.{k}": v for k, v in full.state_dict().items()})
         for j, c in enumerate(cases):
             tensors[f"case{j}.image"] = grey(c).round().to(torch.uint8)
             tensors[f"case{j}.points"] = torch.from_numpy(c.landmarks.subset(names).points)
@@ -301,22 +295,20 @@ def _atlas_meta(a: AtlasSettings) -> dict:
 
 
 def _previous(out, names, s: RefineSettings) -> dict | None:
-    """The adapter at `out`, if it is an atlas-refiner for these landmarks: its networks and folds."""
+    """The adapter at `out`, if it is an atlas-refiner for these landmarks: its fold networks and folds."""
     out = Path(out)
     if not (out.is_file() and weight_files.is_weights_file(out)):
         return None
     tensors, meta = weight_files.load_weights(out)
     if meta.get("kind") != KIND or meta.get("landmark_names") != names:
         return None
-    nets, full = {}, {}
+    nets = {}
     for key, v in tensors.items():
         if key.startswith("fold"):
             f, name = key.split(".", 1)
             nets.setdefault(int(f[4:]), {})[name] = v
-        elif key.startswith("full."):
-            full[key.split(".", 1)[1]] = v
     cfg = dict(meta["refiner"], prior_sigma=0, step=0)
-    return {"config": cfg, "nets": nets, "folds": meta["folds"], "full": full or None}
+    return {"config": cfg, "nets": nets, "folds": meta["folds"]}
 
 
 def _warm(previous: dict | None, held: set[str]) -> dict | None:
