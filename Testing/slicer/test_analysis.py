@@ -12,7 +12,8 @@ from medsapiens.analysis.cephalometry import MEASURE_NAMES, analyze
 from medsapiens.detectors.atlas import AtlasDetector
 from MedSapiensSlicerLib.analysis import CSV_COLUMNS, analysisRows, writeAnalysisCSV
 from MedSapiensSlicerLib.logic import MedSapiensLogic
-from test_logic import rotation, vtk_matrix
+from slicer.util import vtkMatrixFromArray
+from test_logic import rotation
 
 
 def flat_volume(scene, directions, spacing, size=(670, 836)):
@@ -25,7 +26,7 @@ def flat_volume(scene, directions, spacing, size=(670, 836)):
     ijk_to_ras[:3, 3] = [12.0, -40.0, 7.5]
     node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "ceph")
     node.SetAndObserveImageData(image)
-    node.SetIJKToRASMatrix(vtk_matrix(ijk_to_ras))
+    node.SetIJKToRASMatrix(vtkMatrixFromArray(ijk_to_ras))
     return node
 
 

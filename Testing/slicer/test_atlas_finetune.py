@@ -126,7 +126,8 @@ def test_the_table_shows_seen_cases_and_retraining_after_add_case_warm_starts(tr
     job = logic.wait(logic.startFinetune(None, target, **FAST), timeout=600)
     assert job.error is None, job.error
     new = job.result["info"]
-    assert new["warm_started"] and new["steps_per_fold"] == FAST["steps"] // 2 and new["cases_estimated"] == 4
+    assert new["warm_started"] and new["cases_estimated"] == 4
+    assert new["steps"] <= info["steps"] // 2, "a fold more, and still at most half the first run's steps"
     assert logic.casesSeen(new) == [True] * 4
     assert SUMMARY.fullmatch(logic.adapterSummary(new))[6]  # says it continued from the previous adapter
     print(f"warm re-training on 4 cases: {time.monotonic() - t0:.1f} s ({new['steps']} steps)")

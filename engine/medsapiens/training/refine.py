@@ -11,7 +11,8 @@ Phases (each reports progress and checks cancel; nothing is written before the l
   save      one file: the fold networks, the atlas cases (images and points, checksummed), the estimate.
 The detector averages the fold networks, so the estimate describes networks that are all in the adapter.
 Re-fine-tuning with an adapter at `out` warm-starts each fold from a previous network that did not see the
-fold's held-out case, with half the steps.
+fold's held-out case, with at most half the previous run's steps in all (a case more means a fold more, so
+half the steps per fold would not do) and half the time budget.
 """
 from __future__ import annotations
 
@@ -161,7 +162,7 @@ def finetune_on_atlas(cases: list[Case], out, *, settings: RefineSettings = Refi
         raise InputError(f"two training cases share a name ({', '.join(labels)}); give each case its own")
     folds = folds_of(len(cases))
     previous = _previous(out, names, s) if warm_start else None
-    steps = s.steps if previous is None else max(1, s.steps // 2)
+    steps = s.steps if previous is None else max(1, min(s.steps // 2, previous["steps"] // (2 * len(folds))))
     budget = s.time_budget if previous is None else s.time_budget / 2
 
     def check():
@@ -308,7 +309,7 @@ def _previous(out, names, s: RefineSettings) -> dict | None:
             f, name = key.split(".", 1)
             nets.setdefault(int(f[4:]), {})[name] = v
     cfg = dict(meta["refiner"], prior_sigma=0, step=0)
-    return {"config": cfg, "nets": nets, "folds": meta["folds"]}
+    return {"config": cfg, "nets": nets, "folds": meta["folds"], "steps": int(meta["steps"])}
 
 
 def _warm(previous: dict | None, held: set[str]) -> dict | None:
