@@ -151,13 +151,14 @@ def finetune(base: str | None, cases: list[Case], out, *, progress: Progress | N
     error `out` is left as it was.
 
     base None: learn on top of the weight-free atlas of the cases (training.refine.finetune_on_atlas): a patch
-    refiner with its error estimated on held-out cases, warm-started (half the steps) from an adapter already at
+    refiner with its error estimated on held-out cases, warm-started (at most half the steps) from an adapter at
     `out` for the same landmarks; `adapter_info(out)` then says what it learned. NotBetter (an InputError, one
     line) when it was worse than the atlas on the held-out cases. settings: steps (per fold), time_budget (s),
     lr, batch, patch, width, seed (training.RefineSettings), deformable (the atlas's B-spline stage); None
     leaves the default. Runs on the CPU (`device` is not used).
     base a weight file, catalogue name or architecture name: LoRA fine-tuning (training.loops.finetune).
-    settings: time_budget (s), steps, lr, input_hw (training.Settings), views_per_case, lora_blocks.
+    settings: time_budget (s), steps, lr, input_hw (training.Settings), views_per_case, lora_blocks, min_steps,
+    head_channels (training.FinetuneSettings; the schedule on a CPU is planned: training/schedule.py).
     """
     if base is None:
         return _finetune_on_atlas(cases, out, progress, cancel, settings)
@@ -173,7 +174,8 @@ def finetune(base: str | None, cases: list[Case], out, *, progress: Progress | N
     if unknown:
         raise InputError(f"unknown fine-tune settings: {', '.join(sorted(unknown))}")
 
-    messages = {"views": "making training views", "features": "caching the frozen blocks"}
+    messages = {"plan": "timing this machine to plan the schedule", "views": "making training views",
+                "features": "caching the frozen blocks"}
 
     def report(p):
         if progress:
