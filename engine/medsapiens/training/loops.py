@@ -245,7 +245,8 @@ def finetune(base, cases: list[Case], out, *, flip_pairs=(), settings: FinetuneS
     base: a weight file or catalogue name (LoRA on its frozen backbone, as `schedule.py` plans it), or an
     architecture name from model.ARCHS (no pre-training: every weight is trained, the result is a whole model
     file). The time budget covers the whole run, reading the base included. progress(Progress) is called every
-    step (phases "plan", "views", "features" before "train"); cancel() -> True stops with Cancelled and leaves `out` as it was.
+    step (phases "plan", "views", "features" before "train"); cancel() -> True stops with Cancelled and leaves
+    `out` as it was.
     """
     names = check_cases(cases)
     s = settings.train

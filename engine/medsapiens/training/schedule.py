@@ -68,7 +68,7 @@ def choose(arch: Arch, fresh_head: bool, cases: int, views_per_case: int, batch:
     widths = [arch.head_channels] + ([w for w in HEAD_CHOICES if w < arch.head_channels]
                                      if fresh_head else [])
     candidates = []
-    for n in (depth, *[n for n in LORA_CHOICES if n < depth]):
+    for n in [n for n in LORA_CHOICES if n < depth]:  # the recipe (every block) did not fit even half way
         lora_step = 3 * batch * n * costs.block_forward
         if min_steps * lora_step > SHARE_FOR_STEPS * budget and n > 0:
             continue  # too slow whatever the head (whose step is only measured where it may matter)
