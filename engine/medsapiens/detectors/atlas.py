@@ -224,18 +224,28 @@ class AtlasDetector:
         with np.errstate(invalid="ignore"):
             inside = ((stack >= -0.5) & (stack <= np.array(case.image.shape[1::-1]) - 0.5)).all(axis=2)
         scores[~inside] = -np.inf  # a vote off the image is no vote
-        present = np.isfinite(scores).any(axis=0)
-        points = np.full((len(self.names), 2), np.nan)
-        confidence = np.zeros(len(self.names))
-        sigma_px = s.spread_mm / np.mean(case.spacing)
-        for k in np.flatnonzero(present):
-            weights = np.exp((scores[:, k] - scores[:, k].max()) / s.fusion_ncc)  # 0 for no vote
-            valid = weights > 0
-            weights, k_votes = weights[valid] / weights[valid].sum(), stack[valid, k]
-            points[k] = weights @ k_votes
-            if len(k_votes) > 1:
-                spread = np.sqrt(weights @ ((k_votes - points[k]) ** 2).sum(axis=1))
-                confidence[k] = float(np.exp(-0.5 * (spread / sigma_px) ** 2))
-            else:
-                confidence[k] = 0.5  # one atlas: no agreement to measure
+        points, confidence, present, _ = fuse_votes(stack, scores, s.fusion_ncc, s.spread_mm / np.mean(case.spacing))
         return Landmarks(self.names, points, confidence, present)
+
+
+def fuse_votes(stack: np.ndarray, scores: np.ndarray, fusion_ncc: float, sigma: float):
+    """The atlases' votes (atlases x K x D, local NCC atlases x K, -inf for no vote) -> per landmark the
+    NCC-weighted mean, weight exp((NCC - best) / fusion_ncc); confidence exp(-(spread / sigma)^2 / 2) from the
+    votes' weighted spread (sigma in the votes' units), 0.5 for a single vote; present; spread (NaN for one vote).
+    The 2D and 3D atlases share it."""
+    _, k_count, dim = stack.shape
+    present = np.isfinite(scores).any(axis=0)
+    points = np.full((k_count, dim), np.nan)
+    confidence = np.zeros(k_count)
+    spread = np.full(k_count, np.nan)
+    for k in np.flatnonzero(present):
+        weights = np.exp((scores[:, k] - scores[:, k].max()) / fusion_ncc)  # 0 for no vote
+        valid = weights > 0
+        weights, k_votes = weights[valid] / weights[valid].sum(), stack[valid, k]
+        points[k] = weights @ k_votes
+        if len(k_votes) > 1:
+            spread[k] = np.sqrt(weights @ ((k_votes - points[k]) ** 2).sum(axis=1))
+            confidence[k] = float(np.exp(-0.5 * (spread[k] / sigma) ** 2))
+        else:
+            confidence[k] = 0.5  # one atlas: no agreement to measure
+    return points, confidence, present, spread

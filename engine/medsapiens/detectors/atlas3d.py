@@ -26,7 +26,7 @@ import torch
 
 from ..case import Landmarks, Volume
 from ..errors import InputError
-from .atlas import atlas_names
+from .atlas import atlas_names, fuse_votes
 from .ncc_align import align_windows, ncc, sample
 
 
@@ -309,20 +309,8 @@ def fuse(votes: list, target: Volume, names: list[str], s: Atlas3DSettings) -> L
     scores = np.stack([v[1] for v in votes])  # (atlases, K)
     inside = np.stack([target.contains(p) for p in stack])
     scores = np.where(inside, scores, -np.inf)  # a vote out of the volume is no vote
-    present = np.isfinite(scores).any(axis=0)
-    points = np.full((len(names), 3), np.nan)
-    confidence = np.zeros(len(names))
-    for k in np.flatnonzero(present):
-        weights = np.exp((scores[:, k] - scores[:, k].max()) / s.fusion_ncc)  # 0 for no vote
-        valid = weights > 0
-        weights, k_votes = weights[valid] / weights[valid].sum(), stack[valid, k]
-        points[k] = weights @ k_votes
-        if len(k_votes) > 1:
-            spread = np.sqrt(weights @ ((k_votes - points[k]) ** 2).sum(axis=1))
-            confidence[k] = float(np.exp(-0.5 * (spread / s.spread_mm) ** 2))
-            present[k] = spread <= s.disagree_mm
-        else:
-            confidence[k] = 0.5  # one atlas: no agreement to measure
+    points, confidence, present, spread = fuse_votes(stack, scores, s.fusion_ncc, s.spread_mm)
+    present &= ~(spread > s.disagree_mm)  # votes that disagree: missing (a single vote has no spread)
     points[~present] = np.nan
     confidence[~present] = 0.0
     return Landmarks(names, points, confidence, present)
