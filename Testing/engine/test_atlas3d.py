@@ -211,12 +211,18 @@ def test_2d_and_3d_cannot_be_mixed(tmp_path, mouse, ceph, capsys):
     assert not (tmp_path / "a.safetensors").exists()
 
 
-def test_cli_detects_on_volumes_and_writes_markups_and_csv(tmp_path, mouse, capsys):
+def atlas_folder(tmp_path, mouse) -> tuple:
+    """A folder holding one atlas case as a volume + .mrk.json pair (volume 0 of the set, halved)."""
     folder = tmp_path / "atlas"
     folder.mkdir()
     a = halved(mouse, 0)
     sitk.WriteImage(to_image(a), str(folder / f"{a.name}.nii.gz"))
     write_markups(folder / f"{a.name}.mrk.json", a.landmarks, a)
+    return folder, a
+
+
+def test_cli_detects_on_volumes_and_writes_markups_and_csv(tmp_path, mouse, capsys):
+    folder, a = atlas_folder(tmp_path, mouse)
     t = halved(mouse, 4)
     volume_path = tmp_path / f"{t.name}.nrrd"
     sitk.WriteImage(to_image(t), str(volume_path))
@@ -237,11 +243,7 @@ def test_cli_detects_on_volumes_and_writes_markups_and_csv(tmp_path, mouse, caps
 
 
 def test_cli_evaluates_a_volume_atlas_on_a_3d_set(tmp_path, mouse, capsys):
-    folder = tmp_path / "atlas"
-    folder.mkdir()
-    a = halved(mouse, 0)
-    sitk.WriteImage(to_image(a), str(folder / f"{a.name}.nii.gz"))
-    write_markups(folder / f"{a.name}.mrk.json", a.landmarks, a)
+    folder, _ = atlas_folder(tmp_path, mouse)
     t = halved(mouse, 5)
     sitk.WriteImage(to_image(t), str(tmp_path / f"{t.name}.mha"))
     (tmp_path / "landmarks.csv").write_text(volume_landmarks_csv([(f"{t.name}.mha", t.landmarks)]))

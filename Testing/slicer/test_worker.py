@@ -5,6 +5,7 @@ import os
 import shutil
 import signal
 import time
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -102,7 +103,10 @@ def test_cancel_is_answered_within_2_s_and_keeps_the_previous_adapter(annotated,
         assert engine_worker.running and engine_worker.pid == pid, "the worker stopped by itself, it was not killed"
 
 
-def test_a_crashed_worker_is_reported_in_one_line_and_restarted(scene, ceph, micro_file, tmp_path):
+@contextmanager
+def endless_finetune(scene, ceph, micro_file, tmp_path):
+    """(worker, logic, job): a logic with a worker of its own, running a fine-tune that would not end by itself,
+    once it reports progress; the logic is shut down on leaving."""
     worker = EngineWorker()
     logic = MedSapiensLogic(scene, worker)
     try:
@@ -112,6 +116,13 @@ def test_a_crashed_worker_is_reported_in_one_line_and_restarted(scene, ceph, mic
             assert not job.done, job.error
             time.sleep(0.05)
             logic.poll()
+        yield worker, logic, job
+    finally:
+        logic.shutdown()
+
+
+def test_a_crashed_worker_is_reported_in_one_line_and_restarted(scene, ceph, micro_file, tmp_path):
+    with endless_finetune(scene, ceph, micro_file, tmp_path) as (worker, logic, job):
         crashed = worker.pid
         os.kill(crashed, signal.SIGKILL)
         logic.wait(job, timeout=30)
@@ -120,26 +131,15 @@ def test_a_crashed_worker_is_reported_in_one_line_and_restarted(scene, ceph, mic
         again = logic.wait(logic.startDetect(volume, model=str(micro_file), device="cpu"), timeout=300)
         assert again.error is None and worker.pid != crashed
         assert logic.finishDetect(again).GetNumberOfControlPoints() == 19
-    finally:
         folder = worker.folder
-        logic.shutdown()
     assert not worker.running and not folder.exists()
 
 
 def test_a_worker_that_does_not_answer_cancel_is_stopped(scene, ceph, micro_file, tmp_path):
-    worker = EngineWorker()
-    logic = MedSapiensLogic(scene, worker)
-    try:
-        logic.addCase(*ceph_volume(scene, ceph, 0, tmp_path))
-        job = logic.startFinetune(micro_file, tmp_path / "a.safetensors", steps=100000, **SHORT)
-        while not job.message:
-            time.sleep(0.05)
-            logic.poll()
+    with endless_finetune(scene, ceph, micro_file, tmp_path) as (worker, logic, job):
         os.kill(worker.pid, signal.SIGSTOP)  # hangs: reads no cancel, sends nothing
         t0 = time.monotonic()
         logic.cancel(job)
         logic.wait(job, timeout=30)
         assert job.cancelled and time.monotonic() - t0 < worker_client.CANCEL_GRACE + 1.0
         assert not worker.running
-    finally:
-        logic.shutdown()
