@@ -55,6 +55,7 @@ class MedSapiensSlicerParameterNode:
     view: Annotated[str, Choice([WHOLE_IMAGE, WHOLE_VOLUME, "Red", "Green", "Yellow"])] = WHOLE_IMAGE
     model: str = ATLAS      # a catalogue name, LOCAL_FILE or ATLAS (set from the model box by the widget)
     atlasDeformable: bool = False
+    learnUnannotated: bool = True  # fine-tuning on the atlas also learns from the scene's other 2D images
     atlasAdapter: str = ""      # the adapter last fine-tuned on the atlas (set by Fine-tune)
     useAtlasAdapter: bool = True  # Detect with the atlas uses atlasAdapter (off: the plain atlas of the table)
     modelFile: str = ""
@@ -63,7 +64,7 @@ class MedSapiensSlicerParameterNode:
     precision: Annotated[str, Choice(["auto", "fp32", "bf16"])] = "auto"
     outputMarkups: vtkMRMLMarkupsFiducialNode
     trainingMarkups: vtkMRMLMarkupsFiducialNode
-    timeBudget: Annotated[float, WithinRange(30, 3600)] = 300
+    timeBudget: Annotated[float, WithinRange(30, 3600)] = 540  # s, the whole fine-tune
     adapterName: str = "my-task"
 
 
@@ -190,9 +191,11 @@ class MedSapiensSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._updateAtlasOptions()
 
     def _updateAtlasOptions(self) -> None:
-        """The B-spline stage and the fine-tuned adapter are options of the 2D atlas only."""
+        """The B-spline stage, the fine-tuned adapter and learning from unannotated images are options of the 2D
+        atlas only."""
         atlas2D = (self.ui.modelComboBox.currentText == ATLAS and self.ui.viewComboBox.currentText != WHOLE_VOLUME)
         self.ui.atlasDeformableCheckBox.enabled = atlas2D
+        self.ui.learnUnannotatedCheckBox.enabled = atlas2D
         self._showAdapter()
 
     def _set(self, name: str, value: str) -> None:
@@ -226,8 +229,9 @@ class MedSapiensSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             p = self._parameterNode
             if p.model == ATLAS:  # a refiner on top of the atlas of the table's cases
                 out = self.logic.adapterPath(p.adapterName, atlas=True)
+                unannotated = self.logic.unannotatedImages() if p.learnUnannotated else []
                 job = self.logic.startFinetune(None, out, time_budget=float(p.timeBudget),
-                                               deformable=p.atlasDeformable)
+                                               deformable=p.atlasDeformable, unannotated=unannotated)
             else:  # LoRA on the chosen model
                 base = self.logic.detectOptions(p)["model"]
                 if not self.logic.confirmDownload(base):

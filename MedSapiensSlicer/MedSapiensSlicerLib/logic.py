@@ -292,11 +292,28 @@ class MedSapiensLogic:
         self._removeFiles(job)
         return self.writeLandmarks(found, job.context["geometry"], job.context["name"], job.context["source"])
 
-    def startFinetune(self, base, out, device="auto", **settings):
+    def unannotatedImages(self) -> list:
+        """The scene's other 2D images (single-slice volumes, not label maps, not in the case table) as engine
+        cases, when every case of the table is a whole 2D image: fine-tuning on the atlas labels them with the
+        atlas and learns from them too."""
+        if not self.cases or any(row.plane != WHOLE_IMAGE for row in self.cases):
+            return []
+        in_table = {row.volumeID for row in self.cases}
+        images = []
+        for node in self.scene.GetNodesByClass("vtkMRMLScalarVolumeNode"):
+            data = node.GetImageData()
+            if (node.GetID() in in_table or node.IsA("vtkMRMLLabelMapVolumeNode") or data is None
+                    or data.GetDimensions()[2] != 1):
+                continue
+            images.append(self.caseFromVolume2D(node)[0])
+        return images
+
+    def startFinetune(self, base, out, device="auto", unannotated=(), **settings):
         """Train an adapter on the table's cases in the engine worker; the Job's result names the adapter file.
 
         base None: on the weight-free atlas of the cases (a patch refiner; settings: time_budget (s), steps,
-        deformable, lr, ...). The result's "info" is api.adapter_info of the new adapter (its held-out estimate,
+        deformable, lr, ...), which also learns from `unannotated` images (engine cases, e.g. unannotatedImages())
+        as the atlas labels them. The result's "info" is api.adapter_info of the new adapter (its held-out estimate,
         the cases it has seen); an adapter already at `out` for the same landmarks is the warm start (half the
         steps); a refiner worse than the atlas on held-out cases ends as a one-line error and writes nothing.
         base a model: LoRA on it (settings: time_budget (s), steps, views_per_case, lora_blocks, lr).
@@ -309,8 +326,10 @@ class MedSapiensLogic:
         if isinstance(cases[0], Volume):
             raise InputError("fine-tuning learns from 2D cases; whole volumes (3D) are detected by the atlas of the "
                              "table's volumes as they are")
-        files = self._writeCases(cases)
-        return self._worker().submit("finetune", {"files": files}, cases=files,
+        if unannotated and base is not None:
+            raise InputError("unannotated images are for fine-tuning on the atlas, not on a model")
+        files, extra = self._writeCases(cases), self._writeCases(unannotated)
+        return self._worker().submit("finetune", {"files": files + extra}, cases=files, unannotated=extra,
                                      base=None if base is None else str(base), out=str(out), device=device,
                                      settings=settings)
 
@@ -345,16 +364,18 @@ class MedSapiensLogic:
     def adapterSummary(info) -> str:
         """The estimate as the panel shows it, only figures measured on held-out cases: the refiner's error and
         the atlas's, the method and number of cases, and how many landmarks the detector refines (elsewhere it
-        keeps the atlas's answer: the held-out cases favoured the atlas there; that choice was made on the same
-        cases, so no error is claimed for the mix)."""
+        keeps the atlas's answer: the atlas won on almost every held-out case there; that choice was made on the
+        same cases, so no error is claimed for the mix)."""
         if not info:
             return ""
         mm = lambda v: "n/a" if v is None else f"{v:.2f} mm"  # noqa: E731
         warm = ", continued from the previous adapter" if info.get("warm_started") else ""
+        more = info.get("unannotated_images", 0)
+        more = f", also on {more} unannotated images labelled by the atlas" if more else ""
         return (f"Expected error on unseen cases: adapter {mm(info['adapter_mre_mm'])}, atlas "
                 f"{mm(info['atlas_mre_mm'])} ({info['method']}, {info['cases_estimated']} cases); refined landmarks: "
                 f"{len(info['refined_landmarks'])} of {len(info['landmark_names'])}. Trained {info['steps']} steps in "
-                f"{info['train_seconds']:.0f} s{warm}.")
+                f"{info['train_seconds']:.0f} s{more}{warm}.")
 
     @staticmethod
     def adapterLandmarks(info) -> str:

@@ -64,6 +64,20 @@ def test_no_training_time_is_refused(tmp_path, ceph, capsys):
     assert one_line(capsys) == "medsapiens: error: --time-budget -5: must be more than 0"
 
 
+def test_unannotated_images_with_a_base_missing_or_none_are_refused(tmp_path, ceph, capsys):
+    args = ["finetune", "--data", str(ceph.path), "--cases", "001,002", "--out", str(tmp_path / "a.safetensors")]
+    assert main([*args, "--base", "tiny", "--unannotated", str(ceph.root / ceph.rows[3].image)]) == 2
+    assert one_line(capsys) == "medsapiens: error: --unannotated is for fine-tuning on the atlas (without --base)"
+    assert main([*args, "--unannotated", str(tmp_path / "gone")]) == 2
+    assert one_line(capsys) == f"medsapiens: error: {tmp_path / 'gone'}: no such image file or folder"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("not an image")
+    assert main([*args, "--unannotated", str(empty)]) == 2
+    assert one_line(capsys) == f"medsapiens: error: --unannotated {empty}: no image files there"
+    assert not (tmp_path / "a.safetensors").exists()
+
+
 def test_training_loop_refuses_a_zero_budget(ceph):
     from medsapiens.training.loops import Settings, train
 

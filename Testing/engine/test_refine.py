@@ -1,11 +1,13 @@
 """Fine-tuning on top of the atlas: real patch training on real cephalograms, the held-out estimate, the file
-that carries its atlas (detect --adapter alone), warm start, cancel in every phase, the worse-than-atlas line."""
+that carries its atlas (detect --adapter alone), unannotated images labelled per fold by the atlas, warm start,
+cancel in every phase, the worse-than-atlas line."""
 import re
 from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
+from medsapiens import InputError, Volume
 from medsapiens.cli import main
 from medsapiens.detectors.factory import load_detector
 from medsapiens.detectors.refiner import (
@@ -21,9 +23,11 @@ from medsapiens.training.refine import (
     NotBetter,
     PatchSampler,
     RefineSettings,
+    _estimate,
     _warm,
     finetune_on_atlas,
     folds_of,
+    pseudo_labels,
 )
 
 # small and quick: two cases (two folds, one-atlas leave-one-out), a 32-sample patch, few steps
@@ -57,7 +61,7 @@ def test_patch_refiner_learns_a_landmark_from_real_patches(ceph):
     from medsapiens.training.refine import soft_cross_entropy
 
     for _ in range(120):
-        x, t, k = sampler.batch(rng)
+        x, t, k = sampler.batch(rng, 16)
         loss = soft_cross_entropy(net(x), t, k)
         opt.zero_grad()
         loss.backward()
@@ -104,7 +108,6 @@ def test_detect_with_the_adapter_alone(adapter, ceph, tmp_path, capsys):
 
 
 def test_damaged_atlas_case_is_refused(adapter, tmp_path):
-    from medsapiens.errors import InputError
     from medsapiens.models.weight_files import save_weights
 
     out, _ = adapter
@@ -118,7 +121,6 @@ def test_damaged_atlas_case_is_refused(adapter, tmp_path):
 
 
 def test_adapter_from_another_version_is_refused_in_one_line(adapter, tmp_path):
-    from medsapiens.errors import InputError
     from medsapiens.models.weight_files import save_weights
 
     tensors, meta = load_weights(adapter[0])
@@ -150,6 +152,49 @@ def test_warm_start_continues_from_the_adapter_with_half_the_steps(adapter, two_
     assert load_weights(again)[1]["warm_started"] and result.steps == 3 * 5 <= 2 * QUICK.steps // 2
 
 
+def test_each_fold_learns_from_unannotated_images_as_labelled_by_its_own_training_cases(ceph, tmp_path):
+    """Three cases, two unannotated images (one of them a case's image again, which is dropped): every fold's
+    pseudo-labels are what the atlas of that fold's training cases alone detects, so the held-out case stays
+    unseen; the adapter records the images it learned from, and the run its pseudo-label phase."""
+    cases = [ceph.case(i) for i in range(3)]
+    image = replace(ceph.case(4), landmarks=None)
+    again = replace(cases[1], landmarks=None, name="a case's image again")
+    seen = []
+    out = tmp_path / "task.safetensors"
+    result = finetune_on_atlas(cases, out, unannotated=[image, again], settings=replace(QUICK, steps=4),
+                               progress=lambda p: seen.append((p.phase, p.step, p.total)), keep_worse=True)
+    assert [s for s in seen if s[0] == "pseudo-labels"] == [("pseudo-labels", 1, 1)]
+    assert list(result.phase_seconds) == ["atlas", "pseudo-labels", "train", "estimate", "save"]
+    assert load_weights(out)[1]["unannotated_images"] == 1
+    from medsapiens.detectors.atlas import AtlasDetector
+
+    atlas = AtlasDetector(cases)
+    votes = [atlas.votes(image)]
+    names = cases[0].landmarks.names
+    for keep in ([1, 2], [0, 2]):
+        (labelled,) = pseudo_labels(atlas, [image], votes, keep, names)
+        alone = AtlasDetector([cases[i] for i in keep]).detect(image)
+        assert labelled.landmarks.present.sum() >= len(names) - 1
+        ok = labelled.landmarks.present
+        # the same registrations run again: ITK's threaded metric may move a point a little, not more
+        assert np.median(np.linalg.norm(labelled.landmarks.points[ok] - alone.points[ok], axis=1)) < 0.5
+    with pytest.raises(InputError, match="a 3D volume"):
+        finetune_on_atlas(cases, out, unannotated=[Volume(np.zeros((4, 4, 4)), np.eye(4), name="ct")])
+
+
+def test_the_atlas_keeps_only_landmarks_where_the_refiner_lost_on_every_held_out_case():
+    """Three held-out cases, three landmarks (mm errors): the refiner lost on all three cases (atlas kept); lost
+    badly once but won twice (refined, though its mean is worse); won everywhere (refined)."""
+    atlas = np.array([[1.0, 1.0, 2.0], [1.0, 1.0, 2.0], [1.0, 1.0, 2.0]])
+    refined = np.array([[1.2, 5.0, 1.0], [1.1, 0.8, 1.0], [1.3, 0.8, 1.0]])
+    truth = np.zeros((3, 3, 2))
+    as_points = lambda e: np.stack([e, np.zeros_like(e)], -1)  # noqa: E731 - errors along x
+    est = _estimate(["a", "b", "c"], ["1", "2", "3"], [[0], [1], [2]], as_points(atlas), as_points(refined), truth,
+                    np.ones((3, 1, 2)))
+    assert est["use_refined"] == [False, True, True]
+    assert est["per_landmark"]["b"] == {"atlas_mm": 1.0, "refined_mm": 2.2}
+
+
 def test_warm_start_never_uses_a_network_that_saw_the_held_out_case():
     previous = {"folds": [["001"], ["002"], ["003"]], "nets": {0: "a", 1: "b", 2: "c"}}
     assert _warm(previous, {"002"}) == "b"  # fold 1 was trained on 001 and 003 only
@@ -159,8 +204,8 @@ def test_warm_start_never_uses_a_network_that_saw_the_held_out_case():
     assert folds_of(3) == [[0], [1], [2]] and folds_of(7) == [[0, 5], [1, 6], [2], [3], [4]]
 
 
-@pytest.mark.parametrize("phase", ["atlas", "train", "estimate", "save"])
-def test_cancel_in_each_phase_leaves_the_previous_adapter_byte_identical(adapter, two_cases, tmp_path, phase):
+@pytest.mark.parametrize("phase", ["atlas", "pseudo-labels", "train", "estimate", "save"])
+def test_cancel_in_each_phase_leaves_the_previous_adapter_byte_identical(adapter, two_cases, ceph, tmp_path, phase):
     out, _ = adapter
     target = tmp_path / "task.safetensors"
     target.write_bytes(out.read_bytes())
@@ -168,8 +213,10 @@ def test_cancel_in_each_phase_leaves_the_previous_adapter_byte_identical(adapter
     seen = []
     progress = lambda p: seen.append(p.phase)  # noqa: E731
     cancel = lambda: bool(seen) and seen[-1].startswith(phase)  # noqa: E731
+    unannotated = [replace(ceph.case(3), landmarks=None)] if phase == "pseudo-labels" else []
     with pytest.raises(Cancelled):
-        finetune_on_atlas(two_cases, target, settings=QUICK, progress=progress, cancel=cancel, keep_worse=True)
+        finetune_on_atlas(two_cases, target, unannotated=unannotated, settings=QUICK, progress=progress,
+                          cancel=cancel, keep_worse=True)
     assert seen[-1].startswith(phase)
     assert target.read_bytes() == original
     assert [p.name for p in tmp_path.iterdir()] == ["task.safetensors"]  # no temporary file left
@@ -205,3 +252,19 @@ def test_cli_finetune_prints_one_summary_line(data_dir, tmp_path, capsys):
     assert len(out) == 1
     assert re.fullmatch(rf"{re.escape(str(target))}  16 steps  [0-9.]+ s  atlas [0-9.]+ s, train [0-9.]+ s, "
                         r"estimate [0-9.]+ s, save [0-9.]+ s", out[0]), out[0]
+
+
+def test_cli_finetune_learns_from_unannotated_images_too(data_dir, ceph, tmp_path, capsys):
+    """--unannotated takes files and folders (their image files): the atlas labels them, a phase of its own."""
+    folder = tmp_path / "more"
+    folder.mkdir()
+    (folder / "004.png").write_bytes((ceph.root / ceph.rows[3].image).read_bytes())
+    (folder / "notes.txt").write_text("not an image")
+    target = tmp_path / "task.safetensors"
+    assert main(["finetune", "--data", str(data_dir / "ceph_hamedan" / "landmarks.csv"), "--cases", "001,002",
+                 "--out", str(target), "--steps", "4", "--keep-worse",
+                 "--unannotated", str(folder), str(ceph.root / ceph.rows[4].image)]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert re.fullmatch(rf"{re.escape(str(target))}  8 steps  [0-9.]+ s  atlas [0-9.]+ s, pseudo-labels [0-9.]+ s, "
+                        r"train [0-9.]+ s, estimate [0-9.]+ s, save [0-9.]+ s", out[0]), out
+    assert load_weights(target)[1]["unannotated_images"] == 2

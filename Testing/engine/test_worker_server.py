@@ -133,6 +133,29 @@ def test_a_model_rewritten_in_place_is_loaded_again(tmp_path, micro_file, ceph):
 def test_api_finetune_refuses_unknown_settings(micro_file, ceph, tmp_path):
     with pytest.raises(api.InputError, match="unknown fine-tune settings: colour"):
         api.finetune(str(micro_file), [ceph.case(0)], tmp_path / "a.safetensors", colour="red")
+    with pytest.raises(api.InputError, match="unannotated images are for fine-tuning on the atlas"):
+        api.finetune(str(micro_file), [ceph.case(0)], tmp_path / "a.safetensors", unannotated=[ceph.case(1)])
+
+
+def test_api_finetune_on_the_atlas_says_when_it_labels_the_unannotated_images(ceph, tmp_path):
+    """The progress an application shows: the leave-one-out atlas, then each unannotated image, then training,
+    in a bar that only moves forward (cancelled once training starts: nothing written)."""
+    seen = []
+    cancel = lambda: bool(seen) and seen[-1][1].startswith("training")  # noqa: E731
+    with pytest.raises(api.Cancelled):
+        api.finetune(None, [ceph.case(0), ceph.case(1)], tmp_path / "a.safetensors",
+                     unannotated=[ceph.case(3), ceph.case(4)], progress=lambda f, m: seen.append((f, m)),
+                     cancel=cancel, steps=4, batch=16, patch=32, width=8)
+    messages = [m for _, m in seen]
+    labelling = [m for m in messages if m.startswith("atlas labelling")]
+    assert labelling[0].startswith("atlas labelling the unannotated images: 1 of 2, about ")  # s left
+    assert labelling[-1] == "atlas labelling the unannotated images: 2 of 2"
+    order = [m.split(":")[0] for m in messages]
+    assert order.index("atlas of the other cases") < order.index("atlas labelling the unannotated images") < \
+        next(i for i, m in enumerate(order) if m.startswith("training"))
+    fractions = [f for f, _ in seen]
+    assert fractions == sorted(fractions) and 0.1 < fractions[-1] < 0.5
+    assert not (tmp_path / "a.safetensors").exists()
 
 
 @pytest.fixture(scope="module")

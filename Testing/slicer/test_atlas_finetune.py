@@ -1,14 +1,17 @@
 """Fine-tune with the atlas chosen, as the panel runs it: the module logic on a real MRML scene, the real worker
 process, real cephalograms loaded by Slicer's volume reader. The adapter lands in api.adapters_dir(), Detect
 then uses it alone (atlas + refiner, its atlas cases inside), the held-out estimate reaches the logic and its
-panel text, the case table knows which cases the adapter has seen, re-training after "Add case" warm-starts,
-Cancel in the atlas phase and in training and a refiner worse than the atlas both leave the previous adapter
-byte for byte as it was."""
+panel text, the scene's other 2D images are labelled by the atlas and learned from, the case table knows which
+cases the adapter has seen, re-training after "Add case" warm-starts, Cancel in the atlas phase, while labelling
+the other images and in training and a refiner worse than the atlas all leave the previous adapter byte for byte
+as it was."""
 import re
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
+import vtk
 from medsapiens import api
 from medsapiens.detectors.factory import load_detector
 from medsapiens.models.weight_files import load_weights
@@ -20,7 +23,8 @@ from test_worker import ceph_volume
 FAST = {"steps": 150, "batch": 16, "patch": 32, "width": 8}
 SUMMARY = re.compile(r"Expected error on unseen cases: adapter (\d+\.\d\d) mm, atlas (\d+\.\d\d) mm "
                      r"\(leave-one-case-out, (\d+) cases\); refined landmarks: (\d+) of 19\. Trained (\d+) steps in "
-                     r"\d+ s(, continued from the previous adapter)?\.")
+                     r"\d+ s(, also on (\d+) unannotated images labelled by the atlas)?"
+                     r"(, continued from the previous adapter)?\.")
 
 
 def table(scene, ceph, folder, worker, rows=(0, 1, 2)):
@@ -44,15 +48,18 @@ def engine_worker():
 
 @pytest.fixture(scope="module")
 def trained(module_scene, ceph, tmp_path_factory, engine_worker):
-    """An adapter fine-tuned on the atlas of 3 annotated cephalograms through the logic (written where the panel
-    writes it, under a temporary MEDSAPIENS_CACHE): (path, its bytes, the finished job)."""
+    """An adapter fine-tuned on the atlas of 3 annotated cephalograms and one more open image through the logic
+    (written where the panel writes it, under a temporary MEDSAPIENS_CACHE): (path, its bytes, the finished job)."""
     folder = tmp_path_factory.mktemp("atlas-finetune")
     logic = table(module_scene, ceph, folder, engine_worker)
+    ceph_volume(module_scene, ceph, 20, folder, annotated=False)
+    unannotated = logic.unannotatedImages()
+    assert [c.name for c in unannotated] == ["ceph020"]
     with pytest.MonkeyPatch.context() as m:
         m.setenv("MEDSAPIENS_CACHE", str(folder / "cache" / "models"))
         out = logic.adapterPath("ceph task", atlas=True)
         assert out.parent == api.adapters_dir()
-    job = logic.wait(logic.startFinetune(None, out, **FAST), timeout=600)
+    job = logic.wait(logic.startFinetune(None, out, unannotated=unannotated, **FAST), timeout=600)
     assert job.error is None and job.result["adapter"] == str(out)
     return out, out.read_bytes(), job
 
@@ -68,7 +75,8 @@ def test_finetune_with_the_atlas_writes_an_adapter_and_its_estimate_reaches_the_
     assert match, text
     assert float(match[1]) == round(est["refined_mre_mm"], 2) and float(match[2]) == round(est["atlas_mre_mm"], 2)
     assert int(match[3]) == 3 and int(match[4]) == sum(est["use_refined"]) and int(match[5]) == 3 * FAST["steps"]
-    assert match[6] is None  # a first training
+    assert match[7] == "1" and info["unannotated_images"] == 1  # the open image the atlas labelled
+    assert match[8] is None  # a first training
     lines = MedSapiensLogic.adapterLandmarks(info).splitlines()  # the tooltip: per landmark
     assert len(lines) == 19
     for line, (name, e), use in zip(lines, est["per_landmark"].items(), est["use_refined"]):
@@ -129,17 +137,21 @@ def test_the_table_shows_seen_cases_and_retraining_after_add_case_warm_starts(tr
     assert new["warm_started"] and new["cases_estimated"] == 4
     assert new["steps"] <= info["steps"] // 2, "a fold more, and still at most half the first run's steps"
     assert logic.casesSeen(new) == [True] * 4
-    assert SUMMARY.fullmatch(logic.adapterSummary(new))[6]  # says it continued from the previous adapter
+    assert SUMMARY.fullmatch(logic.adapterSummary(new))[8]  # says it continued from the previous adapter
     print(f"warm re-training on 4 cases: {time.monotonic() - t0:.1f} s ({new['steps']} steps)")
 
 
-@pytest.mark.parametrize("phase", ["atlas of the other cases", "training network"])
+@pytest.mark.parametrize("phase", ["atlas of the other cases", "atlas labelling the unannotated images",
+                                   "training network"])
 def test_cancel_keeps_the_previous_adapter_byte_identical(trained, scene, ceph, tmp_path, engine_worker, phase):
     out, original, _ = trained
     target = tmp_path / out.name
     target.write_bytes(original)
     logic = table(scene, ceph, tmp_path, engine_worker)
-    job = logic.startFinetune(None, target, **{**FAST, "steps": 100000})
+    if phase.startswith("atlas labelling"):
+        for i in (20, 21):
+            ceph_volume(scene, ceph, i, tmp_path, annotated=False)
+    job = logic.startFinetune(None, target, unannotated=logic.unannotatedImages(), **{**FAST, "steps": 100000})
     deadline = time.monotonic() + 300
     while not job.message.startswith(phase):
         assert not job.done and time.monotonic() < deadline, job.error
@@ -169,3 +181,23 @@ def test_a_refiner_worse_than_the_atlas_is_one_line_and_the_previous_adapter_sta
                         r"the previous detector is kept", job.error), job.error
     assert target.read_bytes() == original
     assert logic.adapterInfo(target) == {**MedSapiensLogic.adapterInfo(out), "path": str(target)}
+
+
+def test_the_other_open_2d_images_are_the_unannotated_ones(scene, ceph, tmp_path):
+    """Not the table's own images, not label maps, not 3D volumes; and none when the table holds slices of a
+    volume (the open 2D images may be another task)."""
+    logic = table(scene, ceph, tmp_path, None, rows=(0, 1))
+    other, _ = ceph_volume(scene, ceph, 20, tmp_path, annotated=False)
+    labels = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "labels")
+    labels.SetAndObserveImageData(other.GetImageData())
+    volume = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "ct")
+    data = vtk.vtkImageData()
+    data.SetDimensions(8, 8, 8)
+    data.AllocateScalars(vtk.VTK_SHORT, 1)
+    volume.SetAndObserveImageData(data)
+    images = logic.unannotatedImages()
+    assert [c.name for c in images] == ["ceph020"]
+    case, _ = logic.caseFromVolume2D(other)
+    assert np.array_equal(images[0].image, case.image) and np.allclose(images[0].pixel_to_lps, case.pixel_to_lps)
+    logic.cases[1] = replace(logic.cases[1], plane="Red: axial slice")
+    assert logic.unannotatedImages() == []

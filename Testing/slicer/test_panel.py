@@ -51,12 +51,15 @@ def test_widget_kinds_fit_their_use(panel):
              "progressBar": QProgressBar, "casesTable": QTableWidget, "timeBudgetSpinBox": QDoubleSpinBox,
              "viewComboBox": QComboBox, "modelComboBox": QComboBox, "adapterNameLineEdit": QLineEdit,
              "inputVolumeSelector": QComboBox, "modelPathLineEdit": QLineEdit,
-             "useAtlasAdapterCheckBox": QCheckBox, "adapterEstimateLabel": QLabel}
+             "useAtlasAdapterCheckBox": QCheckBox, "adapterEstimateLabel": QLabel,
+             "learnUnannotatedCheckBox": QCheckBox}
     for name, kind in kinds.items():
         assert isinstance(w[name], kind), name
     assert views_of(panel) == ["Whole 2D image", "Whole volume (3D)", "Red", "Green", "Yellow"]
     assert not w["cancelButton"].isEnabled(), "Cancel is enabled only while work runs"
     assert not w["useAtlasAdapterCheckBox"].isEnabled(), "enabled once there is an adapter fine-tuned on the atlas"
+    assert w["learnUnannotatedCheckBox"].isChecked(), "learning from the other open images is the default"
+    assert w["timeBudgetSpinBox"].value() == 540, "the whole fine-tune on the atlas, labelling included"
     table = w["casesTable"]
     assert [table.horizontalHeaderItem(i).text() for i in range(table.columnCount())] == \
         ["Volume", "Points", "Plane", "Adapter"]  # Adapter: "seen" for the cases the atlas adapter was trained on

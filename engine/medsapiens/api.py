@@ -145,23 +145,26 @@ def _loaded_detector(model, adapter, device, precision, progress, cancel):
     return _loaded["detector"]
 
 
-def finetune(base: str | None, cases: list[Case], out, *, progress: Progress | None = None, cancel=None,
-             device: str | None = None, **settings) -> Path:
+def finetune(base: str | None, cases: list[Case], out, *, unannotated: list[Case] = (),
+             progress: Progress | None = None, cancel=None, device: str | None = None, **settings) -> Path:
     """Train an adapter for the cases' landmarks and write it atomically to `out`; on Cancelled, NotBetter or any
     error `out` is left as it was.
 
     base None: learn on top of the weight-free atlas of the cases (training.refine.finetune_on_atlas): a patch
     refiner with its error estimated on held-out cases, warm-started (at most half the steps) from an adapter at
-    `out` for the same landmarks; `adapter_info(out)` then says what it learned. NotBetter (an InputError, one
-    line) when it was worse than the atlas on the held-out cases. settings: steps (per fold), time_budget (s),
-    lr, batch, patch, width, seed (training.RefineSettings), deformable (the atlas's B-spline stage); None
-    leaves the default. Runs on the CPU (`device` is not used).
+    `out` for the same landmarks; `adapter_info(out)` then says what it learned. `unannotated`: more images of
+    the task (the ones to detect on will do), labelled by the atlas for the refiner to learn from too. NotBetter
+    (an InputError, one line) when it was worse than the atlas on the held-out cases. settings: steps (per fold),
+    time_budget (s, the whole run), lr, batch, patch, width, seed (training.RefineSettings), deformable (the
+    atlas's B-spline stage); None leaves the default. Runs on the CPU (`device` is not used).
     base a weight file, catalogue name or architecture name: LoRA fine-tuning (training.loops.finetune).
     settings: time_budget (s), steps, lr, input_hw (training.Settings), views_per_case, lora_blocks, min_steps,
     head_channels (training.FinetuneSettings; the schedule on a CPU is planned: training/schedule.py).
     """
     if base is None:
-        return _finetune_on_atlas(cases, out, progress, cancel, settings)
+        return _finetune_on_atlas(cases, unannotated, out, progress, cancel, settings)
+    if unannotated:
+        raise InputError("unannotated images are for fine-tuning on the atlas (no base model)")
     from dataclasses import fields, replace
 
     from .training.loops import FINETUNE_DEFAULTS, FinetuneSettings, Settings
@@ -186,11 +189,21 @@ def finetune(base: str | None, cases: list[Case], out, *, progress: Progress | N
                               device=device, progress=report, cancel=cancel))
 
 
-# share of the progress bar per phase of the fine-tune on the atlas (the training takes most of the time)
-ATLAS_PHASES = {"atlas": (0.0, 0.15), "train": (0.15, 0.95), "estimate": (0.95, 1.0), "save": (1.0, 1.0)}
+# weight of each phase of the fine-tune on the atlas in the progress bar (the training takes most of the time)
+ATLAS_PHASES = {"atlas": 0.15, "pseudo-labels": 0.25, "train": 0.8, "estimate": 0.05, "save": 0.0}
 
 
-def _finetune_on_atlas(cases, out, progress, cancel, settings) -> Path:
+def _phase_spans(pseudo: bool) -> dict:
+    """phase -> (start, end) of the progress bar; no room for the pseudo-labels when there are no images for it."""
+    weights = {k: w for k, w in ATLAS_PHASES.items() if pseudo or k != "pseudo-labels"}
+    total, spans, start = sum(weights.values()), {}, 0.0
+    for phase, w in weights.items():
+        spans[phase] = (start / total, (start + w) / total)
+        start += w
+    return spans
+
+
+def _finetune_on_atlas(cases, unannotated, out, progress, cancel, settings) -> Path:
     from dataclasses import fields, replace
 
     from .training.refine import REFINE_DEFAULTS, finetune_on_atlas, folds_of
@@ -206,8 +219,8 @@ def _finetune_on_atlas(cases, out, progress, cancel, settings) -> Path:
     def report(p):
         if not progress:
             return
-        phase, _, fold = p.phase.partition(" ")  # "atlas", "train 2/3", "estimate", "save"
-        start, end = ATLAS_PHASES[phase]
+        phase, _, fold = p.phase.partition(" ")  # "atlas", "pseudo-labels", "train 2/3", "estimate", "save"
+        start, end = spans[phase]
         if phase == "train":
             f, n = map(int, fold.split("/"))
             fraction = (f - 1 + p.fraction) / n
@@ -217,16 +230,18 @@ def _finetune_on_atlas(cases, out, progress, cancel, settings) -> Path:
         else:
             fraction = p.fraction
             message = {"atlas": f"atlas of the other cases: {p.step} of {p.total} held out",
+                       "pseudo-labels": f"atlas labelling the unannotated images: {p.step} of {p.total}",
                        "estimate": "measuring the error on held-out cases", "save": "saving"}[phase]
-            if phase == "atlas" and 0 < p.step < p.total:
+            if phase in ("atlas", "pseudo-labels") and 0 < p.step < p.total:
                 message += f", about {p.elapsed / p.step * (p.total - p.step):.0f} s left in this phase"
         progress(start + (end - start) * fraction, message)
 
+    spans = _phase_spans(bool(unannotated))
     if progress:
         progress(0.0, f"atlas of the other cases: 0 of {len(folds_of(len(cases)))} held out")
     try:
-        result = finetune_on_atlas(cases, out, settings=replace(REFINE_DEFAULTS, atlas=atlas, **settings),
-                                   progress=report, cancel=cancel)
+        result = finetune_on_atlas(cases, out, unannotated=unannotated, progress=report, cancel=cancel,
+                                   settings=replace(REFINE_DEFAULTS, atlas=atlas, **settings))
     except NotBetter as e:
         est = e.estimate or {}
         raise NotBetter("the fine-tuned adapter was not better than the atlas on held-out cases "
@@ -241,10 +256,11 @@ def adapter_info(path) -> dict:
     adapter_mre_mm, atlas_mre_mm: the held-out mean radial error of the refiner (on every landmark) and of the
     atlas, in mm; method ("leave-one-case-out" or "N-fold") and cases_estimated (how many held-out cases);
     per_landmark: name -> {"atlas_mm", "refined_mm"} (None where no held-out case has it); refined_landmarks:
-    the names the detector refines (where the held-out cases favoured the refiner; elsewhere it keeps the
-    atlas's answer); landmark_names; cases: [{"label", "sha256"}] the atlas cases it holds and was trained on
-    (sha256 = case_checksum(case, landmark_names)); steps, steps_per_fold, train_seconds, warm_started,
-    schedule_complete, created.
+    the names the detector refines (all but those where the atlas won on almost every held-out case; there it
+    keeps the atlas's answer); landmark_names; cases: [{"label", "sha256"}] the atlas cases it holds and was
+    trained on (sha256 = case_checksum(case, landmark_names)); unannotated_images (how many atlas-labelled
+    images it also learned from; 0 for files from before they existed); steps, steps_per_fold, train_seconds,
+    warm_started, schedule_complete, created.
     """
     from .models.weight_files import read_metadata
 
@@ -257,6 +273,7 @@ def adapter_info(path) -> dict:
             "cases_estimated": sum(len(h) for h in est["held_out_cases"]), "per_landmark": est["per_landmark"],
             "refined_landmarks": [n for n, use in zip(names, meta["use_refined"]) if use],
             "cases": [{"label": c["label"], "sha256": c["sha256"]} for c in meta["cases"]],
+            "unannotated_images": meta.get("unannotated_images", 0),
             **{k: meta.get(k) for k in ("steps", "steps_per_fold", "train_seconds", "warm_started",
                                         "schedule_complete", "created")}}
 

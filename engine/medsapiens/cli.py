@@ -130,10 +130,15 @@ def build_parser() -> argparse.ArgumentParser:
                                                          "all of --data)")
     p.add_argument("--out", required=True, type=Path, help="adapter file to write (.safetensors)")
     p.add_argument("--time-budget", type=float, metavar="S",
-                   help=f"training time in seconds (default {REFINE_DEFAULTS.time_budget:g} on the atlas; "
-                        f"{FINETUNE_DEFAULTS.time_budget:g} with --base, views and cached tokens included)")
+                   help=f"the whole run's time in seconds (default {REFINE_DEFAULTS.time_budget:g} on the atlas, "
+                        f"its leave-one-out and labelling included; {FINETUNE_DEFAULTS.time_budget:g} with --base, "
+                        "views and cached tokens included)")
     p.add_argument("--steps", type=int, help=f"optimiser steps (default {REFINE_DEFAULTS.steps} per fold on the "
                                              "atlas; with --base the time budget decides)")
+    p.add_argument("--unannotated", nargs="+", type=Path, metavar="IMAGE", help="without --base: more images of the "
+                   "task without landmarks (files or folders; the images to detect on are fine): the atlas labels "
+                   f"them and the refiner learns from them too (at most {REFINE_DEFAULTS.max_unannotated}, evenly "
+                   "spaced; about 2.5 s each on 3 cases)")
     p.add_argument("--atlas-deformable", action="store_true", help="without --base: the atlas adds a B-spline "
                    "stage (better for articulated anatomy such as hands; slower)")
     p.add_argument("--keep-worse", action="store_true", help="without --base: write the adapter even when it was "
@@ -405,6 +410,8 @@ def _finetune(args) -> int:
     from .training.schedule import Plan
 
     _positive(time_budget=args.time_budget, steps=args.steps, views=args.views)
+    if args.base is not None and args.unannotated:
+        raise InputError("--unannotated is for fine-tuning on the atlas (without --base)")
     if args.lora_blocks is not None and args.lora_blocks < 0:
         raise InputError(f"--lora-blocks {args.lora_blocks}: must be 0 (head only) or more")
     cases = load_cases(args.data, args.cases.split(",") if args.cases else None)
@@ -432,15 +439,20 @@ def _finetune(args) -> int:
 
 def _finetune_on_atlas(args, cases) -> int:
     from .detectors.atlas import AtlasSettings
+    from .io.images import image_files, read_image
     from .training.refine import NotBetter, finetune_on_atlas
 
     settings = replace(REFINE_DEFAULTS, seed=args.seed, lr=args.lr or REFINE_DEFAULTS.lr, atlas=AtlasSettings(deformable=args.atlas_deformable),
                        steps=args.steps or REFINE_DEFAULTS.steps,
                        time_budget=args.time_budget or REFINE_DEFAULTS.time_budget)
-    bar = _Bar(f"fine-tuning on the atlas of {len(cases)} cases: {', '.join(c.label for c in cases)}")
+    unannotated = [read_image(p) for p in image_files(args.unannotated or [])]
+    if args.unannotated and not unannotated:
+        raise InputError(f"--unannotated {' '.join(map(str, args.unannotated))}: no image files there")
+    bar = _Bar(f"fine-tuning on the atlas of {len(cases)} cases: {', '.join(c.label for c in cases)}"
+               + (f" and {len(unannotated)} unannotated images" if unannotated else ""))
     try:
-        result = finetune_on_atlas(cases, args.out, settings=settings, progress=bar, warm_start=not args.fresh,
-                                   keep_worse=args.keep_worse)
+        result = finetune_on_atlas(cases, args.out, unannotated=unannotated, settings=settings, progress=bar,
+                                   warm_start=not args.fresh, keep_worse=args.keep_worse)
     except NotBetter as e:
         bar.close()
         print(f"medsapiens: {e}", file=sys.stderr)

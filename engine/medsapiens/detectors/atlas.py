@@ -214,16 +214,25 @@ class AtlasDetector:
         return cls(load_cases(path, ids), settings)
 
     def detect(self, case: Case) -> Landmarks:
+        return self.fuse(case, *self.votes(case))
+
+    def votes(self, case: Case) -> tuple[np.ndarray, np.ndarray]:
+        """Each atlas's answer on `case`: points (atlases x K x 2 px, NaN where none) and local NCC (atlases x K,
+        -inf where no vote, also for a point off the image)."""
         if not isinstance(case, Case):
             raise InputError(f"{case.label}: a 3D volume; this atlas is of 2D images")
-        s = self.settings
-        target = _prepare(case, s, self.levels)
-        votes = [locate(atlas, prepared, target, s, self.levels) for atlas, prepared in self.atlases]
-        stack = np.stack([v[0] for v in votes])  # (atlases, K, 2)
-        scores = np.stack([v[1] for v in votes])  # (atlases, K)
+        target = _prepare(case, self.settings, self.levels)
+        votes = [locate(atlas, prepared, target, self.settings, self.levels) for atlas, prepared in self.atlases]
+        stack = np.stack([v[0] for v in votes])
+        scores = np.stack([v[1] for v in votes])
         with np.errstate(invalid="ignore"):
             inside = ((stack >= -0.5) & (stack <= np.array(case.image.shape[1::-1]) - 0.5)).all(axis=2)
         scores[~inside] = -np.inf  # a vote off the image is no vote
+        return stack, scores
+
+    def fuse(self, case: Case, stack: np.ndarray, scores: np.ndarray) -> Landmarks:
+        """Landmarks from votes (all atlases' or a subset's, as `votes` gives them)."""
+        s = self.settings
         points, confidence, present, _ = fuse_votes(stack, scores, s.fusion_ncc, s.spread_mm / np.mean(case.spacing))
         return Landmarks(self.names, points, confidence, present)
 

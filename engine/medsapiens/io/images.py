@@ -53,6 +53,20 @@ def read_image(path, spacing: float | None = None) -> Case:
     return case if spacing is None else with_spacing(case, spacing)
 
 
+def image_files(paths) -> list[Path]:
+    """Files as given; a folder stands for the image files in it (sorted by name; markups files skipped)."""
+    files = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            files += sorted(p for p in path.iterdir() if p.is_file() and not p.name.lower().endswith(".mrk.json")
+                            and p.name.lower().endswith(FORMAT_SUFFIXES))
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise InputError(f"{path}: no such image file or folder")
+    return files
+
+
 def with_spacing(case: Case, spacing: float) -> Case:
     """The case with square pixels of `spacing` mm, keeping its origin and directions (the file's own sizes go)."""
     geometry = case.pixel_to_lps.copy()

@@ -29,11 +29,13 @@ def detect(request: dict, progress, cancel) -> dict:
 
 
 def finetune(request: dict, progress, cancel) -> dict:
-    """On a base model, or on the atlas (no base): then the result also carries api.adapter_info of the new
-    adapter (its held-out estimate and the cases it has seen), so the application need not read the file."""
+    """On a base model, or on the atlas (no base; "unannotated": more images for it to label): then the result
+    also carries api.adapter_info of the new adapter (its held-out estimate and the cases it has seen), so the
+    application need not read the file."""
     cases = [protocol.read_case(p) for p in request["cases"]]
-    out = api.finetune(request.get("base"), cases, request["out"], device=request.get("device"), progress=progress,
-                       cancel=cancel, **request.get("settings", {}))
+    unannotated = [protocol.read_case(p) for p in request.get("unannotated", [])]
+    out = api.finetune(request.get("base"), cases, request["out"], unannotated=unannotated,
+                       device=request.get("device"), progress=progress, cancel=cancel, **request.get("settings", {}))
     return {"adapter": str(out), **({"info": api.adapter_info(out)} if request.get("base") is None else {})}
 
 
