@@ -364,8 +364,8 @@ class MedSapiensLogic:
     def adapterSummary(info) -> str:
         """The estimate as the panel shows it, only figures measured on held-out cases: the refiner's error and
         the atlas's, the method and number of cases, and how many landmarks the detector refines (elsewhere it
-        keeps the atlas's answer: the atlas won on almost every held-out case there; that choice was made on the
-        same cases, so no error is claimed for the mix)."""
+        keeps the atlas's answer: the held-out cases showed the atlas better there beyond chance; that choice was
+        made on the same cases, so no error is claimed for the mix)."""
         if not info:
             return ""
         mm = lambda v: "n/a" if v is None else f"{v:.2f} mm"  # noqa: E731

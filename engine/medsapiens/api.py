@@ -256,8 +256,8 @@ def adapter_info(path) -> dict:
     adapter_mre_mm, atlas_mre_mm: the held-out mean radial error of the refiner (on every landmark) and of the
     atlas, in mm; method ("leave-one-case-out" or "N-fold") and cases_estimated (how many held-out cases);
     per_landmark: name -> {"atlas_mm", "refined_mm"} (None where no held-out case has it); refined_landmarks:
-    the names the detector refines (all but those where the atlas won on almost every held-out case; there it
-    keeps the atlas's answer); landmark_names; cases: [{"label", "sha256"}] the atlas cases it holds and was
+    the names the detector refines (all but those where the held-out cases show the atlas better beyond chance;
+    there it keeps the atlas's answer); landmark_names; cases: [{"label", "sha256"}] the atlas cases it holds and was
     trained on (sha256 = case_checksum(case, landmark_names)); unannotated_images (how many atlas-labelled
     images it also learned from; 0 for files from before they existed); steps, steps_per_fold, train_seconds,
     warm_started, schedule_complete, created.
