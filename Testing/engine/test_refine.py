@@ -183,6 +183,28 @@ def test_each_fold_learns_from_unannotated_images_as_labelled_by_its_own_trainin
         finetune_on_atlas(cases, out, unannotated=[Volume(np.zeros((4, 4, 4)), np.eye(4), name="ct")])
 
 
+def test_a_warm_start_reuses_the_atlas_votes_on_the_unannotated_images(ceph, tmp_path, monkeypatch):
+    """After "Add case", only the new case's atlas labels the images again: the previous cases' votes come from
+    the adapter file as they were, and the new file holds all of them for the next time."""
+    from medsapiens.detectors.atlas import AtlasDetector
+
+    cases = [ceph.case(0), ceph.case(1)]
+    image = replace(ceph.case(4), landmarks=None)
+    out = tmp_path / "task.safetensors"
+    finetune_on_atlas(cases, out, unannotated=[image], settings=replace(QUICK, steps=4), keep_worse=True)
+    first = load_weights(out)[0]
+    calls = []
+    real = AtlasDetector.votes
+    monkeypatch.setattr(AtlasDetector, "votes", lambda self, case, atlases=None: calls.append(atlases) or
+                        real(self, case, atlases))  # (None: the leave-one-out atlas's detections)
+    finetune_on_atlas(cases + [ceph.case(2)], out, unannotated=[image], settings=replace(QUICK, steps=4),
+                      keep_worse=True)
+    tensors, meta = load_weights(out)
+    assert meta["warm_started"] and [c for c in calls if c is not None] == [[2]]  # the new case's atlas only
+    assert np.array_equal(tensors["unannotated0.points"][:2], first["unannotated0.points"], equal_nan=True)
+    assert torch.isfinite(tensors["unannotated0.points"][2]).any() and len(meta["unannotated"]) == 1
+
+
 def test_the_atlas_keeps_a_landmark_only_where_the_held_out_cases_show_it_better_beyond_chance():
     """Five held-out cases, three landmarks (mm errors): the refiner lost on all five (atlas kept: 1 in 32 by
     chance); lost badly twice, won three times (refined, though its mean is worse); won everywhere (refined).

@@ -216,13 +216,14 @@ class AtlasDetector:
     def detect(self, case: Case) -> Landmarks:
         return self.fuse(case, *self.votes(case))
 
-    def votes(self, case: Case) -> tuple[np.ndarray, np.ndarray]:
-        """Each atlas's answer on `case`: points (atlases x K x 2 px, NaN where none) and local NCC (atlases x K,
-        -inf where no vote, also for a point off the image)."""
+    def votes(self, case: Case, atlases: list[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Each atlas's answer on `case` (or those of the atlases at indices `atlases`): points (atlases x K x 2
+        px, NaN where none) and local NCC (atlases x K, -inf where no vote, also for a point off the image)."""
         if not isinstance(case, Case):
             raise InputError(f"{case.label}: a 3D volume; this atlas is of 2D images")
         target = _prepare(case, self.settings, self.levels)
-        votes = [locate(atlas, prepared, target, self.settings, self.levels) for atlas, prepared in self.atlases]
+        chosen = self.atlases if atlases is None else [self.atlases[i] for i in atlases]
+        votes = [locate(atlas, prepared, target, self.settings, self.levels) for atlas, prepared in chosen]
         stack = np.stack([v[0] for v in votes])
         scores = np.stack([v[1] for v in votes])
         with np.errstate(invalid="ignore"):

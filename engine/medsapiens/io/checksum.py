@@ -21,10 +21,22 @@ def case_checksum(case, names: list[str]) -> str:
     rounded to 8 bits) and of its landmarks `names` (missing = -1): what "this case" means in an adapter file.
 
     numpy only, so an application can match its own cases to an adapter's without loading torch."""
+    h = _grey_hash(case)
+    h.update(np.nan_to_num(case.landmarks.subset(names).points, nan=-1.0).astype("<f8").tobytes())
+    return h.hexdigest()
+
+
+def image_checksum(case) -> str:
+    """SHA256 of a 2D case's grey image alone (as case_checksum hashes it, and its size): an unannotated image."""
+    h = _grey_hash(case)
+    h.update(np.asarray(case.image.shape[:2], "<i8").tobytes())
+    return h.hexdigest()
+
+
+def _grey_hash(case):
     from .intensity import to_rgb255
 
     grey = np.round(to_rgb255(case.image).mean(axis=2).astype(np.float32)).astype(np.uint8)
     h = hashlib.sha256()
     h.update(np.ascontiguousarray(grey).tobytes())
-    h.update(np.nan_to_num(case.landmarks.subset(names).points, nan=-1.0).astype("<f8").tobytes())
-    return h.hexdigest()
+    return h

@@ -34,6 +34,7 @@ import torch
 
 from ..case import Case
 from ..errors import InputError, NotBetter
+from ..io.checksum import image_checksum
 from ..models import weight_files
 from ..detectors.atlas import AtlasDetector, AtlasSettings
 from ..detectors.refiner import (
@@ -176,9 +177,11 @@ def finetune_on_atlas(cases: list[Case], out, *, unannotated: list[Case] = (), s
         raise InputError(f"two training cases share a name ({', '.join(labels)}); give each case its own")
     folds = folds_of(len(cases))
     pool = _unannotated(unannotated, cases, s.max_unannotated)
+    image_sums = [image_checksum(image) for image in pool]
     previous = _previous(out, names, s) if warm_start else None
     steps = s.steps if previous is None else max(1, min(s.steps // 2, previous["steps"] // (2 * len(folds))))
-    budget = s.time_budget if previous is None else s.time_budget / 2
+    # a warm start takes at most half the time of the run before it (or of the budget, if that is less)
+    budget = s.time_budget if previous is None else min(s.time_budget, previous["seconds"]) / 2
 
     def check():
         if cancel and cancel():
@@ -214,15 +217,20 @@ def finetune_on_atlas(cases: list[Case], out, *, unannotated: list[Case] = (), s
 
     # ---- pseudo-labels: every case's atlas votes on each unannotated image once; each fold fuses only its own
     #      training cases' votes, so that its held-out cases stay unseen
+    #      (votes the previous adapter stored for the same image and atlas case are reused, not run again)
+    votes, pool_sums = [], []  # per labelled image: (atlas cases x K x 2, atlas cases x K); its SHA256
     if pool:
         t0 = time.monotonic()
         atlas_all = AtlasDetector(cases, s.atlas)
-        votes = []
+        case_sums = [case_checksum(c, names) for c in cases]
+        stored = previous["votes"] if previous is not None and previous["atlas_settings"] == _atlas_meta(s.atlas) \
+            else {}
         for j, image in enumerate(pool):
             check()
-            if time.monotonic() - t_start > budget / 2:  # at most half the time budget goes to labelling
+            if time.monotonic() - t0 > budget / 2:  # at most half the time budget goes to labelling
                 break
-            votes.append(atlas_all.votes(image))
+            votes.append(_votes(atlas_all, image, image_sums[j], case_sums, stored))
+            pool_sums.append(image_sums[j])
             report("pseudo-labels", j + 1, len(pool), t_phase=time.monotonic() - t0)
         pool = pool[:len(votes)]
         phase_seconds["pseudo-labels"] = time.monotonic() - t0
@@ -300,10 +308,14 @@ def finetune_on_atlas(cases: list[Case], out, *, unannotated: list[Case] = (), s
                           for c in cases],
                 "folds": [[labels[i] for i in held] for held in folds], "estimate": estimate,
                 "use_refined": estimate["use_refined"], "steps": total_steps, "steps_per_fold": steps,
-                "unannotated_images": len(pool), "warm_started": previous is not None,
+                "unannotated_images": len(pool), "unannotated": [{"sha256": sha} for sha in pool_sums],
+                "warm_started": previous is not None,
                 "train_seconds": round(seconds, 1),
                 "schedule_complete": total_steps >= steps * len(folds)}
         tensors = {f"fold{f}.{k}": v for f, net in enumerate(nets) for k, v in net.state_dict().items()}
+        for j, (stack, scores) in enumerate(votes):  # the atlas's votes, for the next warm start
+            tensors[f"unannotated{j}.points"] = torch.from_numpy(stack)
+            tensors[f"unannotated{j}.scores"] = torch.from_numpy(scores)
         for j, c in enumerate(cases):
             tensors[f"case{j}.image"] = grey(c).round().to(torch.uint8)
             tensors[f"case{j}.points"] = torch.from_numpy(c.landmarks.subset(names).points)
@@ -361,6 +373,20 @@ def pseudo_labels(atlas: AtlasDetector, images: list[Case], votes: list, keep: l
     return labelled
 
 
+def _votes(atlas: AtlasDetector, image: Case, image_sum: str, case_sums: list[str], stored: dict):
+    """atlas.votes(image), with the votes `stored` for this image and an atlas case run again only where missing."""
+    known = stored.get(image_sum, {})
+    missing = [i for i, sha in enumerate(case_sums) if sha not in known]
+    stack = np.full((len(case_sums), len(atlas.names), 2), np.nan)
+    scores = np.full((len(case_sums), len(atlas.names)), -np.inf)
+    if missing:
+        stack[missing], scores[missing] = atlas.votes(image, missing)
+    for i, sha in enumerate(case_sums):
+        if sha in known:
+            stack[i], scores[i] = known[sha]
+    return stack, scores
+
+
 def _unannotated(images, cases: list[Case], most: int) -> list[Case]:
     """The images to pseudo-label: 2D, not an annotated case's image, at most `most` (evenly spaced)."""
     pool = []
@@ -392,7 +418,12 @@ def _previous(out, names, s: RefineSettings) -> dict | None:
             f, name = key.split(".", 1)
             nets.setdefault(int(f[4:]), {})[name] = v
     cfg = dict(meta["refiner"], prior_sigma=0, step=0)
-    return {"config": cfg, "nets": nets, "folds": meta["folds"], "steps": int(meta["steps"])}
+    votes = {}  # image SHA256 -> {atlas case SHA256 -> (points K x 2, local NCC K)}
+    for j, image in enumerate(meta.get("unannotated", [])):
+        points, scores = tensors[f"unannotated{j}.points"].numpy(), tensors[f"unannotated{j}.scores"].numpy()
+        votes[image["sha256"]] = {c["sha256"]: (points[i], scores[i]) for i, c in enumerate(meta["cases"])}
+    return {"config": cfg, "nets": nets, "folds": meta["folds"], "steps": int(meta["steps"]),
+            "seconds": float(meta["train_seconds"]), "votes": votes, "atlas_settings": meta["atlas_settings"]}
 
 
 def _warm(previous: dict | None, held: set[str]) -> dict | None:
