@@ -19,7 +19,8 @@ Phases (each reports progress and checks cancel; nothing is written before the l
 The detector averages the fold networks, so the estimate describes networks that are all in the adapter.
 Re-fine-tuning with an adapter at `out` warm-starts each fold from a previous network that did not see the
 fold's held-out case, with at most half the previous run's steps in all (a case more means a fold more, so
-half the steps per fold would not do) and half the time budget.
+half the steps per fold would not do) and half its time (or of the budget, if less); the atlas votes on the
+unannotated images that the adapter stores are reused, so only a new case's atlas labels them.
 """
 from __future__ import annotations
 
