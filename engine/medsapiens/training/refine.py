@@ -178,6 +178,7 @@ def finetune_on_atlas(cases: list[Case], out, *, unannotated: list[Case] = (), s
         raise InputError(f"two training cases share a name ({', '.join(labels)}); give each case its own")
     folds = folds_of(len(cases))
     pool = _unannotated(unannotated, cases, s.max_unannotated)
+    case_sums = [case_checksum(c, names) for c in cases]  # how the file names them; keys of stored atlas votes
     image_sums = [image_checksum(image) for image in pool]
     previous = _previous(out, names, s) if warm_start else None
     steps = s.steps if previous is None else max(1, min(s.steps // 2, previous["steps"] // (2 * len(folds))))
@@ -219,11 +220,10 @@ def finetune_on_atlas(cases: list[Case], out, *, unannotated: list[Case] = (), s
     # ---- pseudo-labels: every case's atlas votes on each unannotated image once; each fold fuses only its own
     #      training cases' votes, so that its held-out cases stay unseen
     #      (votes the previous adapter stored for the same image and atlas case are reused, not run again)
-    votes, pool_sums = [], []  # per labelled image: (atlas cases x K x 2, atlas cases x K); its SHA256
+    votes = []  # per labelled image: (atlas cases x K x 2, atlas cases x K)
     if pool:
         t0 = time.monotonic()
         atlas_all = AtlasDetector(cases, s.atlas)
-        case_sums = [case_checksum(c, names) for c in cases]
         stored = previous["votes"] if previous is not None and previous["atlas_settings"] == _atlas_meta(s.atlas) \
             else {}
         for j, image in enumerate(pool):
@@ -231,9 +231,8 @@ def finetune_on_atlas(cases: list[Case], out, *, unannotated: list[Case] = (), s
             if time.monotonic() - t0 > budget / 2:  # at most half the time budget goes to labelling
                 break
             votes.append(_votes(atlas_all, image, image_sums[j], case_sums, stored))
-            pool_sums.append(image_sums[j])
             report("pseudo-labels", j + 1, len(pool), t_phase=time.monotonic() - t0)
-        pool = pool[:len(votes)]
+        pool, image_sums = pool[:len(votes)], image_sums[:len(votes)]
         phase_seconds["pseudo-labels"] = time.monotonic() - t0
 
     # ---- train one network per fold
@@ -278,6 +277,7 @@ def finetune_on_atlas(cases: list[Case], out, *, unannotated: list[Case] = (), s
     # ---- estimate on the held-out cases
     t0 = time.monotonic()
     spacing = np.array([c.spacing for c in cases])[:, None, :]
+    greys = [grey(c) for c in cases]
     tried = []  # per prior spread: (held-out MRE, config, refined points)
     everything = np.ones(len(names), bool)
     for scale in s.prior_scales:
@@ -288,7 +288,7 @@ def finetune_on_atlas(cases: list[Case], out, *, unannotated: list[Case] = (), s
             refiner = Refiner([nets[f]], scaled, everything)
             for i in held:
                 present = np.isfinite(atlas_loo[i]).all(axis=1)
-                refined_loo[i] = refiner.refine(grey(cases[i]), atlas_loo[i], present)
+                refined_loo[i] = refiner.refine(greys[i], atlas_loo[i], present)
         tried.append((np.nanmean(np.linalg.norm((refined_loo - truth) * spacing, axis=2)), scaled, refined_loo))
         report("estimate", len(tried), len(s.prior_scales), t_phase=time.monotonic() - t0)
     _, cfg, refined_loo = min(tried, key=lambda t: t[0])  # the first of equals: the narrower prior
@@ -305,11 +305,11 @@ def finetune_on_atlas(cases: list[Case], out, *, unannotated: list[Case] = (), s
     path = None
     if better or keep_worse:
         meta = {"landmark_names": names, "refiner": asdict(cfg), "atlas_settings": _atlas_meta(s.atlas),
-                "cases": [{"label": c.label, "sha256": case_checksum(c, names), "spacing": list(c.spacing)}
-                          for c in cases],
+                "cases": [{"label": c.label, "sha256": sha, "spacing": list(c.spacing)}
+                          for c, sha in zip(cases, case_sums)],
                 "folds": [[labels[i] for i in held] for held in folds], "estimate": estimate,
                 "use_refined": estimate["use_refined"], "steps": total_steps, "steps_per_fold": steps,
-                "unannotated_images": len(pool), "unannotated": [{"sha256": sha} for sha in pool_sums],
+                "unannotated_images": len(pool), "unannotated": [{"sha256": sha} for sha in image_sums],
                 "warm_started": previous is not None,
                 "train_seconds": round(seconds, 1),
                 "schedule_complete": total_steps >= steps * len(folds)}
@@ -318,7 +318,7 @@ def finetune_on_atlas(cases: list[Case], out, *, unannotated: list[Case] = (), s
             tensors[f"unannotated{j}.points"] = torch.from_numpy(stack)
             tensors[f"unannotated{j}.scores"] = torch.from_numpy(scores)
         for j, c in enumerate(cases):
-            tensors[f"case{j}.image"] = grey(c).round().to(torch.uint8)
+            tensors[f"case{j}.image"] = greys[j].round().to(torch.uint8)
             tensors[f"case{j}.points"] = torch.from_numpy(c.landmarks.subset(names).points)
         path = weight_files.save_weights(out, tensors, meta, KIND)
     phase_seconds["save"] = time.monotonic() - t0
