@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 from medsapiens.analysis.metrics import format_summary, radial_errors, summary
-from medsapiens.detectors.factory import load_detector
+from medsapiens import load_detector
 from medsapiens.io.datasets import Dataset
 from medsapiens.training.refine import REFINE_DEFAULTS, finetune_on_atlas
 

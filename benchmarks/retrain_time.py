@@ -20,7 +20,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from medsapiens import api
+from medsapiens import NotBetter, api
 from medsapiens.io.datasets import Dataset
 
 
@@ -38,7 +38,7 @@ def run(cases, unannotated, out, label):
                     f"({info['method']}, {info['cases_estimated']} cases), refined {len(info['refined_landmarks'])} "
                     f"of {len(info['landmark_names'])}; {info['steps']} steps, warm start {info['warm_started']}, "
                     f"{info['unannotated_images']} unannotated images")
-    except api.NotBetter as e:
+    except NotBetter as e:
         estimate = f"not written: {e}"
     wall, cpu = time.perf_counter() - t, cpu_seconds() - c
     print(f"{label}: {', '.join(x.label for x in cases)}: {wall:.1f} s wall, {cpu:.1f} s CPU, load {load:.1f} -> "

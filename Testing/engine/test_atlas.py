@@ -7,7 +7,8 @@ import pytest
 import SimpleITK as sitk
 from medsapiens import Case, InputError, Landmarks, load_detector
 from medsapiens.cli import main
-from medsapiens.detectors.atlas import AtlasDetector, AtlasSettings
+from medsapiens.detectors.atlas import AtlasDetector
+from medsapiens.settings import AtlasSettings
 from medsapiens.io.markups import write_markups
 
 

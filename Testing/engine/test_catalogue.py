@@ -50,10 +50,14 @@ def hub_model(server, tmp_path, monkeypatch):
 def test_download_verify_and_reuse(hub_model, capsys):
     make_catalogue, digest, cache = hub_model
     make_catalogue(digest)
-    path = resolve("micro-pose")[0]
+    from medsapiens.cli import _Bar
+
+    bar = _Bar()  # the command line's bar
+    path = resolve("micro-pose", progress=bar)[0]
+    bar.close()
     assert path == cache / "micro-pose" / "sapiens_micro_pose.pth"
     assert hashlib.sha256(path.read_bytes()).hexdigest() == digest
-    assert "micro-pose" in capsys.readouterr().err  # progress bar on stderr
+    assert "downloading micro-pose" in capsys.readouterr().err  # progress bar on stderr
     mtime = path.stat().st_mtime_ns
     assert resolve("micro-pose")[0] == path and path.stat().st_mtime_ns == mtime  # cached
 
@@ -99,7 +103,7 @@ def test_progress_callback_reports_bytes(hub_model, capsys):
     make_catalogue, digest, cache = hub_model
     seen = []
     make_catalogue(digest)
-    path, choice = resolve("micro-pose", progress=lambda done, total: seen.append((done, total)))
+    path, choice = resolve("micro-pose", progress=lambda p: seen.append((p.step, p.total)))
     assert choice.landmark_names == list("ABCD")
     size = path.stat().st_size
     assert seen and seen[-1] == (size, size) and all(a <= b for (a, _), (b, _) in zip(seen, seen[1:]))

@@ -79,11 +79,12 @@ def test_unannotated_images_with_a_base_missing_or_none_are_refused(tmp_path, ce
 
 
 def test_training_loop_refuses_a_zero_budget(ceph):
-    from medsapiens.training.loops import Settings, train
+    from medsapiens.settings import TrainSettings
+    from medsapiens.training.loops import train
 
     with pytest.raises(InputError, match="time budget above 0"):
         train([ceph.case(0)], ceph.names, "unused.safetensors", arch="micro",
-              settings=Settings(input_hw=(64, 48), time_budget=0.0), device="cpu")
+              settings=TrainSettings(input_hw=(64, 48), time_budget=0.0), device="cpu")
 
 
 def anisotropic_nrrd(ceph, path):

@@ -2,7 +2,8 @@
 import numpy as np
 import SimpleITK as sitk
 import torch
-from medsapiens.detectors.atlas import AtlasSettings, pyramid
+from medsapiens.detectors.atlas import pyramid
+from medsapiens.settings import AtlasSettings
 from medsapiens.detectors.ncc_align import align_windows, ncc, sample
 
 SETTINGS = AtlasSettings()

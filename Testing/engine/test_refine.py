@@ -9,7 +9,7 @@ import pytest
 import torch
 from medsapiens import InputError, Volume
 from medsapiens.cli import main
-from medsapiens.detectors.factory import load_detector
+from medsapiens import load_detector
 from medsapiens.detectors.refiner import (
     PatchNet,
     Refiner,
@@ -18,11 +18,10 @@ from medsapiens.detectors.refiner import (
 )
 from medsapiens.io.markups import read_markups
 from medsapiens.models.weight_files import load_weights
-from medsapiens.training.loops import Cancelled
+from medsapiens import Cancelled, NotBetter
+from medsapiens.settings import RefineSettings
 from medsapiens.training.refine import (
-    NotBetter,
     PatchSampler,
-    RefineSettings,
     _estimate,
     _warm,
     atlas_wins,
@@ -195,8 +194,8 @@ def test_a_warm_start_reuses_the_atlas_votes_on_the_unannotated_images(ceph, tmp
     first = load_weights(out)[0]
     calls = []
     real = AtlasDetector.votes
-    monkeypatch.setattr(AtlasDetector, "votes", lambda self, case, atlases=None: calls.append(atlases) or
-                        real(self, case, atlases))  # (None: the leave-one-out atlas's detections)
+    monkeypatch.setattr(AtlasDetector, "votes", lambda self, case, atlases=None, **kw: calls.append(atlases) or
+                        real(self, case, atlases, **kw))  # (None: the leave-one-out atlas's detections)
     finetune_on_atlas(cases + [ceph.case(2)], out, unannotated=[image], settings=replace(QUICK, steps=4),
                       keep_worse=True)
     tensors, meta = load_weights(out)
@@ -267,8 +266,8 @@ def test_worse_than_atlas_says_so_in_one_line_and_writes_nothing(ceph, data_dir,
                      "--out", str(target), "--steps", "2", "--lr", "1000"])
     err = capsys.readouterr()
     assert code == 1 and err.out == ""
-    lines = [ln for ln in err.err.splitlines() if "worse than the atlas" in ln]
-    assert len(lines) == 1 and "not written" in lines[0]
+    lines = [ln for ln in err.err.splitlines() if "not better than the atlas" in ln]
+    assert len(lines) == 1 and "nothing was saved" in lines[0]
     assert target.read_bytes() == b"the user's previous adapter"
 
 

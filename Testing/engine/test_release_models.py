@@ -209,7 +209,7 @@ def test_drive_download_resumes_then_the_generalist_head_detects(hub, release, c
     hub.state["cut"] = 5000  # the first transfer of the zip drops after 5000 bytes
     with pytest.raises(InputError, match="run again to resume"):
         resolve("medsapiens-generalist:head")
-    path, choice = resolve("medsapiens-generalist:head", progress=False)
+    path, choice = resolve("medsapiens-generalist:head")
     downloads = [(q, r) for p, q, r in hub.state["log"] if p == "/download"]
     assert downloads[-1][1] == "bytes=5000-", "the second attempt asks for the rest only"
     assert all(q["confirm"] == "t" and q["uuid"] == hub.state["uuid"] for q, _ in downloads)

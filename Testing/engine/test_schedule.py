@@ -5,11 +5,12 @@ with a narrower head loads back on its base and detects."""
 import numpy as np
 import pytest
 import torch
-from medsapiens.detectors.factory import load_detector
+from medsapiens import load_detector
 from medsapiens.errors import InputError
 from medsapiens.models.checkpoints import read_checkpoint
 from medsapiens.models.sapiens import ARCHS, SapiensPose
-from medsapiens.training.loops import FinetuneSettings, Settings, finetune
+from medsapiens.settings import LoraSettings, TrainSettings
+from medsapiens.training.loops import finetune
 from medsapiens.training.schedule import Costs, Plan, choose
 
 BASE_0P3B = ARCHS["sapiens_0.3b"]
@@ -62,7 +63,7 @@ def small_pretrain_file(tmp_path):
 
 def test_head_only_adapter_with_a_narrower_head_loads_on_its_base_and_detects(tmp_path, ceph, small_pretrain_file):
     out = tmp_path / "head-only.safetensors"
-    settings = FinetuneSettings(Settings(input_hw=(128, 96), steps=3), views_per_case=2, lora_blocks=0,
+    settings = LoraSettings(TrainSettings(input_hw=(128, 96), steps=3), views_per_case=2, lora_blocks=0,
                                 head_channels=128)
     finetune(small_pretrain_file, [ceph.case(0), ceph.case(1)], out, settings=settings, device="cpu")
     ckpt = read_checkpoint(out)
@@ -80,7 +81,7 @@ def test_planned_finetune_measures_keeps_to_its_budget_and_says_when_steps_fall_
                                                                                       small_pretrain_file,
                                                                                       fitted_file):
     out = tmp_path / "planned.safetensors"
-    settings = FinetuneSettings(Settings(input_hw=(128, 96), time_budget=8.0), views_per_case=4,
+    settings = LoraSettings(TrainSettings(input_hw=(128, 96), time_budget=8.0), views_per_case=4,
                                 min_steps=10 ** 6)  # cannot fit: the plan's fallback, and a warning
     with pytest.warns(UserWarning, match="steps fitted in the 8 s budget"):
         finetune(small_pretrain_file, [ceph.case(0), ceph.case(1)], out, settings=settings, device="cpu")
@@ -92,5 +93,5 @@ def test_planned_finetune_measures_keeps_to_its_budget_and_says_when_steps_fall_
     assert phases["train"] <= max(8.0 - before, 0.8) + 2.0, "training gets what the budget has left (+ a last step)"
     assert load_detector(small_pretrain_file, adapter=out, device="cpu").detect(ceph.case(2)).names == ceph.names
     with pytest.raises(InputError, match="brings its own"):  # a head width only for a base without a head
-        finetune(fitted_file, [ceph.case(0)], tmp_path / "x", settings=FinetuneSettings(head_channels=64),
+        finetune(fitted_file, [ceph.case(0)], tmp_path / "x", settings=LoraSettings(head_channels=64),
                  device="cpu")

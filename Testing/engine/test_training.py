@@ -13,15 +13,14 @@ import pytest
 import torch
 from medsapiens.analysis.metrics import radial_errors
 from medsapiens.cli import main
-from medsapiens.detectors.factory import load_detector
+from medsapiens import load_detector
 from medsapiens.models.weight_files import load_weights
 from medsapiens.models.checkpoints import read_checkpoint
 from medsapiens.models.sapiens import SapiensPose
-from medsapiens.training.augment import NONE, random_view
+from medsapiens import Cancelled
+from medsapiens.settings import NO_AUGMENT, LoraSettings, TrainSettings
+from medsapiens.training.augment import random_view
 from medsapiens.training.loops import (
-    Cancelled,
-    FinetuneSettings,
-    Settings,
     Tail,
     finetune,
     lr_factor,
@@ -67,7 +66,7 @@ def test_augmented_views_carry_their_landmarks():
                             indexing="ij")
     for x, y in points:
         image += 255 * torch.exp(-((xx - x) ** 2 + (yy - y) ** 2) / (2 * 2.0 ** 2))
-    aug = replace(NONE, shift_p=1, scale=(0.7, 1.3), rotation_p=1, flip=1.0)
+    aug = replace(NO_AUGMENT, shift_p=1, scale=(0.7, 1.3), rotation_p=1, flip=1.0)
     for _ in range(5):
         view, pts, present = random_view(image, points, np.ones(3, bool), (96, 128), aug, rng, flip_pairs=[(0, 1)])
         grey = view[0]
@@ -79,8 +78,8 @@ def test_augmented_views_carry_their_landmarks():
             iy, ix = np.unravel_index(int(patch.argmax()), patch.shape)
             assert abs(iy - 3) <= 1 and abs(ix - 3) <= 1, f"landmark {k} is not on its dot"
     # a mirrored view swaps the declared pair: label 0 goes to the mirror image of landmark 1, as mmpose does
-    _, plain, _ = random_view(image, points, np.ones(3, bool), (96, 128), NONE, rng)
-    _, mirrored, _ = random_view(image, points, np.ones(3, bool), (96, 128), replace(NONE, flip=1.0), rng,
+    _, plain, _ = random_view(image, points, np.ones(3, bool), (96, 128), NO_AUGMENT, rng)
+    _, mirrored, _ = random_view(image, points, np.ones(3, bool), (96, 128), replace(NO_AUGMENT, flip=1.0), rng,
                                  flip_pairs=[(0, 1)])
     assert np.allclose(mirrored, [[95 - plain[1, 0], plain[1, 1]], [95 - plain[0, 0], plain[0, 1]], [95 - plain[2, 0],
                                                                                                     plain[2, 1]]])
@@ -105,7 +104,7 @@ def first_case(ceph):
 def test_finetune_adapter_learns_a_new_landmark_set(tmp_path, fitted_file, first_case):
     out = tmp_path / "task.safetensors"
     seen = []
-    finetune(fitted_file, [first_case], out, settings=FinetuneSettings(Settings(steps=40, lr=3e-3), 8, 1),
+    finetune(fitted_file, [first_case], out, settings=LoraSettings(TrainSettings(steps=40, lr=3e-3), 8, 1),
              device="cpu", progress=seen.append)
     assert [p.phase for p in seen][:1] == ["views"] and seen[-1].phase == "train" and seen[-1].step == 40
     ckpt = read_checkpoint(out)
@@ -129,7 +128,7 @@ def test_finetune_cancel_leaves_the_previous_adapter(tmp_path, fitted_file, firs
         return len(calls) > 12  # during the training steps
 
     with pytest.raises(Cancelled):
-        finetune(fitted_file, [first_case], out, settings=FinetuneSettings(Settings(steps=1000), 4, 1),
+        finetune(fitted_file, [first_case], out, settings=LoraSettings(TrainSettings(steps=1000), 4, 1),
                  device="cpu", cancel=cancel)
     assert out.read_bytes() == b"previous adapter"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["task.safetensors"]
@@ -174,13 +173,13 @@ def test_finetune_cli_from_markups_folder_and_bad_inputs(tmp_path, fitted_file, 
 def test_train_then_resume_continues_steps_and_optimizer(tmp_path, ceph, capsys):
     cases = [ceph.case(i) for i in range(2)]
     out = tmp_path / "m.safetensors"
-    s = Settings(input_hw=(128, 96), steps=3, batch=2)
+    s = TrainSettings(input_hw=(128, 96), steps=3, batch=2)
     train(cases, ceph.names, out, arch="micro", settings=s, device="cpu")
     first, meta = load_weights(out)
     state, smeta = load_weights(str(out) + ".state")
     assert meta["kind"] == "model" and meta["steps"] == 3 and smeta["step"] == 3
     assert all(v.item() == 3 for k, v in state.items() if k.endswith(".step"))
-    train(cases, ceph.names, out, arch="micro", settings=Settings(input_hw=(128, 96), steps=5, batch=2),
+    train(cases, ceph.names, out, arch="micro", settings=TrainSettings(input_hw=(128, 96), steps=5, batch=2),
           resume=out, device="cpu")
     second, meta = load_weights(out)
     state, _ = load_weights(str(out) + ".state")
@@ -197,7 +196,8 @@ def test_torchrun_two_cpu_processes_end_with_the_same_weights(tmp_path, ceph):
     script.write_text(
         "import sys, torch\n"
         "from medsapiens.io.datasets import Dataset\n"
-        "from medsapiens.training.loops import Settings, train\n"
+        "from medsapiens.settings import TrainSettings\n"
+        "from medsapiens.training.loops import train\n"
         "import medsapiens.training.loops as training\n"
         "ds = Dataset(sys.argv[1])\n"
         "fit = training.fit\n"
@@ -209,7 +209,7 @@ def test_torchrun_two_cpu_processes_end_with_the_same_weights(tmp_path, ceph):
         "    return r\n"
         "training.fit = spy\n"
         "train([ds.case(i) for i in range(4)], ds.names, sys.argv[2], arch='micro', device='cpu',\n"
-        "      settings=Settings(input_hw=(128, 96), steps=4, batch=2))\n")
+        "      settings=TrainSettings(input_hw=(128, 96), steps=4, batch=2))\n")
     out = tmp_path / "ddp.safetensors"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",

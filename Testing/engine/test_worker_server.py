@@ -9,8 +9,8 @@ import sys
 import numpy as np
 import pytest
 import torch
-from medsapiens import Case, Landmarks, Volume, api
-from medsapiens.detectors.factory import load_detector
+from medsapiens import Cancelled, Case, InputError, Landmarks, NotBetter, Volume, api
+from medsapiens import load_detector
 from medsapiens.models.weight_files import save_trained
 from medsapiens.worker import protocol
 
@@ -43,12 +43,12 @@ def test_cases_and_landmarks_travel_as_plain_arrays(tmp_path):
 
 def test_api_detect_takes_volumes_only_with_a_volume_atlas(tmp_path, micro_file):
     volume = Volume(np.zeros((4, 5, 6), np.uint8), np.eye(4), name="skull")
-    with pytest.raises(api.InputError, match="skull: a 3D volume; models and adapters detect on 2D images"):
+    with pytest.raises(InputError, match="skull: a 3D volume; models and adapters detect on 2D images"):
         api.detect(volume, str(micro_file))
     atlas = Volume(np.zeros((4, 5, 6), np.uint8), np.eye(4), Landmarks(list("abcd"), np.ones((4, 3))), name="a")
-    with pytest.raises(api.InputError, match="the deformable stage is for 2D atlases"):
+    with pytest.raises(InputError, match="the deformable stage is for 2D atlases"):
         api.detect(volume, atlas=[atlas], deformable=True)
-    with pytest.raises(api.Cancelled):
+    with pytest.raises(Cancelled):
         api.detect(volume, atlas=[atlas], cancel=lambda: True)
 
 
@@ -131,9 +131,9 @@ def test_a_model_rewritten_in_place_is_loaded_again(tmp_path, micro_file, ceph):
 
 
 def test_api_finetune_refuses_unknown_settings(micro_file, ceph, tmp_path):
-    with pytest.raises(api.InputError, match="unknown fine-tune settings: colour"):
+    with pytest.raises(InputError, match="unknown fine-tune settings: colour"):
         api.finetune(str(micro_file), [ceph.case(0)], tmp_path / "a.safetensors", colour="red")
-    with pytest.raises(api.InputError, match="unannotated images are for fine-tuning on the atlas"):
+    with pytest.raises(InputError, match="unannotated images are for fine-tuning on the atlas"):
         api.finetune(str(micro_file), [ceph.case(0)], tmp_path / "a.safetensors", unannotated=[ceph.case(1)])
 
 
@@ -142,9 +142,9 @@ def test_api_finetune_on_the_atlas_says_when_it_labels_the_unannotated_images(ce
     in a bar that only moves forward (cancelled once training starts: nothing written)."""
     seen = []
     cancel = lambda: bool(seen) and seen[-1][1].startswith("training")  # noqa: E731
-    with pytest.raises(api.Cancelled):
+    with pytest.raises(Cancelled):
         api.finetune(None, [ceph.case(0), ceph.case(1)], tmp_path / "a.safetensors",
-                     unannotated=[ceph.case(3), ceph.case(4)], progress=lambda f, m: seen.append((f, m)),
+                     unannotated=[ceph.case(3), ceph.case(4)], progress=lambda p: seen.append((p.fraction, p.message)),
                      cancel=cancel, steps=4, batch=16, patch=32, width=8)
     messages = [m for _, m in seen]
     labelling = [m for m in messages if m.startswith("atlas labelling")]
@@ -163,7 +163,8 @@ def atlas_adapter(ceph, tmp_path_factory):
     """An adapter fine-tuned on the atlas of 2 cephalograms through the API (small, kept even if worse)."""
     from dataclasses import replace
 
-    from medsapiens.training.refine import REFINE_DEFAULTS, finetune_on_atlas
+    from medsapiens.settings import REFINE_DEFAULTS
+    from medsapiens.training.refine import finetune_on_atlas
 
     out = tmp_path_factory.mktemp("atlas-adapter") / "task.safetensors"
     settings = replace(REFINE_DEFAULTS, steps=8, batch=16, patch=32, width=8)
@@ -197,7 +198,7 @@ def test_adapter_info_reads_the_header_only_and_case_checksums_match_the_file(at
     points[3, 0] += 0.5
     moved = Case(case.image, case.spacing, Landmarks(case.landmarks.names, points))
     assert api.case_checksum(moved, ceph.names) != info["cases"][0]["sha256"]
-    with pytest.raises(api.InputError, match="not an adapter fine-tuned on the atlas"):
+    with pytest.raises(InputError, match="not an adapter fine-tuned on the atlas"):
         api.adapter_info(ceph.root / "landmarks.csv")
 
 
@@ -205,14 +206,15 @@ def test_api_detect_with_an_atlas_adapter_alone(atlas_adapter, ceph, micro_file,
     case = ceph.case(6)
     found = api.detect(case, adapter=str(atlas_adapter))
     assert api.detect(case, adapter=str(atlas_adapter)) is not found  # a new detection ...
-    assert api._loaded["key"][2] == api.file_key(atlas_adapter)  # ... by the detector kept loaded for this file
+    kept = api.load_detector(adapter=str(atlas_adapter))
+    assert api.load_detector(adapter=str(atlas_adapter)) is kept  # ... by the detector kept loaded for this file
     expected = load_detector(adapter=str(atlas_adapter)).detect(case)
     assert found.names == expected.names
     assert np.median(np.linalg.norm(found.points - expected.points, axis=1)) < 1.0
     lora = tmp_path / "lora.safetensors"
     shutil.copy(micro_file, lora)
-    with pytest.raises(api.InputError, match="runs on its base model"):
+    with pytest.raises(InputError, match="runs on its base model"):
         api.detect(case, adapter=str(lora))
-    with pytest.raises(api.InputError, match="unknown settings for fine-tuning on the atlas: colour"):
+    with pytest.raises(InputError, match="unknown settings for fine-tuning on the atlas: colour"):
         api.finetune(None, [ceph.case(0), ceph.case(1)], tmp_path / "a.safetensors", colour="red")
-    assert issubclass(api.NotBetter, api.InputError)  # the worker and the CLI report it in one line
+    assert issubclass(NotBetter, InputError)  # the worker and the CLI report it in one line

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import vtk
 from medsapiens import api
-from medsapiens.detectors.factory import load_detector
+from medsapiens import load_detector
 from medsapiens.models.weight_files import load_weights
 from MedSapiensSlicerLib.logic import MedSapiensLogic
 from MedSapiensSlicerLib.worker_client import EngineWorker

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import vtk
 from medsapiens import InputError, Landmarks
-from medsapiens.detectors.factory import load_detector
+from medsapiens import load_detector
 from medsapiens.io.images import read_image
 from medsapiens.io.markups import write_markups
 from slicer.util import vtkMatrixFromArray

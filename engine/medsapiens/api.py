@@ -1,40 +1,68 @@
-"""The engine as an application uses it (the Slicer module and its worker process): detect, fine-tune, models.
+"""The one door into the engine: the command line, the worker process and the Slicer module call these functions
+for every job (detect, fine-tune, train, evaluate, analyse, models) and reach nothing below them.
 
-A thin layer over `load_detector`, the catalogue's `resolve`, `training.finetune` and
-`training.finetune_on_atlas`, so that callers need not know the engine's inner modules. Importing it needs no
-torch; torch comes in with the first detection or fine-tune (`adapter_info` and `case_checksum` read headers and
-numpy only). Progress callbacks take (fraction 0..1, message); a cancel callable returning True stops the work
-with `Cancelled` and writes nothing.
+Importing it loads no torch (the Slicer module's own process imports it): torch comes in with the first job.
+Long jobs take `progress(Progress)` (medsapiens.progress: the fraction of the whole job and a line saying what it
+does now) and `cancel() -> bool`; Cancel raises Cancelled and writes nothing. The settings a job takes are
+`settings.py`'s dataclasses, changed by name (`time_budget=60`), so flags and JSON requests go the same way.
 
-The last model or adapter detector stays loaded for the next call while its files are unchanged. Its key is each
-file's content (size, modification time and the SHA256 of its first MiB, where safetensors and torch files keep
-their header), not its path: an adapter re-trained into the same file is loaded again.
+The last model or adapter detector stays loaded for the next call while its files are unchanged on disk (their
+device, inode, size and modification time): an adapter re-trained into the same file is loaded again, and a
+catalogue name is resolved, and its downloaded file hashed, once per process.
 """
 from __future__ import annotations
 
-import hashlib
 import os
+import sys
 from pathlib import Path
-from typing import Callable
 
 from .case import Case, Landmarks, Volume
-from .errors import Cancelled, InputError, NotBetter
+from .errors import InputError
 from .io.checksum import case_checksum
+from .progress import Callback, Cancel, check, report, within
+from .settings import DEFAULT_ARCH, LORA_DEFAULTS, REFINE_DEFAULTS, TRAIN_DEFAULTS, override
 
-__all__ = ["Cancelled", "InputError", "NotBetter", "adapter_info", "adapters_dir", "case_checksum", "detect",
-           "file_key", "finetune", "models", "needs_download", "resolve_model"]
+__all__ = ["DEFAULT_ARCH", "LORA_DEFAULTS", "REFINE_DEFAULTS", "TRAIN_DEFAULTS", "adapter_info", "adapters_dir",
+           "add_model", "analyze", "analyze_files", "case_checksum", "catalogue_rows", "detect", "detect_files",
+           "architectures", "cache_dir", "demo", "evaluate", "finetune", "landmark_names", "load_cases",
+           "load_detector", "models", "needs_download", "phantom_case", "read_images", "resolve_model", "train",
+           "write_evaluation"]
 
-Progress = Callable[[float, str], None]
-HEADER_BYTES = 1 << 20
-
-_loaded: dict = {"key": None, "detector": None}  # the last model detector and the key it was loaded under
+_kept: dict = {"key": None, "detector": None}  # the last model / adapter detector and the files it came from
 
 
+# ---------------------------------------------------------------------------------------------------- models
 def models() -> dict:
     """The models to pick from: name (`NAME` or `NAME:SET`) -> display name, e.g. "MedSapiens head (ISBI 19)"."""
     from .models.catalogue import choices
 
     return {c.name: c.display for c in choices()}
+
+
+def catalogue_rows() -> list[dict]:
+    """Every catalogue model as `models` lists it: name, display, landmark sets, SHA256 state, where it is."""
+    from .models.catalogue import PIN_ON_FIRST_DOWNLOAD, catalogue
+    from .models.download import cached_path, pinned_sha256
+
+    rows = []
+    for entry in catalogue().values():
+        sha = pinned_sha256(entry)
+        state = (f"sha256 {sha} (catalogue)" if entry.sha256 != PIN_ON_FIRST_DOWNLOAD else
+                 f"sha256 {sha} (pinned at first download)" if sha else
+                 "sha256 pinned at first download (not downloaded yet)")
+        rows.append({"name": entry.name, "display": entry.display, "state": state,
+                     "sets": [s.name for s in entry.landmark_sets] if len(entry.landmark_sets) > 1 else [],
+                     "where": "cached" if cached_path(entry).is_file() else entry.source.url})
+    return rows
+
+
+def add_model(path, name: str | None = None) -> list[tuple[str, Path]]:
+    """Bring a downloaded model file, or the MedSapiens release zip, into the cache (offline sites): the
+    (name, cached file) of each model added."""
+    from .models.catalogue import catalogue
+    from .models.download import add_local, cached_path
+
+    return [(n, cached_path(catalogue()[n])) for n in add_local(path, name)]
 
 
 def needs_download(name_or_path: str):
@@ -44,210 +72,173 @@ def needs_download(name_or_path: str):
     return downloads_needed(str(name_or_path)) or None
 
 
-def resolve_model(name_or_path: str, progress: Progress | None = None, cancel=None) -> Path:
+def resolve_model(name_or_path: str, progress: Callback = None, cancel: Cancel = None) -> Path:
     """A local file for a weight file or catalogue name; a catalogue model is downloaded once, with progress."""
     from .models.download import resolve
 
-    def bytes_done(done, total):
-        _check(cancel)
-        if progress:
-            progress(done / total if total else 0.0, f"downloading {name_or_path}: {done / 2 ** 20:.0f} MB")
+    return resolve(str(name_or_path), progress, cancel)[0]
 
-    return resolve(str(name_or_path), progress=bytes_done)[0]
+
+def cache_dir() -> Path:
+    from .models.catalogue import cache_dir as where
+
+    return Path(where())
 
 
 def adapters_dir() -> Path:
     """Where adapters trained in an application are kept (beside the download cache); created on first use."""
-    from .models.catalogue import cache_dir
-
-    path = Path(cache_dir()).parent / "adapters"
+    path = cache_dir().parent / "adapters"
     path.mkdir(parents=True, exist_ok=True)
     return path
 
 
-def file_key(path) -> tuple:
-    """(size, mtime in ns, SHA256 of the first MiB): changes when the file is rewritten, whatever its path."""
-    st = os.stat(path)
-    with open(path, "rb") as f:
-        head = hashlib.sha256(f.read(HEADER_BYTES)).hexdigest()
-    return st.st_size, st.st_mtime_ns, head
+# ---------------------------------------------------------------------------------------------------- detect
+def load_detector(model=None, *, adapter=None, base=None, atlas=None, atlas_cases=None, atlas_deformable=False,
+                  device=None, precision="auto", input_size=None, flip_test=None, landmarks=None,
+                  progress: Callback = None, cancel: Cancel = None):
+    """The one factory for every detector; each has `detect(case, progress=None, cancel=None) -> Landmarks`.
+
+    model: a weight file or catalogue name (`NAME`, or `NAME:SET` for one landmark set of a multi-set model).
+    A LoRA file (a MedSapiens checkpoint or an adapter trained here) runs on a base, given one of two ways:
+    `model=LORA, base=BASE` (catalogue MedSapiens models name their base) or `model=BASE, adapter=LORA`. An
+    adapter fine-tuned on the atlas carries its atlas cases: give it alone, as `adapter` (or `model`).
+    atlas: the weight-free atlas of annotated cases, a data set (landmarks.csv, or a folder of .mrk.json + images
+    or volumes; `atlas_cases`: the case ids to use) or a list of cases; volumes make the 3D atlas.
+    atlas_deformable: the 2D atlas's B-spline stage. flip_test: None for the model's own setting. landmarks: the names
+    the caller expects (another set is refused). precision: "auto" (bf16 where the device computes it natively
+    and faster), "fp32" or "bf16".
+    """
+    from .detectors import factory
+
+    if atlas is not None:
+        if model is not None or adapter is not None or base is not None:
+            raise InputError("--atlas works without model weights; give either an atlas or a model")
+        cases = load_cases(atlas, atlas_cases) if isinstance(atlas, (str, Path)) else list(atlas)
+        detector = factory.atlas_detector(cases, atlas_deformable,
+                                          atlas if isinstance(atlas, (str, Path)) else "the atlas")
+    else:
+        detector = _kept_detector(model, adapter, base, device, precision, input_size, flip_test, progress, cancel)
+    factory.check_landmarks(detector, landmarks)
+    return detector
+
+
+def _kept_detector(model, adapter, base, device, precision, input_size, flip_test, progress, cancel):
+    """A model or adapter detector, resolved once and kept loaded while its files are unchanged on disk."""
+    from .detectors import factory
+    from .models.download import file_identity, resolve
+
+    if model is None and adapter is None:
+        raise InputError("no model given: a weight file, a catalogue name, an atlas adapter, or atlas cases")
+    refined = next((p for p in (model, adapter) if p is not None and factory.is_refined_atlas(p)), None)
+    if refined is not None:
+        if base is not None or (model is not None and adapter is not None):
+            raise InputError(f"{refined}: an atlas-refiner adapter carries its own atlas; give it alone")
+        files = [(Path(refined), None)]
+    else:
+        files = _model_files(model, adapter, base, progress, cancel, resolve)
+    key = (tuple((str(p), file_identity(p), choice and choice.name) for p, choice in files if p is not None),
+           adapter is not None, device, precision, tuple(input_size) if input_size else None, flip_test)
+    if key != _kept["key"]:
+        _kept["key"] = _kept["detector"] = None  # the old model's memory is freed before the new one loads
+        report(progress, 0.0, f"loading {' + '.join(Path(p).name for p, _ in files if p is not None)}")
+        if refined is not None:
+            detector = factory.refined_atlas_detector(refined)
+        else:
+            (path, choice), (base_path, _) = files
+            detector = factory.heatmap_detector(path, choice, base_path, lora_on_base=adapter is not None,
+                                                device=device, precision=precision, input_size=input_size,
+                                                flip_test=flip_test)
+        _kept.update(key=key, detector=detector)
+    return _kept["detector"]
+
+
+def _model_files(model, adapter, base, progress, cancel, resolve) -> list:
+    """[(the model or LoRA file, its catalogue choice), (the base under it or None, None)], each resolved once."""
+    if model is None:
+        raise InputError(f"{adapter}: a LoRA adapter runs on its base model; choose the model it was trained on")
+    if adapter is not None and base is not None:
+        raise InputError("give a LoRA file either as MODEL with --base BASE, or as --adapter on the base MODEL; "
+                         "not --adapter and --base together")
+    path, choice = resolve(str(adapter if adapter is not None else model), progress, cancel)
+    base_name = model if adapter is not None else base if base is not None else choice and choice.entry.base
+    base_path = resolve(str(base_name), progress, cancel)[0] if base_name else None
+    return [(path, choice), (base_path, None)]
 
 
 def detect(case: Case | Volume, model: str | None = None, *, adapter: str | None = None,
            atlas: list[Case | Volume] | None = None, deformable: bool = False, device: str | None = None,
-           precision: str = "auto", progress: Progress | None = None, cancel=None) -> Landmarks:
-    """Landmarks on `case`, by a model (weight file or catalogue name, optionally with a LoRA adapter file), by an
-    adapter fine-tuned on the atlas alone (`adapter` without a model: it carries its atlas cases), or by the
-    weight-free atlas of annotated `atlas` cases (`deformable`: add the B-spline stage). Volume atlas cases make
-    the 3D atlas, which detects on a Volume (points in LPS mm)."""
-    if atlas is not None:
-        if model is not None or adapter is not None:
-            raise InputError("give either a model or atlas cases, not both")
-        if atlas and isinstance(atlas[0], Volume):
-            if deformable:
-                raise InputError("the deformable stage is for 2D atlases; this atlas holds volumes")
-            return _detect_in_volume(case, list(atlas), progress, cancel)
-        from .detectors.atlas import AtlasDetector, AtlasSettings
+           precision: str = "auto", progress: Callback = None, cancel: Cancel = None) -> Landmarks:
+    """Landmarks on `case` by a model (weight file or catalogue name, optionally with a LoRA adapter file), by an
+    adapter fine-tuned on the atlas alone (`adapter` without a model), or by the weight-free atlas of annotated
+    `atlas` cases (`deformable`: the B-spline stage). Volume atlas cases make the 3D atlas, which detects on a
+    Volume (points in LPS mm)."""
+    from .detectors.factory import check_kind
 
-        if progress:
-            progress(0.0, f"registering {len(atlas)} atlas cases")
-        detector = AtlasDetector(list(atlas), AtlasSettings(deformable=deformable))
-    else:
-        if model is None and adapter is None:
-            raise InputError("no model given: a weight file, a catalogue name, an atlas adapter, or atlas cases")
-        if isinstance(case, Volume):
-            raise InputError(f"{case.label}: a 3D volume; models and adapters detect on 2D images, volumes need an "
-                             "atlas of annotated volumes")
-        detector = _loaded_detector(model, adapter, device, precision, progress, cancel)
-    _check(cancel)
-    if progress:
-        progress(0.5, "detecting")
-    return detector.detect(case)
+    check(cancel)
+    detector = load_detector(model, adapter=adapter, atlas=atlas, atlas_deformable=deformable, device=device,
+                             precision=precision, progress=within(progress, 0.0, 0.1), cancel=cancel)
+    check_kind(detector, case)
+    return detector.detect(case, within(progress, 0.1, 1.0), cancel)
 
 
-def _detect_in_volume(volume: Volume, atlas: list[Volume], progress, cancel) -> Landmarks:
-    """The 3D atlas, one atlas volume at a time so that progress moves and Cancel is checked between them."""
-    from .detectors.atlas3d import Atlas3DDetector, fuse
+def detect_files(detector, paths, out, *, spacing: float | None = None, analyze_out=None, on_error=None,
+                 warn=None, progress: Callback = None):
+    """Detect on image or volume files and write `out/<case id>.mrk.json` each and one `out/landmarks.csv`
+    (and with `analyze_out` the cephalometric analysis CSV there). An image that cannot be read or detected on
+    is reported through on_error(line) and the others go on; warn(line) hears of measures the analysis cannot
+    give. Returns batch.Batch: the files written, how many images failed, the analysis report."""
+    from . import batch
 
-    def stage(fraction: float, message: str) -> None:
-        _check(cancel)
-        if progress:
-            progress(fraction, message)
-
-    stage(0.0, f"preparing {len(atlas)} atlas volumes and the volume")  # about a tenth of the time
-    detector = Atlas3DDetector(atlas)
-    prepared = detector.prepare(volume)
-    votes = []
-    for i in range(len(atlas)):
-        stage(0.1 + 0.9 * i / len(atlas), f"registering atlas volume {i + 1} of {len(atlas)}")
-        votes += detector.votes(volume, prepared, [i])
-    _check(cancel)
-    return fuse(votes, volume, detector.names, detector.settings)
+    return batch.detect_files(detector, [Path(p) for p in paths], Path(out), spacing=spacing,
+                              analyze_out=None if analyze_out is None else Path(analyze_out),
+                              on_error=on_error or _stderr, warn=warn or _warning, progress=progress)
 
 
-def _loaded_detector(model, adapter, device, precision, progress, cancel):
-    """The detector of a model (+ adapter) or of an atlas adapter alone, kept loaded while its files are unchanged."""
-    from .detectors.factory import is_refined_atlas, load_detector
-
-    model_path = resolve_model(model, progress, cancel) if model is not None else None
-    adapter_path = resolve_model(adapter, progress, cancel) if adapter else None
-    if model_path is None and not is_refined_atlas(adapter_path):
-        raise InputError(f"{adapter}: a LoRA adapter runs on its base model; choose the model it was trained on")
-    key = (str(model), model_path and file_key(model_path), adapter_path and file_key(adapter_path), device,
-           precision)
-    if key != _loaded["key"]:
-        _loaded["key"] = _loaded["detector"] = None  # the old model's memory is freed before the new one loads
-        if progress:
-            files = [Path(p).name for p in (model_path, adapter_path) if p is not None]
-            progress(0.0, f"loading {' + '.join(files)}")
-        detector = load_detector(model, adapter=adapter, device=device, precision=precision, progress=False)
-        _loaded.update(key=key, detector=detector)
-    return _loaded["detector"]
+def _stderr(line: str) -> None:
+    print(f"medsapiens: error: {line}", file=sys.stderr)
 
 
-def finetune(base: str | None, cases: list[Case], out, *, unannotated: list[Case] = (),
-             progress: Progress | None = None, cancel=None, device: str | None = None, **settings) -> Path:
-    """Train an adapter for the cases' landmarks and write it atomically to `out`; on Cancelled, NotBetter or any
-    error `out` is left as it was.
+# -------------------------------------------------------------------------------------------------- fine-tune
+def finetune(base: str | None, cases: list[Case], out, *, unannotated: list[Case] = (), flip_pairs=(),
+             device: str | None = None, precision: str = "fp32", warm_start: bool = True, keep_worse: bool = False,
+             progress: Callback = None, cancel: Cancel = None, **settings):
+    """Train an adapter for the cases' landmarks and write it atomically to `out` (on Cancelled, NotBetter or
+    any error `out` is left as it was); returns training.loops.FinetuneResult (path, steps, seconds, ...).
 
-    base None: learn on top of the weight-free atlas of the cases (training.refine.finetune_on_atlas): a patch
-    refiner with its error estimated on held-out cases, warm-started (at most half the steps) from an adapter at
-    `out` for the same landmarks; `adapter_info(out)` then says what it learned. `unannotated`: more images of
-    the task (the ones to detect on will do), labelled by the atlas for the refiner to learn from too. NotBetter
-    (an InputError, one line) when it was worse than the atlas on the held-out cases. settings: steps (per fold),
-    time_budget (s, the whole run), lr, batch, patch, width, seed (training.RefineSettings), deformable (the
-    atlas's B-spline stage); None leaves the default. Runs on the CPU (`device` is not used).
-    base a weight file, catalogue name or architecture name: LoRA fine-tuning (training.loops.finetune).
-    settings: time_budget (s), steps, lr, input_hw (training.Settings), views_per_case, lora_blocks, min_steps,
-    head_channels (training.FinetuneSettings; the schedule on a CPU is planned: training/schedule.py).
+    base None: learn on top of the weight-free atlas of the cases (training/refine.py): a patch refiner with its
+    error estimated on held-out cases, warm-started from an adapter at `out` for the same landmarks (unless
+    warm_start is False); `unannotated`: more images of the task for the atlas to label and the refiner to learn
+    from. NotBetter (one line) when it was worse than the atlas on the held-out cases, unless keep_worse.
+    settings: RefineSettings fields by name (steps, time_budget, lr, deformable, ...).
+    base a weight file, catalogue name or architecture name: LoRA fine-tuning (training.loops.finetune);
+    settings: LoraSettings fields by name (time_budget, steps, lr, input_hw, augment, views_per_case,
+    lora_blocks, ...); flip_pairs: symmetric landmark pairs by name.
     """
     if base is None:
-        return _finetune_on_atlas(cases, unannotated, out, progress, cancel, settings)
+        from .training.refine import finetune_on_atlas
+
+        return finetune_on_atlas(cases, out, unannotated=unannotated, progress=progress, cancel=cancel,
+                                 warm_start=warm_start, keep_worse=keep_worse,
+                                 settings=override(REFINE_DEFAULTS, "settings for fine-tuning on the atlas",
+                                                   **settings))
     if unannotated:
         raise InputError("unannotated images are for fine-tuning on the atlas (no base model)")
-    from dataclasses import fields, replace
+    from .training.loops import check_cases
+    from .training.loops import finetune as lora_finetune
 
-    from .training.loops import FINETUNE_DEFAULTS, FinetuneSettings, Settings
-    from .training.loops import finetune as train_adapter
-
-    train = {k: settings.pop(k) for k in list(settings) if k in {f.name for f in fields(Settings)}}
-    if "input_hw" in train:  # a list when it came through JSON
-        train["input_hw"] = tuple(train["input_hw"])
-    unknown = set(settings) - {f.name for f in fields(FinetuneSettings)}
-    if unknown:
-        raise InputError(f"unknown fine-tune settings: {', '.join(sorted(unknown))}")
-
-    messages = {"plan": "timing this machine to plan the schedule", "views": "making training views",
-                "features": "caching the frozen blocks"}
-
-    def report(p):
-        if progress:
-            progress(p.fraction, messages.get(p.phase) or f"step {p.step}, loss {p.loss:.3f}")
-
-    return Path(train_adapter(base, cases, out, settings=FinetuneSettings(replace(FINETUNE_DEFAULTS, **train),
-                                                                              **settings),
-                              device=device, progress=report, cancel=cancel))
+    names = check_cases(cases)
+    return lora_finetune(base, cases, out, flip_pairs=_flip_pairs(flip_pairs, names), device=device,
+                         precision=precision, progress=progress, cancel=cancel,
+                         settings=override(LORA_DEFAULTS, "fine-tune settings", **settings))
 
 
-# weight of each phase of the fine-tune on the atlas in the progress bar (the training takes most of the time)
-ATLAS_PHASES = {"atlas": 0.15, "pseudo-labels": 0.25, "train": 0.8, "estimate": 0.05, "save": 0.0}
-
-
-def _phase_spans(pseudo: bool) -> dict:
-    """phase -> (start, end) of the progress bar; no room for the pseudo-labels when there are no images for it."""
-    weights = {k: w for k, w in ATLAS_PHASES.items() if pseudo or k != "pseudo-labels"}
-    total, spans, start = sum(weights.values()), {}, 0.0
-    for phase, w in weights.items():
-        spans[phase] = (start / total, (start + w) / total)
-        start += w
-    return spans
-
-
-def _finetune_on_atlas(cases, unannotated, out, progress, cancel, settings) -> Path:
-    from dataclasses import fields, replace
-
-    from .training.refine import REFINE_DEFAULTS, finetune_on_atlas, folds_of
-
-    settings = {k: v for k, v in settings.items() if v is not None}
-    atlas = replace(REFINE_DEFAULTS.atlas, deformable=bool(settings.pop("deformable", False)))
-    unknown = set(settings) - ({f.name for f in fields(REFINE_DEFAULTS)} - {"atlas"})
-    if unknown:
-        raise InputError(f"unknown settings for fine-tuning on the atlas: {', '.join(sorted(unknown))}")
-    if "scale" in settings:  # a list when it came through JSON
-        settings["scale"] = tuple(settings["scale"])
-
-    def report(p):
-        if not progress:
-            return
-        phase, _, fold = p.phase.partition(" ")  # "atlas", "pseudo-labels", "train 2/3", "estimate", "save"
-        start, end = spans[phase]
-        if phase == "train":
-            f, n = map(int, fold.split("/"))
-            fraction = (f - 1 + p.fraction) / n
-            message = f"training network {f} of {n}: step {p.step} of {p.total}"
-            if p.remaining is not None:
-                message += f", about {p.remaining:.0f} s of training left"
-        else:
-            fraction = p.fraction
-            message = {"atlas": f"atlas of the other cases: {p.step} of {p.total} held out",
-                       "pseudo-labels": f"atlas labelling the unannotated images: {p.step} of {p.total}",
-                       "estimate": "measuring the error on held-out cases", "save": "saving"}[phase]
-            if phase in ("atlas", "pseudo-labels") and 0 < p.step < p.total:
-                message += f", about {p.elapsed / p.step * (p.total - p.step):.0f} s left in this phase"
-        progress(start + (end - start) * fraction, message)
-
-    spans = _phase_spans(bool(unannotated))
-    if progress:
-        progress(0.0, f"atlas of the other cases: 0 of {len(folds_of(len(cases)))} held out")
-    try:
-        result = finetune_on_atlas(cases, out, unannotated=unannotated, progress=report, cancel=cancel,
-                                   settings=replace(REFINE_DEFAULTS, atlas=atlas, **settings))
-    except NotBetter as e:
-        est = e.estimate or {}
-        raise NotBetter("the fine-tuned adapter was not better than the atlas on held-out cases "
-                        f"({_estimate_figures(est)}); nothing was saved and the previous detector is kept",
-                        e.estimate) from None
-    return Path(result.path)
+def _flip_pairs(pairs, names: list[str]) -> list[tuple[int, int]]:
+    out = []
+    for a, b in pairs:
+        if a not in names or b not in names:
+            raise InputError(f"flip pair {a}:{b}: both names must be landmarks of the cases ({', '.join(names)})")
+        out.append((names.index(a), names.index(b)))
+    return out
 
 
 def adapter_info(path) -> dict:
@@ -259,8 +250,7 @@ def adapter_info(path) -> dict:
     the names the detector refines (all but those where the held-out cases show the atlas better beyond chance;
     there it keeps the atlas's answer); landmark_names; cases: [{"label", "sha256"}] the atlas cases it holds and was
     trained on (sha256 = case_checksum(case, landmark_names)); unannotated_images (how many atlas-labelled
-    images it also learned from; 0 for files from before they existed); steps, steps_per_fold, train_seconds,
-    warm_started, schedule_complete, created.
+    images it also learned from); steps, steps_per_fold, train_seconds, warm_started, schedule_complete, created.
     """
     from .models.weight_files import read_metadata
 
@@ -278,14 +268,123 @@ def adapter_info(path) -> dict:
                                         "schedule_complete", "created")}}
 
 
-def _estimate_figures(est: dict) -> str:
-    """'adapter 2.31 mm, atlas 2.05 mm, leave-one-case-out on 3 cases' from refine's estimate dict."""
-    mm = lambda v: "n/a" if v is None else f"{v:.2f} mm"  # noqa: E731
-    n = sum(len(h) for h in est.get("held_out_cases", []))
-    return f"adapter {mm(est.get('refined_mre_mm'))}, atlas {mm(est.get('atlas_mre_mm'))}, " \
-           f"{est.get('method', 'held out')} on {n} cases"
+# ------------------------------------------------------------------------------------------ train and evaluate
+def train(data: list, out, *, rows: slice | None = None, arch: str = DEFAULT_ARCH, epochs: float | None = None,
+          resume=None, device=None, precision="fp32", progress: Callback = None, cancel: Cancel = None,
+          **settings) -> Path:
+    """Train a whole model on annotated data sets (one: a specialist; several: a generalist with one head over
+    the union of their landmarks) and write it to `out`; under torchrun it runs data-parallel. epochs: passes
+    over the images (else the time budget decides); settings: TrainSettings fields by name."""
+    from .io.datasets import Dataset
+    from .training.loops import train as train_model
+    from .training.loops import union_names
+
+    sets = [Dataset(d) for d in data]
+    names = union_names([d.names for d in sets])
+    cases = [d.case(i) for d in sets for i in _rows(rows, len(d), d.path)]
+    s = override(TRAIN_DEFAULTS, "training settings", **settings)
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if epochs is not None:
+        s = override(s, steps=max(1, round(epochs * len(cases) / (s.batch * world))))
+    return train_model(cases, names, out, arch=arch, settings=s, resume=resume, device=device, precision=precision,
+                       progress=progress, cancel=cancel)
 
 
-def _check(cancel) -> None:
-    if cancel and cancel():
-        raise Cancelled("cancelled")
+def evaluate(detector, data, rows: slice | None = None, radii=None, progress: Callback = None):
+    """Detect on an annotated data set's rows and score against its annotations: analysis.evaluation.Evaluation
+    (MRE / SDR in mm, per landmark); radii default to the ceph ones for images and the 3D ones for volumes."""
+    from .analysis.evaluation import evaluate as run
+    from .io.datasets import Dataset
+    from .settings import CEPH_RADII, VOLUME_RADII
+
+    ds = Dataset(data)
+    radii = radii or (VOLUME_RADII if ds.dim == 3 else CEPH_RADII)
+    return run(detector, ds, _rows(rows, len(ds), ds.path), radii, progress), ds
+
+
+def write_evaluation(evaluation, dataset, out, title: str) -> list[Path]:
+    """report.json, report.md and the plots of an evaluation in `out`."""
+    from .analysis.evaluation import write_report
+
+    return write_report(evaluation, dataset, Path(out), title)
+
+
+def _rows(rows: slice | None, n: int, what) -> list[int]:
+    chosen = list(range(n))[rows] if rows is not None else list(range(n))
+    if not chosen:
+        start, stop = ("" if v is None else v for v in (rows.start, rows.stop))
+        raise InputError(f"--rows {start}:{stop}: selects no rows of {what} ({n} rows)")
+    return chosen
+
+
+# -------------------------------------------------------------------------------------------------- analysis
+def analyze(landmarks: Landmarks, spacing) -> list:
+    """The cephalometric measurements of one image (analysis.cephalometry.Measurement each); `landmarks` in
+    pixels with the ISBI 2015 names, spacing (sx, sy) mm. A measure lacking a landmark is left empty."""
+    from .analysis.cephalometry import analyze as measure
+
+    return measure(landmarks, spacing)
+
+
+def analyze_files(source, out, *, warn=None) -> tuple[Path, str]:
+    """The analysis of every image of a landmarks.csv (or a folder with one, or with .mrk.json + image pairs)
+    written to the CSV `out`; returns its path and the report (class legend and one block per image). warn(line)
+    hears of measures a landmark set or an image cannot give."""
+    from . import batch
+    from .io.datasets import landmark_sets
+
+    items, warn = landmark_sets(source), warn or _warning
+    batch.check_cephalometric(items[0][1].names, source, warn)
+    return batch.write_analysis(items, Path(out), warn)
+
+
+def _warning(line: str) -> None:
+    print(f"medsapiens: warning: {line}", file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------------------------------- files
+def load_cases(path, ids: list[str] | None = None) -> list[Case | Volume]:
+    """Annotated cases from a landmarks.csv (all rows, or those of `ids`) or a folder of `.mrk.json` + images."""
+    from .io.datasets import load_cases as load
+
+    return load(path, ids)
+
+
+def read_images(paths, what: str = "") -> list[Case]:
+    """The images of these files and folders (a folder: the image files in it), as cases without landmarks;
+    `what` names them in the error for none at all (e.g. the flag that gave them)."""
+    from .io.images import image_files, read_image
+
+    files = image_files(paths)
+    if not files:
+        raise InputError(f"{what + ' ' if what else ''}{' '.join(map(str, paths))}: no image files there")
+    return [read_image(p) for p in files]
+
+
+def landmark_names(path) -> list[str]:
+    """The landmark names of a landmarks.csv, in its order."""
+    from .io.datasets import Dataset
+
+    return list(Dataset(path).names)
+
+
+def architectures() -> list[str]:
+    """The model architectures `train` and `finetune --base` can build from scratch (imports torch)."""
+    from .models.sapiens import ARCHS
+
+    return list(ARCHS)
+
+
+def demo(data=None, out="demo_out", n_atlases: int = 3, n_cases: int = 4) -> int:
+    """The weight-free atlas on unseen cases from a few annotated ones, end to end, offline (phantom images
+    when no data set is given): MRE/SDR on stdout, .mrk.json files and an overlay picture in `out`."""
+    from .demo import run_demo
+
+    return run_demo(None if data is None else Path(data), Path(out), n_atlases=n_atlases, n_cases=n_cases)
+
+
+def phantom_case(seed: int) -> Case:
+    """A generated radiograph-like image with landmarks (demos and self-tests; no data needed)."""
+    from .phantom import phantom_case as make
+
+    return make(seed)

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from .analysis.metrics import CEPH_RADII, format_summary, radial_errors, summary
+from .analysis.metrics import format_summary, radial_errors, summary
 from .case import Case, Landmarks
 from .detectors.atlas import AtlasDetector
 from .errors import InputError
@@ -16,6 +16,7 @@ from .io.atomic import atomic_write
 from .io.datasets import Dataset, write_landmarks_csv
 from .io.markups import write_markups
 from .phantom import phantom_case
+from .settings import CEPH_RADII
 
 
 def _cases(data: Path | None, n_atlases: int, n_cases: int) -> tuple[list[Case], list[Case], str]:

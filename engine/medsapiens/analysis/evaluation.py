@@ -13,7 +13,9 @@ from ..case import Landmarks, Volume
 from ..errors import InputError, short_list
 from ..io.atomic import atomic_write, atomic_write_text
 from ..io.datasets import Dataset
-from .metrics import CEPH_RADII, format_summary, radial_errors, summary
+from ..progress import Callback, report
+from ..settings import CEPH_RADII
+from .metrics import format_summary, radial_errors, summary
 
 WORST_SHOWN = 3
 
@@ -29,6 +31,10 @@ class Evaluation:
 
     def summary(self) -> dict:
         return summary(self.errors, self.radii)
+
+    def describe(self) -> str:
+        """'MRE 1.92 mm; SDR 2 mm 66.5%, ...; 2.58 s/image'."""
+        return f"{format_summary(self.summary())}; {self.seconds_per_image:.2f} s/image"
 
     def per_landmark(self) -> list[dict]:
         rows = []
@@ -51,7 +57,7 @@ class Evaluation:
         return [int(i) for i in np.argsort(-self.image_means(), kind="stable")[:n]]
 
 
-def evaluate(detector, dataset: Dataset, rows=None, radii=CEPH_RADII, progress=None) -> Evaluation:
+def evaluate(detector, dataset: Dataset, rows=None, radii=CEPH_RADII, progress: Callback = None) -> Evaluation:
     """Detect on the data set's `rows` (default all) and score against its annotations."""
     rows = list(range(len(dataset)) if rows is None else rows)
     if not rows:
@@ -71,8 +77,8 @@ def evaluate(detector, dataset: Dataset, rows=None, radii=CEPH_RADII, progress=N
         seconds += time.perf_counter() - t
         errors.append(radial_errors(found, case.landmarks, case.spacing))
         predictions.append(found.subset(dataset.names))
-        if progress:
-            progress(n + 1, len(rows))
+        report(progress, (n + 1) / len(rows), f"scored {case.label}: {n + 1} of {len(rows)}", step=n + 1,
+               total=len(rows))
     return Evaluation([dataset.rows[i].id for i in rows], list(dataset.names), np.array(errors), predictions,
                       seconds / len(rows), tuple(float(r) for r in radii))
 

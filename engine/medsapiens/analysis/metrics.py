@@ -4,9 +4,8 @@ from __future__ import annotations
 import numpy as np
 
 from ..case import Landmarks
+from ..settings import CEPH_RADII
 
-CEPH_RADII = (2.0, 2.5, 3.0, 4.0)
-VOLUME_RADII = (0.5, 1.0, 2.0)  # default for volumes (the micro-CT set: 0.14 mm voxels)
 
 
 def radial_errors(predicted: Landmarks, truth: Landmarks, spacing=1.0) -> np.ndarray:

@@ -21,23 +21,9 @@ import torch
 from ..case import Case, Landmarks
 from ..errors import InputError, short_list
 from ..io.intensity import to_rgb255
+from ..progress import Callback, Cancel, check, report
+from ..settings import AtlasSettings, Stage
 from .ncc_align import align_windows, sample
-
-
-@dataclass(frozen=True)
-class AtlasSettings:
-    global_side: int = 256  # working size (longest side, px) of the similarity / affine stages
-    deformable: bool = False  # add a B-spline stage: better on hands (fingers), worse and slower on skulls
-    bspline_side: int = 512  # working size (longest side, px) of the B-spline stage
-    bspline_mesh: int = 4  # B-spline control-point mesh per side
-    levels: tuple = ((8, 15), (4, 15), (2, 15), (1, 15))  # local alignment: (px step, half window in steps)
-    level_side: int = 1000  # the steps hold for atlases up to this longest side (px); larger ones scale them
-    iterations: int = 30  # Adam steps per level
-    rate: float = 0.05  # Adam step, in px steps (window shift) and window edges (affine part)
-    fusion_ncc: float = 0.1  # an atlas whose local NCC is this much below the best one's counts e^-1 as much
-    mask_margin: float = 0.15  # metric region: landmark box grown by this share of its size
-    spread_mm: float = 2.0  # atlas disagreement at which confidence drops to 0.61 (one sigma)
-    seed: int = 7
 
 
 def _working_image(full: sitk.Image, side: int) -> sitk.Image:
@@ -98,18 +84,25 @@ def _landmark_mask(image: sitk.Image, landmarks: Landmarks, margin: float) -> si
     return out
 
 
-def _registration(shrink, smooth, seed, mask=None) -> sitk.ImageRegistrationMethod:
+def _registration(stage: Stage, s: AtlasSettings, mask=None) -> sitk.ImageRegistrationMethod:
+    """Mattes mutual information over `mask` (the atlas's landmark region), multi-resolution as `stage` says."""
     reg = sitk.ImageRegistrationMethod()
     if mask is not None:
         reg.SetMetricFixedMask(mask)
-    reg.SetMetricAsMattesMutualInformation(32)
+    reg.SetMetricAsMattesMutualInformation(s.histogram_bins)
     reg.SetMetricSamplingStrategy(reg.RANDOM)
-    reg.SetMetricSamplingPercentage(0.25, seed)
+    reg.SetMetricSamplingPercentage(s.sampling, s.seed)
     reg.SetInterpolator(sitk.sitkLinear)
-    reg.SetShrinkFactorsPerLevel(shrink)
-    reg.SetSmoothingSigmasPerLevel(smooth)
+    reg.SetShrinkFactorsPerLevel(list(stage.shrink))
+    reg.SetSmoothingSigmasPerLevel(list(stage.smooth))
     reg.SmoothingSigmasAreSpecifiedInPhysicalUnitsOff()
     return reg
+
+
+def _gradient_descent(reg: sitk.ImageRegistrationMethod, stage: Stage) -> None:
+    reg.SetOptimizerAsRegularStepGradientDescent(stage.step, stage.min_step, stage.iterations,
+                                                 relaxationFactor=stage.relaxation)
+    reg.SetOptimizerScalesFromPhysicalShift()
 
 
 def register(atlas_p: _Prepared, target_p: _Prepared, s: AtlasSettings) -> sitk.Transform:
@@ -118,9 +111,8 @@ def register(atlas_p: _Prepared, target_p: _Prepared, s: AtlasSettings) -> sitk.
     atlas, target = atlas_p.coarse, target_p.coarse
     init = sitk.CenteredTransformInitializer(atlas, target, sitk.Similarity2DTransform(),
                                              sitk.CenteredTransformInitializerFilter.GEOMETRY)
-    reg = _registration([4, 2, 1], [2, 1, 0], s.seed, atlas_p.coarse_mask)
-    reg.SetOptimizerAsRegularStepGradientDescent(1.0, 1e-3, 150, relaxationFactor=0.6)
-    reg.SetOptimizerScalesFromPhysicalShift()
+    reg = _registration(s.similarity, s, atlas_p.coarse_mask)
+    _gradient_descent(reg, s.similarity)
     reg.SetInitialTransform(init, inPlace=False)
     similarity = sitk.Similarity2DTransform(reg.Execute(atlas, target).GetNthTransform(0))
 
@@ -128,17 +120,16 @@ def register(atlas_p: _Prepared, target_p: _Prepared, s: AtlasSettings) -> sitk.
     affine.SetMatrix(similarity.GetMatrix())
     affine.SetTranslation(similarity.GetTranslation())
     affine.SetCenter(similarity.GetCenter())
-    reg = _registration([2, 1], [1, 0], s.seed, atlas_p.coarse_mask)
-    reg.SetOptimizerAsRegularStepGradientDescent(0.5, 1e-4, 100, relaxationFactor=0.6)
-    reg.SetOptimizerScalesFromPhysicalShift()
+    reg = _registration(s.affine, s, atlas_p.coarse_mask)
+    _gradient_descent(reg, s.affine)
     reg.SetInitialTransform(affine, inPlace=True)
     reg.Execute(atlas, target)
     if not s.deformable:
         return affine
 
     bspline = sitk.BSplineTransformInitializer(atlas_p.fine, [s.bspline_mesh] * 2, 3)
-    reg = _registration([4, 2], [2, 1], s.seed, atlas_p.fine_mask)
-    reg.SetOptimizerAsLBFGSB(gradientConvergenceTolerance=1e-5, numberOfIterations=60,
+    reg = _registration(s.bspline, s, atlas_p.fine_mask)
+    reg.SetOptimizerAsLBFGSB(gradientConvergenceTolerance=1e-5, numberOfIterations=s.bspline.iterations,
                              maximumNumberOfCorrections=5, maximumNumberOfFunctionEvaluations=200)
     reg.SetMovingInitialTransform(affine)
     reg.SetInitialTransform(bspline, inPlace=True)
@@ -206,24 +197,22 @@ class AtlasDetector:
         self.levels = tuple((step * scale, half) for step, half in settings.levels)
         self.atlases = [(a, _prepare(a, settings, self.levels)) for a in atlases]
 
-    @classmethod
-    def from_path(cls, path, ids: list[str] | None = None, settings: AtlasSettings = AtlasSettings()) -> AtlasDetector:
-        """A landmarks.csv (all rows, or those of `ids`) or a folder of `.mrk.json` + image pairs."""
-        from ..io.datasets import load_cases
+    def detect(self, case: Case, progress: Callback = None, cancel: Cancel = None) -> Landmarks:
+        return self.fuse(case, *self.votes(case, progress=progress, cancel=cancel))
 
-        return cls(load_cases(path, ids), settings)
-
-    def detect(self, case: Case) -> Landmarks:
-        return self.fuse(case, *self.votes(case))
-
-    def votes(self, case: Case, atlases: list[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def votes(self, case: Case, atlases: list[int] | None = None, progress: Callback = None,
+              cancel: Cancel = None) -> tuple[np.ndarray, np.ndarray]:
         """Each atlas's answer on `case` (or those of the atlases at indices `atlases`): points (atlases x K x 2
         px, NaN where none) and local NCC (atlases x K, -inf where no vote, also for a point off the image)."""
         if not isinstance(case, Case):
             raise InputError(f"{case.label}: a 3D volume; this atlas is of 2D images")
         target = _prepare(case, self.settings, self.levels)
-        chosen = self.atlases if atlases is None else [self.atlases[i] for i in atlases]
-        votes = [locate(atlas, prepared, target, self.settings, self.levels) for atlas, prepared in chosen]
+        chosen = range(len(self.atlases)) if atlases is None else atlases
+        votes = []
+        for n, i in enumerate(chosen):
+            check(cancel)
+            report(progress, n / len(chosen), f"registering atlas case {n + 1} of {len(chosen)}")
+            votes.append(locate(*self.atlases[i], target, self.settings, self.levels))
         stack = np.stack([v[0] for v in votes])
         scores = np.stack([v[1] for v in votes])
         with np.errstate(invalid="ignore"):

@@ -26,25 +26,10 @@ import torch
 
 from ..case import Landmarks, Volume
 from ..errors import InputError
+from ..progress import Callback, Cancel, check, report, within
+from ..settings import Atlas3DSettings, Stage
 from .atlas import atlas_names, fuse_votes
 from .ncc_align import align_windows, ncc, sample
-
-
-@dataclass(frozen=True)
-class Atlas3DSettings:
-    work_side: int = 256  # volumes with a longer side are resampled to this many voxels (memory and time bound)
-    coarse_side: int = 48  # grid (voxels along the longest side) of the orientation search and similarity stage
-    mid_side: int = 72  # grid of the affine stage
-    keep: int = 3  # orientation hypotheses taken through the similarity stage
-    distinct_deg: float = 45.0  # ... each at least this far from the others
-    levels: tuple = ((4, 4), (2, 4), (1, 4))  # local alignment: (voxel step, half window in steps)
-    level_side: int = 200  # the steps hold for atlases up to this longest side (voxels); larger ones scale them
-    iterations: int = 20  # Adam steps per level
-    rate: float = 0.05  # Adam step, in voxel steps (window shift) and window edges (affine part)
-    fusion_ncc: float = 0.1  # an atlas whose local NCC is this much below the best one's counts e^-1 as much
-    mask_margin: float = 0.15  # metric region: landmark box grown by this share of its size
-    spread_mm: float = 1.0  # atlas disagreement at which confidence drops to 0.61 (one sigma)
-    disagree_mm: float = 3.0  # weighted spread of the votes beyond which a landmark is reported missing
 
 
 def _rotations(twists_deg=(30.0, 60.0)) -> np.ndarray:
@@ -215,15 +200,19 @@ def _as_matrix(transform: sitk.Transform):
     return m, c + t - m @ c
 
 
-def _registration(shrink, smooth, mask) -> sitk.ImageRegistrationMethod:
+def _registration(stage: Stage, mask) -> sitk.ImageRegistrationMethod:
+    """Correlation over every voxel of `mask` (the same answer whatever the layout), as `stage` says."""
     reg = sitk.ImageRegistrationMethod()
     reg.SetMetricFixedMask(mask)
     reg.SetMetricAsCorrelation()
-    reg.SetMetricSamplingStrategy(reg.NONE)  # every voxel of the region: the same answer whatever the layout
+    reg.SetMetricSamplingStrategy(reg.NONE)
     reg.SetInterpolator(sitk.sitkLinear)
-    reg.SetShrinkFactorsPerLevel(shrink)
-    reg.SetSmoothingSigmasPerLevel(smooth)
+    reg.SetShrinkFactorsPerLevel(list(stage.shrink))
+    reg.SetSmoothingSigmasPerLevel(list(stage.smooth))
     reg.SmoothingSigmasAreSpecifiedInPhysicalUnitsOff()
+    reg.SetOptimizerAsRegularStepGradientDescent(stage.step, stage.min_step, stage.iterations,
+                                                 relaxationFactor=stage.relaxation)
+    reg.SetOptimizerScalesFromPhysicalShift()
     return reg
 
 
@@ -248,9 +237,7 @@ def register(atlas_p: Prepared, target_p: Prepared, s: Atlas3DSettings):
         init.SetMatrix(rotations[h].ravel().tolist())
         init.SetScale(scale)
         init.SetTranslation((target_p.centre - atlas_p.centre).tolist())
-        reg = _registration([2, 1], [1, 0], atlas_p.coarse_mask)
-        reg.SetOptimizerAsRegularStepGradientDescent(1.0, 1e-3, 100, relaxationFactor=0.6)
-        reg.SetOptimizerScalesFromPhysicalShift()
+        reg = _registration(s.similarity, atlas_p.coarse_mask)
         reg.SetInitialTransform(init, inPlace=True)
         try:
             reg.Execute(atlas_p.coarse, target_p.coarse)
@@ -267,9 +254,7 @@ def register(atlas_p: Prepared, target_p: Prepared, s: Atlas3DSettings):
     affine.SetCenter(similarity.GetCenter())
     affine.SetMatrix(similarity.GetMatrix())
     affine.SetTranslation(similarity.GetTranslation())
-    reg = _registration([2, 1], [1, 0], atlas_p.mid_mask)
-    reg.SetOptimizerAsRegularStepGradientDescent(0.5, 1e-4, 100, relaxationFactor=0.6)
-    reg.SetOptimizerScalesFromPhysicalShift()
+    reg = _registration(s.affine, atlas_p.mid_mask)
     reg.SetInitialTransform(affine, inPlace=True)
     reg.Execute(atlas_p.mid, target_p.mid)
     return _as_matrix(affine)
@@ -336,11 +321,22 @@ class Atlas3DDetector:
             raise InputError(f"{volume.label}: a 2D image; this atlas is of 3D volumes")
         return prepare(volume, self.settings, self.levels, self.voxel_mm)
 
-    def votes(self, volume: Volume, prepared: Prepared | None = None, which=None) -> list:
-        """Each atlas's (points, local NCC) for `volume` (atlases `which`, default all)."""
+    def votes(self, volume: Volume, prepared: Prepared | None = None, which=None, progress: Callback = None,
+              cancel: Cancel = None) -> list:
+        """Each atlas's (points, local NCC) for `volume` (atlases `which`, default all), one atlas at a time so
+        that progress moves and Cancel is checked between them."""
         prepared = prepared or self.prepare(volume)
         chosen = range(len(self.atlases)) if which is None else which
-        return [locate(*self.atlases[i], prepared, self.settings, self.levels) for i in chosen]
+        votes = []
+        for n, i in enumerate(chosen):
+            check(cancel)
+            report(progress, n / len(chosen), f"registering atlas volume {n + 1} of {len(chosen)}")
+            votes.append(locate(*self.atlases[i], prepared, self.settings, self.levels))
+        return votes
 
-    def detect(self, volume: Volume) -> Landmarks:
-        return fuse(self.votes(volume), volume, self.names, self.settings)
+    def detect(self, volume: Volume, progress: Callback = None, cancel: Cancel = None) -> Landmarks:
+        report(progress, 0.0, "preparing the volume")  # about a tenth of the time
+        prepared = self.prepare(volume)
+        votes = self.votes(volume, prepared, progress=within(progress, 0.1, 1.0), cancel=cancel)
+        check(cancel)
+        return fuse(votes, volume, self.names, self.settings)

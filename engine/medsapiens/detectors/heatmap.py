@@ -10,8 +10,10 @@ import torch
 from ..case import Case, Landmarks
 from ..errors import InputError
 from ..io.intensity import to_rgb255
-from ..models.codec import DEFAULT_SIGMA, UDPCodec
+from ..models.codec import UDPCodec
 from ..models.sapiens import MEAN, STD, SapiensPose
+from ..progress import Callback, Cancel, check, report
+from ..settings import HEATMAP_SIGMA, SAPIENS_INPUT_HW
 from ..models.warp import (
     apply_affine,
     image_box,
@@ -20,7 +22,6 @@ from ..models.warp import (
     warp_image,
 )
 
-DEFAULT_INPUT_HW = (1024, 768)
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 PRECISION_CHOICES = ("auto", *PRECISIONS)
 
@@ -95,7 +96,7 @@ class HeatmapDetector:
 
     dim = 2
 
-    def __init__(self, model: SapiensPose, names: list[str], input_hw=DEFAULT_INPUT_HW, sigma=DEFAULT_SIGMA,
+    def __init__(self, model: SapiensPose, names: list[str], input_hw=SAPIENS_INPUT_HW, sigma=HEATMAP_SIGMA,
                  flip_pairs=(), flip_test=False, device=None, precision="auto"):
         if len(names) != model.num_keypoints:
             raise ValueError(f"{len(names)} landmark names for a head with {model.num_keypoints} outputs")
@@ -131,7 +132,9 @@ class HeatmapDetector:
         out = self.model(torch.cat([x, x.flip(-1)])).float()
         return 0.5 * (out[:len(x)] + out[len(x):].flip(-1)[:, self.flip_index])
 
-    def detect(self, case: Case) -> Landmarks:
+    def detect(self, case: Case, progress: Callback = None, cancel: Cancel = None) -> Landmarks:
+        check(cancel)
+        report(progress, 0.0, "running the model")
         hm, warp = self.heatmaps(case)
         points, scores = self.codec.decode(hm)
         points = apply_affine(invert_affine(warp), points)

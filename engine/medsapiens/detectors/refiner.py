@@ -10,7 +10,7 @@ said the atlas was better.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -22,6 +22,8 @@ from ..errors import InputError
 from ..io.checksum import case_checksum
 from ..io.intensity import to_rgb255
 from ..models import weight_files
+from ..progress import Callback, Cancel, check, report, within
+from ..settings import AtlasSettings, from_dict
 
 KIND = "atlas-refiner"  # the weight file kind (weight_files.py)
 
@@ -156,9 +158,6 @@ class Refiner:
         out[ks] = (centres + decode(log_p, self.cfg)).double().numpy()
         return out
 
-    def config(self) -> dict:
-        return asdict(self.cfg)
-
 
 class RefinedAtlasDetector:
     """atlas -> refiner, `detect(case) -> Landmarks`; `detect_both` also returns the atlas's own answer."""
@@ -169,13 +168,15 @@ class RefinedAtlasDetector:
         self.atlas, self.refiner, self.meta = atlas, refiner, meta or {}
         self.names = atlas.names
 
-    def detect_both(self, case: Case) -> tuple[Landmarks, Landmarks]:
-        found = self.atlas.detect(case)
+    def detect_both(self, case: Case, progress: Callback = None, cancel: Cancel = None) -> tuple[Landmarks, Landmarks]:
+        found = self.atlas.detect(case, within(progress, 0.0, 0.95), cancel)
+        check(cancel)
+        report(progress, 0.95, "refining the atlas's estimates")
         points = self.refiner.refine(grey(case), found.points, found.present)
         return Landmarks(self.names, points, found.confidence, found.present), found
 
-    def detect(self, case: Case) -> Landmarks:
-        return self.detect_both(case)[0]
+    def detect(self, case: Case, progress: Callback = None, cancel: Cancel = None) -> Landmarks:
+        return self.detect_both(case, progress, cancel)[0]
 
 
 def load_refined_atlas(path) -> RefinedAtlasDetector:
@@ -193,15 +194,13 @@ def load_refined_atlas(path) -> RefinedAtlasDetector:
         if case_checksum(case, names) != info["sha256"]:
             raise InputError(f"{path}: atlas case {info['label']} does not match its checksum; the file is damaged")
         cases.append(case)
-    from .atlas import AtlasDetector, AtlasSettings
+    from .atlas import AtlasDetector
 
-    a = dict(meta["atlas_settings"])
-    unknown = set(a) - {f.name for f in fields(AtlasSettings)}
-    if unknown:
-        raise InputError(f"{path}: written by another version of medsapiens (atlas settings "
-                         f"{', '.join(sorted(unknown))} are unknown here); fine-tune it again")
-    a["levels"] = tuple(tuple(v) for v in a["levels"])
-    atlas = AtlasDetector(cases, AtlasSettings(**a))
+    try:
+        settings = from_dict(AtlasSettings, meta["atlas_settings"])
+    except InputError as e:
+        raise InputError(f"{path}: {e}; fine-tune it again") from None
+    atlas = AtlasDetector(cases, settings)
     cfg = RefinerConfig(**meta["refiner"])
     nets = []
     for f in range(len(meta["folds"])):

@@ -9,12 +9,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-DEFAULT_SIGMA = 3.0  # MedSapiens; the human-pose models use 6
+from ..settings import HEATMAP_SIGMA
+
 BLUR_KERNEL = 11
 
 
 class UDPCodec:
-    def __init__(self, input_wh, heatmap_wh, sigma: float = DEFAULT_SIGMA):
+    def __init__(self, input_wh, heatmap_wh, sigma: float = HEATMAP_SIGMA):
         self.input_wh = tuple(int(v) for v in input_wh)
         self.heatmap_wh = tuple(int(v) for v in heatmap_wh)
         self.sigma = float(sigma)

@@ -20,6 +20,7 @@ from pathlib import Path
 from ..errors import InputError
 from ..io.atomic import atomic_write, atomic_write_text
 from ..io.checksum import sha256_of
+from ..progress import Callback, Cancel, check, report
 from .catalogue import (
     PIN_ON_FIRST_DOWNLOAD,
     Choice,
@@ -32,24 +33,23 @@ from .catalogue import (
 
 CHUNK = 1 << 20
 USER_AGENT = "medsapiens (python urllib)"
+_VERIFIED: dict[Path, tuple] = {}  # cached files hashed in this process -> their file_identity then
 
 
 def offline() -> bool:
     return os.environ.get("MEDSAPIENS_OFFLINE", "") not in ("", "0")
 
 
-def resolve(model: str, progress=True) -> tuple[Path, Choice | None]:
-    """A local file for `model` and, for a catalogue name (`NAME` or `NAME:SET`), what the catalogue says of it.
-
-    progress: True for a bar on stderr, False for none, or a callable(bytes_done, bytes_total_or_None).
-    """
+def resolve(model: str, progress: Callback = None, cancel: Cancel = None) -> tuple[Path, Choice | None]:
+    """A local file for `model` and, for a catalogue name (`NAME` or `NAME:SET`), what the catalogue says of it;
+    a download reports its bytes as progress (step / total) and stops on cancel()."""
     if Path(model).is_file():
         return Path(model), None
     choice = lookup(model)
     if choice is None:
         names = ", ".join(catalogue())
         raise InputError(f"{model}: neither a file nor a catalogue model (catalogue: {names})")
-    return fetch(choice.entry, progress), choice
+    return fetch(choice.entry, progress, cancel), choice
 
 
 def downloads_needed(model: str) -> list[Entry]:
@@ -81,21 +81,19 @@ def _pin_path(entry: Entry) -> Path:
     return target.with_name(target.name + ".sha256")
 
 
-def fetch(entry: Entry, progress=True) -> Path:
-    """The entry's verified file in the cache, downloaded first if it is not there."""
+def fetch(entry: Entry, progress: Callback = None, cancel: Cancel = None) -> Path:
+    """The entry's verified file in the cache, downloaded first if it is not there. A cached file is hashed once
+    per process (and again only when it changes on disk): a 1 GB model is not read again on every load."""
     target = cached_path(entry)
     if target.is_file():
-        expected = pinned_sha256(entry)
-        if expected and sha256_of(target) != expected:
-            raise InputError(f"{target}: cached file does not match its SHA256 {expected[:12]}...; delete it to "
-                             "download again")
+        _verify(target, pinned_sha256(entry))
         return target
     if entry.source.kind == "local":
         raise InputError(f"{entry.name}: the added file {target} is gone; add it again (medsapiens models add)")
     if offline():
         raise InputError(f"{entry.name}: not in the cache ({target}) and MEDSAPIENS_OFFLINE is set; download "
                          f"{entry.source.url} elsewhere and add it with `medsapiens models add FILE`")
-    download = _download(entry, progress)
+    download = _download(entry, progress, cancel)
     try:
         if entry.source.member:  # every model of the zip is kept, so that one download serves them all
             siblings = [e for e in catalogue().values() if e.source.url == entry.source.url and e.source.member
@@ -106,6 +104,23 @@ def fetch(entry: Entry, progress=True) -> Path:
     finally:
         download.unlink(missing_ok=True)  # kept, or refused: a bad download is never resumed
     return target
+
+
+def _verify(target: Path, expected: str | None) -> None:
+    """Refuse a cached file whose SHA256 is not the pinned one; remember a good one by its identity on disk."""
+    identity = file_identity(target)
+    if _VERIFIED.get(target) == identity:
+        return
+    if expected and sha256_of(target) != expected:
+        raise InputError(f"{target}: cached file does not match its SHA256 {expected[:12]}...; delete it to "
+                         "download again")
+    _VERIFIED[target] = identity
+
+
+def file_identity(path) -> tuple:
+    """(device, inode, size, modification time in ns): changes whenever the file is written or replaced."""
+    st = os.stat(path)
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def add_local(path, name: str | None = None) -> list[str]:
@@ -179,7 +194,7 @@ def _keep(entry: Entry, open_source, what) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- HTTP
-def _download(entry: Entry, progress) -> Path:
+def _download(entry: Entry, progress: Callback, cancel: Cancel) -> Path:
     """The complete download of the entry's source, resuming an earlier partial one with an HTTP Range request."""
     key = hashlib.sha256(entry.source.url.encode()).hexdigest()[:16]
     part = cache_dir() / "downloads" / f"{key}.part"
@@ -202,7 +217,7 @@ def _download(entry: Entry, progress) -> Path:
                     continue
                 start = have if response.status == 206 and _range_start(response) == have else 0
                 total = _total(response, start)
-                _stream(response, part, start, total, entry.name, progress)
+                _stream(response, part, start, total, entry.name, progress, cancel)
             return part
         raise InputError(f"{entry.name}: {entry.source.url} kept answering with pages instead of the file")
     except (urllib.error.URLError, OSError) as e:
@@ -225,28 +240,20 @@ def _total(response, start: int) -> int | None:
     return start + int(length) if length and length.isdigit() else None
 
 
-def _stream(response, part: Path, start: int, total: int | None, label: str, progress) -> None:
-    bar = _bar(total, start, label, progress is True)
+def _stream(response, part: Path, start: int, total: int | None, label: str, progress: Callback,
+            cancel: Cancel) -> None:
+    """Append the response to the partial download (kept on Cancel, so that the next attempt resumes it)."""
     done = start
-    try:
-        with open(part, "ab" if start else "wb") as out:
-            while block := response.read(CHUNK):
-                out.write(block)
-                done += len(block)
-                bar.update(len(block))
-                if callable(progress):
-                    progress(done, total)
-    finally:
-        bar.close()
+    with open(part, "ab" if start else "wb") as out:
+        while block := response.read(CHUNK):
+            check(cancel, "download cancelled")
+            out.write(block)
+            done += len(block)
+            of = f" of {total / 2 ** 20:.0f}" if total else ""
+            report(progress, done / total if total else 0.0, f"downloading {label}: {done / 2 ** 20:.0f}{of} MB",
+                   phase="download", step=done, total=total)
     if total is not None and done < total:
         raise ConnectionError(f"connection closed after {done} of {total} bytes")
-
-
-def _bar(total, initial, label, enabled):
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=initial, unit="B", unit_scale=True, unit_divisor=1024, desc=label,
-                disable=not enabled, file=sys.stderr)
 
 
 class _DrivePage(HTMLParser):

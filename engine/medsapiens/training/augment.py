@@ -5,37 +5,12 @@ mapped by the view's own 2 x 3 matrix. Horizontal flip only where symmetric land
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..models.warp import apply_affine, image_box, udp_warp_matrix, warp_image
-
-
-@dataclass(frozen=True)
-class Augment:
-    """Probabilities and ranges; the defaults are the reference recipe's (sapiens.md, "MedSapiens recipe")."""
-
-    flip: float = 0.5              # used only when flip pairs are given
-    shift: float = 0.16            # of the box size
-    shift_p: float = 0.3
-    scale: tuple[float, float] = (0.5, 1.5)
-    rotation: float = 80.0         # degrees
-    rotation_p: float = 0.6
-    photometric_p: float = 0.5     # brightness and contrast, each with this probability
-    blur_p: float = 0.1
-    median_blur_p: float = 0.1
-    dropout_p: float = 0.5         # one hole of 20-40 % of each side
-    dropout_size: tuple[float, float] = (0.2, 0.4)
-
-
-REFERENCE = Augment()
-MILD = Augment(scale=(0.8, 1.25), rotation=15.0)  # for data sets imaged in one standard pose (cephalograms)
-PRESETS = {"reference": REFERENCE, "mild": MILD}
-NONE = Augment(flip=0, shift_p=0, scale=(1.0, 1.0), rotation_p=0, photometric_p=0, blur_p=0, median_blur_p=0,
-               dropout_p=0)
+from ..settings import Augment
 
 
 def flip_index(n: int, pairs) -> np.ndarray:

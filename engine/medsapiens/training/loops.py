@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import time
 import warnings
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -29,42 +29,15 @@ from ..errors import Cancelled, InputError, short_list
 from ..models import lora, weight_files
 from ..models.build import architecture_of, backbone_tensors, base_for_training, head_tensors, require_base
 from ..models.checkpoints import read_checkpoint
+from ..models.codec import UDPCodec
 from ..models.download import resolve
-from ..models.codec import DEFAULT_SIGMA, UDPCodec
 from ..models.sapiens import ARCHS, SapiensPose, grid_size
+from ..progress import Callback, Cancel, check, report, spans, within
+from ..settings import DEFAULT_ARCH, LORA_DEFAULTS, NO_AUGMENT, TRAIN_DEFAULTS, Augment, LoraSettings, TrainSettings
 from . import schedule
-from .augment import MILD, NONE, REFERENCE, Augment, random_view
+from .augment import random_view
 
-DEFAULT_ARCH = "tiny"
-DEFAULT_INPUT_HW = (256, 192)
 LOSS_SCALE = 1000.0  # masked MSE of heatmaps in [0, 1] is ~1e-3; scaled so that gradient clipping at 1 means something
-
-
-@dataclass(frozen=True)
-class Settings:
-    input_hw: tuple[int, int] = DEFAULT_INPUT_HW
-    sigma: float = DEFAULT_SIGMA
-    lr: float = 5e-4
-    weight_decay: float = 0.1
-    layer_decay: float = 0.85
-    clip: float = 1.0
-    warmup: float = 0.05          # share of the run
-    batch: int = 8
-    steps: int | None = None
-    time_budget: float | None = None  # seconds
-    seed: int = 0
-    augment: Augment = field(default=REFERENCE)
-
-
-@dataclass
-class Progress:
-    step: int
-    fraction: float   # of the phase, by steps or time, whichever is further
-    loss: float
-    elapsed: float    # seconds in this phase
-    phase: str = "train"
-    total: int | None = None       # steps of the phase, where known
-    remaining: float | None = None  # estimated seconds left in the whole run, where known
 
 
 def lr_factor(p: float, warmup: float) -> float:
@@ -98,7 +71,7 @@ def param_groups(model: SapiensPose, lr: float, weight_decay: float, layer_decay
 class Views:
     """Training images in memory, landmarks ordered as `names`; `sample` makes one augmented, encoded view."""
 
-    def __init__(self, cases: list[Case], names: list[str], settings: Settings, flip_pairs=()):
+    def __init__(self, cases: list[Case], names: list[str], settings: TrainSettings, flip_pairs=()):
         self.names = list(names)
         self.settings = settings
         self.flip_pairs = tuple(flip_pairs)
@@ -140,44 +113,28 @@ def masked_mse(pred, target, weight) -> torch.Tensor:
     return (((pred.float() - target) ** 2) * weight[:, :, None, None]).mean() * LOSS_SCALE
 
 
-def fit(net: nn.Module, params: list[dict], next_batch: Callable[[int], tuple], settings: Settings, device,
-        precision: str = "fp32", progress=None, cancel=None, start_step: int = 0, optimizer_state=None,
-        on_checkpoint=None, checkpoint_every: float | None = None, loss_fn=None) -> dict:
+def fit(net: nn.Module, params: list[dict], next_batch: Callable[[int], tuple], settings: TrainSettings, device,
+        precision: str = "fp32", progress: Callback = None, cancel: Cancel = None, start_step: int = 0,
+        optimizer_state=None, on_checkpoint=None, checkpoint_every: float | None = None, loss_fn=None) -> dict:
     """The loop: `next_batch(step) -> (inputs, target, weight)`; returns steps, seconds, last loss, optimizer.
 
-    loss_fn(pred, target, weight) -> scalar; default the masked heatmap MSE.
-
-    Stops at settings.steps or settings.time_budget (all ranks agree under DDP); raises Cancelled on cancel().
+    loss_fn(pred, target, weight) -> scalar; default the masked heatmap MSE. Stops at settings.steps or
+    settings.time_budget, whichever comes first (all ranks agree under DDP); raises Cancelled on cancel(). The
+    learning-rate schedule follows whichever of the two is further along.
     """
-    if settings.steps is None and settings.time_budget is None:
-        raise ValueError("give steps or a time budget")
-    if (settings.steps is not None and settings.steps < 1) or (settings.time_budget is not None
-                                                               and not settings.time_budget > 0):
-        raise InputError(f"training needs at least one step and a time budget above 0 (steps {settings.steps}, "
-                         f"time budget {settings.time_budget} s)")
+    _check_bounds(settings)
     opt = torch.optim.AdamW(params, betas=(0.9, 0.999))
     if optimizer_state is not None:
         opt.load_state_dict(optimizer_state)
     trainable = [p for g in params for p in g["params"]]
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     t0 = last_save = time.monotonic()
-    step, loss_value, smooth = start_step, float("nan"), None
+    step, smooth = start_step, None
     net.train()
-    while True:
-        elapsed = time.monotonic() - t0
-        p = max(step / settings.steps if settings.steps else 0.0,
-                elapsed / settings.time_budget if settings.time_budget else 0.0)
-        stop = torch.tensor([float(p >= 1.0), float(bool(cancel and cancel()))])
-        if distributed:
-            stop = stop.to(device)
-            torch.distributed.all_reduce(stop, op=torch.distributed.ReduceOp.MAX)
-        if stop[1]:
-            raise Cancelled("training cancelled")
-        if stop[0]:
-            break
+    while not _stop(_done(settings, step, time.monotonic() - t0), cancel, device):
         for g in opt.param_groups:
-            g["lr"] = settings.lr * g["lr_scale"] * lr_factor(p, settings.warmup)
+            g["lr"] = settings.lr * g["lr_scale"] * lr_factor(_done(settings, step, time.monotonic() - t0),
+                                                               settings.warmup)
         x, target, weight = (t.to(device) for t in next_batch(step))
         with autocast:
             pred = net(x)
@@ -187,12 +144,8 @@ def fit(net: nn.Module, params: list[dict], next_batch: Callable[[int], tuple], 
         torch.nn.utils.clip_grad_norm_(trainable, settings.clip)
         opt.step()
         step += 1
-        loss_value = loss.item()
-        smooth = loss_value if smooth is None else 0.9 * smooth + 0.1 * loss_value
-        if progress:
-            spent = time.monotonic() - t0
-            progress(Progress(step, min(p, 1.0), smooth, spent, total=settings.steps,
-                              remaining=spent * (1 - p) / p if p > 0 else None))
+        smooth = loss.item() if smooth is None else 0.9 * smooth + 0.1 * loss.item()
+        _report_step(progress, settings, step, smooth, time.monotonic() - t0)
         if on_checkpoint and checkpoint_every and time.monotonic() - last_save > checkpoint_every:
             on_checkpoint(step, opt)
             last_save = time.monotonic()
@@ -200,21 +153,74 @@ def fit(net: nn.Module, params: list[dict], next_batch: Callable[[int], tuple], 
     return {"steps": step, "seconds": time.monotonic() - t0, "loss": smooth, "optimizer": opt}
 
 
+def _check_bounds(settings: TrainSettings) -> None:
+    if settings.steps is None and settings.time_budget is None:
+        raise ValueError("give steps or a time budget")
+    if (settings.steps is not None and settings.steps < 1) or (settings.time_budget is not None
+                                                               and not settings.time_budget > 0):
+        raise InputError(f"training needs at least one step and a time budget above 0 (steps {settings.steps}, "
+                         f"time budget {settings.time_budget} s)")
+
+
+def _done(settings: TrainSettings, step: int, elapsed: float) -> float:
+    """How far the run is, by steps or by time, whichever is further (1 = finished)."""
+    return max(step / settings.steps if settings.steps else 0.0,
+               elapsed / settings.time_budget if settings.time_budget else 0.0)
+
+
+def _stop(done: float, cancel: Cancel, device) -> bool:
+    """True when the run is over; Cancelled when the user asked to stop. Under DDP every rank decides alike."""
+    flags = torch.tensor([float(done >= 1.0), float(bool(cancel and cancel()))])
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        flags = flags.to(device)
+        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+    if flags[1]:
+        raise Cancelled("training cancelled")
+    return bool(flags[0])
+
+
+def _report_step(progress: Callback, settings: TrainSettings, step: int, loss: float, spent: float) -> None:
+    done = min(_done(settings, step, spent), 1.0)
+    of = f" of {settings.steps}" if settings.steps else ""
+    report(progress, done, f"step {step}{of}, loss {loss:.3f}", phase="train", step=step, total=settings.steps, loss=loss,
+           remaining=spent * (1 - done) / done if done > 0 else None)
+
+
 # ---------------------------------------------------------------------------------------------- few-shot adapter
 
-# Few-shot: 5 minutes for the whole run (views, cached tokens, steps), and mild augmentation (measured better than
-# the reference's on both data sets here: benchmarks/finetune_choices.py, README "Few-shot speed and accuracy
-# choices").
-FINETUNE_DEFAULTS = Settings(lr=1e-3, time_budget=300.0, augment=MILD)
+@dataclass
+class FinetuneResult:
+    """What a fine-tune made: the adapter (None where nothing was written), its steps and seconds (per phase),
+    on the atlas its held-out estimate and whether it beat the atlas, on a base the schedule it followed."""
 
+    path: Path | None
+    steps: int
+    seconds: float
+    phase_seconds: dict
+    estimate: dict | None = None
+    better: bool = True
+    schedule: str | None = None
 
-@dataclass(frozen=True)
-class FinetuneSettings:
-    train: Settings = FINETUNE_DEFAULTS
-    views_per_case: int = 64
-    lora_blocks: int | None = None  # LoRA on the last N blocks, 0: head only (None: planned, training/schedule.py)
-    min_steps: int = 500            # the plan keeps at least this many optimiser steps within the time budget
-    head_channels: int | None = None  # width of a head the base does not bring (None: planned, or the arch's)
+    def line(self) -> str:
+        """`<adapter path>  <steps> steps  <seconds> s  <phase times>`: the command line's result."""
+        phases = ", ".join(f"{k} {v:.1f} s" for k, v in self.phase_seconds.items())
+        return f"{self.path}  {self.steps} steps  {self.seconds:.1f} s  {phases}"
+
+    def notes(self) -> list[str]:
+        """What a user should read beside the result: the schedule, or the held-out errors (and a warning for an
+        adapter kept although it lost to the atlas)."""
+        if self.schedule:
+            return [f"schedule: {self.schedule}"]
+        if self.estimate is None:
+            return []
+        est = self.estimate
+        lines = [f"held-out error ({est['method']}): atlas {est['atlas_mre_mm']:.2f} mm, refined "
+                 f"{est['refined_mre_mm']:.2f} mm; refining {sum(est['use_refined'])} of {len(est['use_refined'])} "
+                 "landmarks"]
+        if not self.better:
+            lines.append("medsapiens: warning: the adapter was worse than the atlas on the held-out cases (written "
+                         "anyway, as asked)")
+        return lines
 
 
 def check_cases(cases: list[Case]) -> list[str]:
@@ -238,15 +244,26 @@ def check_cases(cases: list[Case]) -> list[str]:
     return list(names)
 
 
-def finetune(base, cases: list[Case], out, *, flip_pairs=(), settings: FinetuneSettings = FinetuneSettings(),
-             device=None, precision="fp32", progress=None, cancel=None) -> Path:
+@dataclass
+class _Trainable:
+    """What a few-shot run trains: the model, the first block with LoRA (the blocks below run once per view),
+    the views per case, the plan (None when every weight is trained) and the base file."""
+
+    model: SapiensPose
+    start: int
+    views_per_case: int
+    plan: schedule.Plan | None = None
+    base_path: Path | None = None
+
+
+def finetune(base, cases: list[Case], out, *, flip_pairs=(), settings: LoraSettings = LORA_DEFAULTS,
+             device=None, precision="fp32", progress: Callback = None, cancel: Cancel = None) -> FinetuneResult:
     """Train an adapter (LoRA + head) for the cases' landmarks on `base` and write it atomically to `out`.
 
     base: a weight file or catalogue name (LoRA on its frozen backbone, as `schedule.py` plans it), or an
     architecture name from model.ARCHS (no pre-training: every weight is trained, the result is a whole model
-    file). The time budget covers the whole run, reading the base included. progress(Progress) is called every
-    step (phases "plan", "views", "features" before "train"); cancel() -> True stops with Cancelled and leaves
-    `out` as it was.
+    file). The time budget covers the whole run, reading the base included. cancel() -> True stops with
+    Cancelled and leaves `out` as it was.
     """
     names = check_cases(cases)
     s = settings.train
@@ -254,67 +271,73 @@ def finetune(base, cases: list[Case], out, *, flip_pairs=(), settings: FinetuneS
     if precision not in PRECISIONS:
         raise InputError(f"precision must be one of {', '.join(PRECISIONS)}")
     torch.manual_seed(s.seed)
-    t_run = time.monotonic()
-    phase_seconds = {}
-    plan, base_path = None, None
-    if str(base) in ARCHS and not Path(str(base)).exists():
-        model = SapiensPose(str(base), len(names), grid_size(s.input_hw))
-        start, views_per_case = 0, settings.views_per_case
-    else:
-        ckpt, base_path = _base_checkpoint(base)
-        phase_seconds["base"] = round(time.monotonic() - t_run, 1)
-        t0 = time.monotonic()
-        plan = _plan(ckpt, len(names), len(cases), settings, dev, precision, progress)
-        if plan.step_seconds:  # measured here
-            phase_seconds["plan"] = round(time.monotonic() - t0, 1)
-        model = base_for_training(ckpt, names, plan.head_channels)
-        del ckpt
-        start, views_per_case = model.arch.depth - plan.lora_blocks, plan.views_per_case
-        model.requires_grad_(False)
-        if plan.lora_blocks:
-            lora.add_lora(model, range(start, model.arch.depth))
-        model.head.requires_grad_(True)
-    model.to(dev)
-    grid = grid_size(s.input_hw)
+    t_run, seconds = time.monotonic(), {}
+    run = _trainable(base, names, len(cases), settings, dev, precision, within(progress, 0.0, 0.05), seconds)
+    bar = spans({"setup": 0.05, "views": 0.05, "features": 0.25 if run.start > 0 else 0.0, "train": 0.65})
     t0 = time.monotonic()
-    inputs, targets, weights = _fixed_views(cases, names, s, flip_pairs, views_per_case, progress, cancel)
-    phase_seconds["views"] = round(time.monotonic() - t0, 1)
-    if start > 0:
+    inputs, targets, weights = _fixed_views(cases, names, s, flip_pairs, run.views_per_case,
+                                            within(progress, *bar["views"]), cancel)
+    seconds["views"] = round(time.monotonic() - t0, 1)
+    if run.start > 0:
         t0 = time.monotonic()
-        inputs = _frozen_tokens(model, inputs, start, dev, pick_precision("auto", dev), progress, cancel)
-        phase_seconds["features"] = round(time.monotonic() - t0, 1)
-    net = Tail(model, start, grid) if start > 0 else model
+        inputs = _frozen_tokens(run.model, inputs, run.start, dev, pick_precision("auto", dev),
+                                within(progress, *bar["features"]), cancel)
+        seconds["features"] = round(time.monotonic() - t0, 1)
     rng = np.random.default_rng(s.seed)
 
     def next_batch(step):
         idx = rng.choice(len(inputs), size=min(s.batch, len(inputs)), replace=False)
         return inputs[idx], targets[idx], weights[idx]
 
-    train = s
-    if s.time_budget is not None:  # what the plan, the views and the cached tokens left of the budget
-        train = replace(s, time_budget=max(s.time_budget - (time.monotonic() - t_run), 0.1 * s.time_budget))
-    result = fit(net, param_groups(model, s.lr, s.weight_decay, s.layer_decay), next_batch, train, dev,
-                 precision, progress, cancel)
-    phase_seconds["train"] = round(result["seconds"], 1)
-    if plan is not None and s.steps is None and result["steps"] < settings.min_steps:
-        warnings.warn(f"only {result['steps']} steps fitted in the {s.time_budget:g} s budget on this device "
-                      f"(the plan asks for {settings.min_steps}); the adapter may be poor: give a larger "
-                      "--time-budget", stacklevel=2)
-    return weight_files.save_trained(
-        out, model.cpu(), names, s.input_hw, s.sigma, base=base_path, flip_pairs=[list(p) for p in flip_pairs],
-        training_cases=[c.label for c in cases], steps=result["steps"], train_seconds=round(result["seconds"], 1),
-        views_per_case=views_per_case, phase_seconds=phase_seconds,
-        **({} if plan is None else {"schedule": asdict(plan)}))
+    train = s if s.time_budget is None else replace(  # what the plan, views and cached tokens left of the budget
+        s, time_budget=max(s.time_budget - (time.monotonic() - t_run), 0.1 * s.time_budget))
+    net = Tail(run.model, run.start, grid_size(s.input_hw)) if run.start > 0 else run.model
+    result = fit(net, param_groups(run.model, s.lr, s.weight_decay, s.layer_decay), next_batch, train, dev,
+                 precision, within(progress, *bar["train"]), cancel)
+    seconds["train"] = round(result["seconds"], 1)
+    _warn_if_short(run, result["steps"], settings)
+    path = weight_files.save_trained(
+        out, run.model.cpu(), names, s.input_hw, s.sigma, base=run.base_path,
+        flip_pairs=[list(p) for p in flip_pairs], training_cases=[c.label for c in cases], steps=result["steps"],
+        train_seconds=round(result["seconds"], 1), views_per_case=run.views_per_case, phase_seconds=seconds,
+        **({} if run.plan is None else {"schedule": asdict(run.plan)}))
+    return FinetuneResult(path, result["steps"], time.monotonic() - t_run, seconds,
+                          schedule=run.plan.describe(run.model.arch.depth) if run.plan else None)
 
 
-def _base_checkpoint(base):
-    path = resolve(str(base))[0]
-    ckpt = read_checkpoint(path)
+def _trainable(base, names, cases: int, settings: LoraSettings, dev, precision, progress: Callback,
+               seconds: dict) -> _Trainable:
+    """The model to train: an architecture from scratch, or the base with LoRA on the blocks the plan gives."""
+    s = settings.train
+    if str(base) in ARCHS and not Path(str(base)).exists():
+        return _Trainable(SapiensPose(str(base), len(names), grid_size(s.input_hw)), 0, settings.views_per_case)
+    t0 = time.monotonic()
+    base_path = resolve(str(base))[0]
+    ckpt = read_checkpoint(base_path)
     require_base(ckpt)
-    return ckpt, path
+    seconds["base"] = round(time.monotonic() - t0, 1)
+    t0 = time.monotonic()
+    plan = _plan(ckpt, len(names), cases, settings, dev, precision, progress)
+    if plan.step_seconds:  # measured here
+        seconds["plan"] = round(time.monotonic() - t0, 1)
+    model = base_for_training(ckpt, names, plan.head_channels)
+    del ckpt
+    start = model.arch.depth - plan.lora_blocks
+    model.requires_grad_(False)
+    if plan.lora_blocks:
+        lora.add_lora(model, range(start, model.arch.depth))
+    model.head.requires_grad_(True)
+    return _Trainable(model.to(dev), start, plan.views_per_case, plan, base_path)
 
 
-def _plan(ckpt, keypoints: int, cases: int, settings: FinetuneSettings, dev, precision, progress) -> schedule.Plan:
+def _warn_if_short(run: _Trainable, steps: int, settings: LoraSettings) -> None:
+    if run.plan is not None and settings.train.steps is None and steps < settings.min_steps:
+        warnings.warn(f"only {steps} steps fitted in the {settings.train.time_budget:g} s budget on this device "
+                      f"(the plan asks for {settings.min_steps}); the adapter may be poor: give a larger "
+                      "--time-budget", stacklevel=3)
+
+
+def _plan(ckpt, keypoints: int, cases: int, settings: LoraSettings, dev, precision, progress) -> schedule.Plan:
     """The recipe on a GPU, with explicit `lora_blocks` or without a time budget; otherwise measured here."""
     arch_name, _, head_width = architecture_of({**backbone_tensors(ckpt), **head_tensors(ckpt)}, ckpt)
     arch = replace(ARCHS[arch_name], head_channels=head_width or ARCHS[arch_name].head_channels)
@@ -326,14 +349,13 @@ def _plan(ckpt, keypoints: int, cases: int, settings: FinetuneSettings, dev, pre
         blocks = arch.depth if settings.lora_blocks is None else min(arch.depth, settings.lora_blocks)
         return schedule.Plan(blocks, settings.head_channels or arch.head_channels, settings.views_per_case, 0.0,
                              0.0)
-    if progress:
-        progress(Progress(0, 0.0, float("nan"), 0.0, "plan"))
+    report(progress, 0.5, "timing this machine to plan the schedule", phase="plan")
     costs = schedule.measure(arch, s.input_hw, keypoints, s.batch, dev, pick_precision("auto", dev), precision)
     return schedule.choose(arch, head_width is None, cases, settings.views_per_case, s.batch, s.time_budget,
                            settings.min_steps, costs)
 
 
-def _fixed_views(cases, names, s: Settings, flip_pairs, per_case: int, progress, cancel):
+def _fixed_views(cases, names, s: TrainSettings, flip_pairs, per_case: int, progress: Callback, cancel: Cancel):
     """`per_case` views of each case: the plain whole-image view first, then augmented ones (seeded)."""
     views = Views(cases, names, s, flip_pairs)
     rng = np.random.default_rng(s.seed)
@@ -341,18 +363,16 @@ def _fixed_views(cases, names, s: Settings, flip_pairs, per_case: int, progress,
     total = len(cases) * per_case
     for i in range(len(cases)):
         for v in range(per_case):
-            if cancel and cancel():
-                raise Cancelled("training cancelled")
-            x, t, w = views.sample(i, rng, NONE if v == 0 else None)
+            check(cancel, "training cancelled")
+            x, t, w = views.sample(i, rng, NO_AUGMENT if v == 0 else None)
             xs.append(x), ts.append(t), ws.append(w)
-            if progress:
-                progress(Progress(0, len(xs) / total, float("nan"), 0.0, "views"))
+            report(progress, len(xs) / total, f"making training views: {len(xs)} of {total}", phase="views")
     return torch.stack(xs), torch.stack(ts), torch.stack(ws)
 
 
 @torch.no_grad()
-def _frozen_tokens(model: SapiensPose, inputs: torch.Tensor, stop: int, device, precision: str, progress, cancel,
-                   chunk=16):
+def _frozen_tokens(model: SapiensPose, inputs: torch.Tensor, stop: int, device, precision: str, progress: Callback,
+                   cancel: Cancel, chunk=16):
     """Tokens after the first `stop` (frozen) blocks for every view, computed once, in the inference precision
     (bf16 where the device is fast at it, as detection does)."""
     model.eval()
@@ -360,14 +380,13 @@ def _frozen_tokens(model: SapiensPose, inputs: torch.Tensor, stop: int, device, 
     t0 = time.monotonic()
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     for i in range(0, len(inputs), chunk):
-        if cancel and cancel():
-            raise Cancelled("training cancelled")
+        check(cancel, "training cancelled")
         with autocast:
             out.append(model.backbone.forward_tokens(inputs[i:i + chunk].to(device), 0, stop).float().cpu())
-        if progress:
-            done = min(i + chunk, len(inputs)) / len(inputs)
-            spent = time.monotonic() - t0
-            progress(Progress(0, done, float("nan"), spent, "features", remaining=spent * (1 - done) / done))
+        done = min(i + chunk, len(inputs)) / len(inputs)
+        spent = time.monotonic() - t0
+        report(progress, done, f"caching the frozen blocks: {min(i + chunk, len(inputs))} of {len(inputs)} views",
+               phase="features", remaining=spent * (1 - done) / done)
     return torch.cat(out)
 
 
@@ -381,7 +400,7 @@ def union_names(name_sets: list[list[str]]) -> list[str]:
     return names
 
 
-def train(cases: list[Case], names: list[str], out, *, arch=DEFAULT_ARCH, settings: Settings = Settings(),
+def train(cases: list[Case], names: list[str], out, *, arch=DEFAULT_ARCH, settings: TrainSettings = TRAIN_DEFAULTS,
           resume=None, device=None, precision="fp32", progress=None, cancel=None,
           checkpoint_every: float | None = 600.0) -> Path:
     """Train a whole model on annotated cases (landmarks a case's set lacks get weight 0) and save it to `out`.
@@ -400,6 +419,9 @@ def train(cases: list[Case], names: list[str], out, *, arch=DEFAULT_ARCH, settin
     else:
         model = SapiensPose(arch, len(names), grid_size(s.input_hw))
     model.to(dev)
+    if rank == 0:
+        report(progress, 0.0, f"training {arch if resume is None else resume} on {len(cases)} images, {len(names)} landmarks, {world} "
+                              "process(es)")
     net = model
     if world > 1:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
@@ -435,7 +457,7 @@ def state_path(out) -> Path:
     return Path(str(out) + ".state")
 
 
-def _save_model(out, model, names, s: Settings, cases, step, opt) -> None:
+def _save_model(out, model, names, s: TrainSettings, cases, step, opt) -> None:
     weight_files.save_trained(out, model, names, s.input_hw, s.sigma, steps=step, training_cases=len(cases),
                               lr=s.lr, batch=s.batch)
     state = opt.state_dict()
@@ -444,7 +466,7 @@ def _save_model(out, model, names, s: Settings, cases, step, opt) -> None:
                               "state")
 
 
-def _resume(path, names, s: Settings):
+def _resume(path, names, s: TrainSettings):
     from ..models.build import build_model
     from ..models.checkpoints import read_checkpoint
 

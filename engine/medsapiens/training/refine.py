@@ -24,20 +24,18 @@ unannotated images that the adapter stores are reused, so only a new case's atla
 """
 from __future__ import annotations
 
+import json
 import math
 import time
 import warnings
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..case import Case
-from ..errors import InputError, NotBetter
-from ..io.checksum import image_checksum
-from ..models import weight_files
-from ..detectors.atlas import AtlasDetector, AtlasSettings
+from ..detectors.atlas import AtlasDetector
 from ..detectors.refiner import (
     KIND,
     PatchNet,
@@ -50,34 +48,17 @@ from ..detectors.refiner import (
     sample_patches,
     standardise,
 )
-from .loops import Cancelled, Progress, Settings, check_cases, fit
+from ..errors import InputError, NotBetter
+from ..io.checksum import image_checksum
+from ..models import weight_files
+from ..progress import Callback, Cancel, Progress, check, report, spans
+from ..settings import REFINE_DEFAULTS, AtlasSettings, RefineSettings, TrainSettings
+from .loops import FinetuneResult, check_cases, fit
 
 MAX_FOLDS = 5
 ATLAS_WINS_P = 0.05  # a landmark stays the atlas's where a one-sided sign test says the refiner lost beyond chance
-
-
-@dataclass(frozen=True)
-class RefineSettings:
-    steps: int = 600             # optimiser steps per fold (a warm start takes half)
-    time_budget: float = 540.0   # seconds for the whole run, atlas phases included: training is cut short (and
-                                 # says so) past it; 9 minutes, so that a user waits at most about 10
-    batch: int = 32
-    lr: float = 2e-3
-    patch: int = 64
-    width: int = 12
-    max_rotation: float = 15.0   # degrees
-    scale: tuple[float, float] = (0.9, 1.1)
-    target_sigma: float = 1.0    # output cells
-    offset_spread: float = 1.25  # training offsets ~ N(0, this x the atlas's error per axis)
-    min_sigma_px: float = 2.0
-    pseudo_share: float = 0.75   # share of each batch cut from unannotated images the atlas labelled (if given)
-    max_unannotated: int = 50    # at most this many of them (evenly spaced): about 2.5 s of atlas each
-    prior_scales: tuple[float, ...] = (1.0, 2.0, 4.0)  # prior spreads (x the atlas's error) tried on held-out cases
-    seed: int = 0
-    atlas: AtlasSettings = AtlasSettings()
-
-
-REFINE_DEFAULTS = RefineSettings()
+# each phase's share of the progress bar (training takes most of the time)
+PHASE_WEIGHTS = {"atlas": 0.15, "pseudo-labels": 0.25, "train": 0.8, "estimate": 0.05, "save": 0.0}
 
 
 def folds_of(n: int) -> list[list[int]]:
@@ -148,187 +129,257 @@ def soft_cross_entropy(pred, target, index) -> torch.Tensor:
 
 
 @dataclass
-class FinetuneResult:
-    path: Path | None
-    steps: int
-    seconds: float
-    phase_seconds: dict
-    estimate: dict
-    better: bool
+class _Run:
+    """One fine-tune's inputs and the state its phases hand on (nothing is written before the last phase)."""
 
-    def line(self) -> str:
-        phases = ", ".join(f"{k} {v:.1f} s" for k, v in self.phase_seconds.items())
-        return f"{self.path}  {self.steps} steps  {self.seconds:.1f} s  {phases}"
+    cases: list[Case]
+    names: list[str]
+    folds: list[list[int]]
+    pool: list[Case]                 # the unannotated images to label
+    case_sums: list[str]             # case_checksum of each case: how the file names them, keys of stored votes
+    image_sums: list[str]            # image_checksum of each image of the pool
+    settings: RefineSettings
+    previous: dict | None            # the adapter at `out` to warm-start from
+    steps: int                       # per fold
+    budget: float                    # seconds for the whole run
+    bar: dict                        # phase -> (start, end) on the progress bar
+    progress: Callback
+    cancel: Cancel
+    t_start: float = field(default_factory=time.monotonic)
+    seconds: dict = field(default_factory=dict)  # phase -> seconds
+
+    @property
+    def labels(self) -> list[str]:
+        return [c.label for c in self.cases]
+
+    def report(self, phase: str, fraction: float, message: str, **fields) -> None:
+        """Progress of the whole run from `fraction` of one phase."""
+        start, end = self.bar[phase]
+        report(self.progress, start + (end - start) * fraction, message, phase=phase, **fields)
 
 
-def finetune_on_atlas(cases: list[Case], out, *, unannotated: list[Case] = (), settings: RefineSettings = RefineSettings(),
-                      progress=None, cancel=None, warm_start: bool = True, keep_worse: bool = False) -> FinetuneResult:
+@dataclass
+class _AtlasErrors:
+    """The leave-one-case-out atlas: its estimates of each case, the truth, and the patch geometry its error
+    asks for (sigma: its error per axis, px)."""
+
+    estimates: np.ndarray            # cases x K x 2, NaN where not found
+    truth: np.ndarray
+    sigma: float
+    config: RefinerConfig
+
+
+def finetune_on_atlas(cases: list[Case], out, *, unannotated: list[Case] = (),
+                      settings: RefineSettings = REFINE_DEFAULTS, progress: Callback = None, cancel: Cancel = None,
+                      warm_start: bool = True, keep_worse: bool = False) -> FinetuneResult:
     """Fine-tune an atlas-refiner adapter from annotated cases and write it atomically to `out`; `unannotated`
     images of the same task (any landmarks they carry are ignored) are labelled by the atlas and add variety.
 
     Raises Cancelled (cancel() -> True; `out` untouched) or NotBetter (the refined landmarks were worse than the
     atlas's on held-out cases; `out` untouched unless keep_worse). A previous adapter at `out` for the same
     landmarks warm-starts the networks (half the steps)."""
+    run = _start(cases, unannotated, out, settings, progress, cancel, warm_start)
+    atlas = _atlas_phase(run)
+    votes = _pseudo_label_phase(run)
+    nets, steps = _train_phase(run, atlas, votes)
+    estimate, config = _estimate_phase(run, atlas, nets)
+    better = estimate["refined_mre_mm"] <= estimate["atlas_mre_mm"]
+    path = _save_phase(run, out, config, nets, votes, estimate, steps) if better or keep_worse else None
+    result = FinetuneResult(path, steps, time.monotonic() - run.t_start,
+                            {k: round(v, 1) for k, v in run.seconds.items()}, estimate, better)
+    if not better and not keep_worse:
+        raise NotBetter("the fine-tuned adapter was not better than the atlas on held-out cases "
+                        f"({_estimate_figures(estimate)}); nothing was saved and the previous detector is kept",
+                        estimate)
+    return result
+
+
+def _estimate_figures(est: dict) -> str:
+    """'adapter 2.31 mm, atlas 2.05 mm, leave-one-case-out on 3 cases'."""
+    mm = lambda v: "n/a" if v is None else f"{v:.2f} mm"  # noqa: E731
+    cases = sum(len(h) for h in est["held_out_cases"])
+    return f"adapter {mm(est['refined_mre_mm'])}, atlas {mm(est['atlas_mre_mm'])}, {est['method']} on {cases} cases"
+
+
+def _start(cases, unannotated, out, s: RefineSettings, progress, cancel, warm_start) -> _Run:
+    """Check the cases, pick the images to label, and size the run: a warm start takes at most half the steps
+    of the run before it in all (a case more is a fold more) and half its time (or of the budget, if less)."""
     names = check_cases(cases)
-    s = settings
-    t_start = time.monotonic()
-    phase_seconds: dict[str, float] = {}
     labels = [c.label for c in cases]
     if len(set(labels)) != len(labels):
         raise InputError(f"two training cases share a name ({', '.join(labels)}); give each case its own")
     folds = folds_of(len(cases))
     pool = _unannotated(unannotated, cases, s.max_unannotated)
-    case_sums = [case_checksum(c, names) for c in cases]  # how the file names them; keys of stored atlas votes
-    image_sums = [image_checksum(image) for image in pool]
-    previous = _previous(out, names, s) if warm_start else None
+    previous = _previous(out, names) if warm_start else None
     steps = s.steps if previous is None else max(1, min(s.steps // 2, previous["steps"] // (2 * len(folds))))
-    # a warm start takes at most half the time of the run before it (or of the budget, if that is less)
     budget = s.time_budget if previous is None else min(s.time_budget, previous["seconds"]) / 2
+    bar = spans({k: w for k, w in PHASE_WEIGHTS.items() if pool or k != "pseudo-labels"})
+    run = _Run(cases, names, folds, pool, [case_checksum(c, names) for c in cases],
+               [image_checksum(image) for image in pool], s, previous, steps, budget, bar, progress, cancel)
+    run.report("atlas", 0.0, f"atlas of the other cases: 0 of {len(folds)} held out", step=0, total=len(folds))
+    return run
 
-    def check():
-        if cancel and cancel():
-            raise Cancelled("training cancelled")
 
-    def report(phase, done, total, loss=float("nan"), t_phase=0.0, remaining=None):
-        if progress:
-            progress(Progress(done, done / max(total, 1), loss, t_phase, phase, total, remaining))
-
-    # ---- atlas, leave one case out
-    t0 = time.monotonic()
-    atlas_loo = np.full((len(cases), len(names), 2), np.nan)
-    for f, held in enumerate(folds):
-        check()
-        rest = [c for i, c in enumerate(cases) if i not in held]
-        detector = AtlasDetector(rest, s.atlas)
+def _atlas_phase(run: _Run) -> _AtlasErrors:
+    """Each case detected by the atlas of the others: the atlas's error on unseen cases, its spread (the
+    refiner's training offsets and prior), and the starting points the refiner is scored from."""
+    t0, s = time.monotonic(), run.settings
+    estimates = np.full((len(run.cases), len(run.names), 2), np.nan)
+    for f, held in enumerate(run.folds):
+        check(run.cancel, "training cancelled")
+        detector = AtlasDetector([c for i, c in enumerate(run.cases) if i not in held], s.atlas)
         for i in held:
-            check()
-            found = detector.detect(cases[i]).subset(names)
-            atlas_loo[i] = np.where(found.present[:, None], found.points, np.nan)
-        report("atlas", f + 1, len(folds), t_phase=time.monotonic() - t0)
-    truth = np.stack([c.landmarks.subset(names).points for c in cases])
-    miss = atlas_loo - truth
+            check(run.cancel, "training cancelled")
+            found = detector.detect(run.cases[i]).subset(run.names)
+            estimates[i] = np.where(found.present[:, None], found.points, np.nan)
+        run.report("atlas", (f + 1) / len(run.folds), _phase_line("atlas of the other cases", f + 1,
+                   len(run.folds), " held out", time.monotonic() - t0), step=f + 1, total=len(run.folds))
+    truth = np.stack([c.landmarks.subset(run.names).points for c in run.cases])
+    miss = estimates - truth
     ok = np.isfinite(miss).all(axis=2)
-    sigma = float(np.sqrt(np.mean(miss[ok] ** 2))) if ok.any() else 10.0  # px per axis
-    sigma = max(sigma, s.min_sigma_px)
+    sigma = max(float(np.sqrt(np.mean(miss[ok] ** 2))) if ok.any() else 10.0, s.min_sigma_px)  # px per axis
     step_px = max(1.0, 3 * sigma / ((s.patch - 1) / 2 - 6))
-    cfg = RefinerConfig(s.patch, round(step_px, 3), s.width, round(sigma, 3))
-    if previous is not None and previous["config"] != asdict(replace(cfg, prior_sigma=0, step=0)):
-        previous = None  # another patch geometry: nothing to start from
-        steps, budget = s.steps, s.time_budget
-    phase_seconds["atlas"] = time.monotonic() - t0
+    config = RefinerConfig(s.patch, round(step_px, 3), s.width, round(sigma, 3))
+    if run.previous is not None and run.previous["config"] != asdict(replace(config, prior_sigma=0, step=0)):
+        run.previous, run.steps, run.budget = None, s.steps, s.time_budget  # another patch geometry: start over
+    run.seconds["atlas"] = time.monotonic() - t0
+    return _AtlasErrors(estimates, truth, sigma, config)
 
-    # ---- pseudo-labels: every case's atlas votes on each unannotated image once; each fold fuses only its own
-    #      training cases' votes, so that its held-out cases stay unseen
-    #      (votes the previous adapter stored for the same image and atlas case are reused, not run again)
+
+def _pseudo_label_phase(run: _Run) -> list:
+    """Every case's atlas votes on each unannotated image once (at most half the budget goes to it); each fold
+    fuses only its own training cases' votes later, so that its held-out cases stay unseen. Votes the previous
+    adapter stored for the same image and atlas case are reused, not run again."""
+    if not run.pool:
+        return []
+    t0, s = time.monotonic(), run.settings
+    atlas = AtlasDetector(run.cases, s.atlas)
+    stored = run.previous["votes"] if run.previous is not None and \
+        run.previous["atlas_settings"] == _atlas_meta(s.atlas) else {}
     votes = []  # per labelled image: (atlas cases x K x 2, atlas cases x K)
-    if pool:
-        t0 = time.monotonic()
-        atlas_all = AtlasDetector(cases, s.atlas)
-        stored = previous["votes"] if previous is not None and previous["atlas_settings"] == _atlas_meta(s.atlas) \
-            else {}
-        for j, image in enumerate(pool):
-            check()
-            if time.monotonic() - t0 > budget / 2:  # at most half the time budget goes to labelling
-                break
-            votes.append(_votes(atlas_all, image, image_sums[j], case_sums, stored))
-            report("pseudo-labels", j + 1, len(pool), t_phase=time.monotonic() - t0)
-        pool, image_sums = pool[:len(votes)], image_sums[:len(votes)]
-        phase_seconds["pseudo-labels"] = time.monotonic() - t0
+    for j, image in enumerate(run.pool):
+        check(run.cancel, "training cancelled")
+        if time.monotonic() - t0 > run.budget / 2:
+            break
+        votes.append(_votes(atlas, image, run.image_sums[j], run.case_sums, stored))
+        run.report("pseudo-labels", (j + 1) / len(run.pool), _phase_line(
+            "atlas labelling the unannotated images", j + 1, len(run.pool), "", time.monotonic() - t0),
+            step=j + 1, total=len(run.pool))
+    run.pool, run.image_sums = run.pool[:len(votes)], run.image_sums[:len(votes)]
+    run.seconds["pseudo-labels"] = time.monotonic() - t0
+    return votes
 
-    # ---- train one network per fold
+
+def _phase_line(what: str, done: int, total: int, unit: str, spent: float) -> str:
+    """'what: 2 of 5 held out, about 40 s left in this phase' (the time only while the phase runs)."""
+    left = f", about {spent / done * (total - done):.0f} s left in this phase" if 0 < done < total else ""
+    return f"{what}: {done} of {total}{unit}{left}"
+
+
+def _train_phase(run: _Run, atlas: _AtlasErrors, votes: list) -> tuple[list[PatchNet], int]:
+    """One refiner network per fold, on the fold's cases and the images its own atlas labelled; each fold gets
+    its share of what is left of the budget."""
     t0 = time.monotonic()
-    nets, total_steps = [], 0
-    for f, held in enumerate(folds):
-        check()
-        train_cases = [c for i, c in enumerate(cases) if i not in held]
-        torch.manual_seed(s.seed + f)
-        net = PatchNet(len(names), s.width)
-        start = _warm(previous, {labels[i] for i in held})
-        if start is not None:
-            net.load_state_dict(start)
-        keep = [i for i in range(len(cases)) if i not in held]
-        pseudo = pseudo_labels(atlas_all, pool, votes, keep, names) if pool else []
-        n_pseudo = int(round(s.batch * s.pseudo_share)) if pseudo else 0
-        samplers = [(PatchSampler(train_cases, names, cfg, s, s.offset_spread * sigma), s.batch - n_pseudo)]
-        if n_pseudo:
-            samplers.append((PatchSampler(pseudo, names, cfg, s, s.offset_spread * sigma), n_pseudo))
-        rng = np.random.default_rng(s.seed + f)
+    fuser = AtlasDetector(run.cases, run.settings.atlas) if run.pool else None
+    nets, total = [], 0
+    for f, held in enumerate(run.folds):
+        check(run.cancel, "training cancelled")
+        net, steps = _train_fold(run, atlas, f, held, pseudo_labels(fuser, run.pool, votes, _kept(run, held),
+                                                                     run.names) if run.pool else [], t0)
+        nets.append(net)
+        total += steps
+    run.seconds["train"] = time.monotonic() - t0
+    return nets, total
 
-        def batch(_, samplers=samplers, rng=rng):
-            return tuple(torch.cat(parts) for parts in zip(*(sp.batch(rng, n) for sp, n in samplers)))
-        fold_budget = max(1.0, budget - (time.monotonic() - t_start)) / (len(folds) - f)
-        train_settings = Settings(lr=s.lr, weight_decay=1e-4, steps=steps, time_budget=fold_budget, warmup=0.05,
-                                  batch=s.batch, seed=s.seed)
-        params = [{"params": list(net.parameters()), "weight_decay": 1e-4, "lr_scale": 1.0}]
-        t_fold = time.monotonic()
 
-        def fold_progress(p, f=f, t_fold=t_fold):
-            spent = time.monotonic() - t0
-            per_fold = (time.monotonic() - t_fold) / max(p.fraction, 1e-3)
-            left = per_fold * (1 - p.fraction) + per_fold * (len(folds) - f - 1)
-            report(f"train {f + 1}/{len(folds)}", p.step, steps, p.loss, spent, left)
+def _kept(run: _Run, held: list[int]) -> list[int]:
+    return [i for i in range(len(run.cases)) if i not in held]
 
-        result = fit(net, params, batch, train_settings, torch.device("cpu"),
-                     progress=fold_progress, cancel=cancel, loss_fn=soft_cross_entropy)
-        total_steps += result["steps"]
-        nets.append(net.eval())
-    phase_seconds["train"] = time.monotonic() - t0
 
-    # ---- estimate on the held-out cases
+def _train_fold(run: _Run, atlas: _AtlasErrors, f: int, held: list[int], pseudo: list[Case], t0: float):
+    """The fold's network (warm-started from a previous one that never saw its held-out cases) and its steps."""
+    s, n = run.settings, len(run.folds)
+    torch.manual_seed(s.seed + f)
+    net = PatchNet(len(run.names), s.width)
+    start = _warm(run.previous, {run.labels[i] for i in held})
+    if start is not None:
+        net.load_state_dict(start)
+    n_pseudo = int(round(s.batch * s.pseudo_share)) if pseudo else 0
+    spread = s.offset_spread * atlas.sigma
+    samplers = [(PatchSampler([run.cases[i] for i in _kept(run, held)], run.names, atlas.config, s, spread),
+                 s.batch - n_pseudo)]
+    if n_pseudo:
+        samplers.append((PatchSampler(pseudo, run.names, atlas.config, s, spread), n_pseudo))
+    rng = np.random.default_rng(s.seed + f)
+
+    def batch(_):
+        return tuple(torch.cat(parts) for parts in zip(*(sp.batch(rng, k) for sp, k in samplers)))
+
+    fold_budget = max(1.0, run.budget - (time.monotonic() - run.t_start)) / (n - f)
+    t_fold = time.monotonic()
+
+    def step(p: Progress) -> None:  # the whole training's time left: this fold's and the folds after it
+        per_fold = (time.monotonic() - t_fold) / max(p.fraction, 1e-3)
+        left = per_fold * (1 - p.fraction) + per_fold * (n - f - 1)
+        run.report("train", (f + p.fraction) / n, f"training network {f + 1} of {n}: step {p.step} of "
+                   f"{run.steps}, about {left:.0f} s of training left", step=p.step, total=run.steps, loss=p.loss,
+                   remaining=left)
+
+    result = fit(net, [{"params": list(net.parameters()), "weight_decay": 1e-4, "lr_scale": 1.0}], batch,
+                 TrainSettings(lr=s.lr, weight_decay=1e-4, steps=run.steps, time_budget=fold_budget, warmup=0.05,
+                               batch=s.batch, seed=s.seed), torch.device("cpu"), progress=step, cancel=run.cancel,
+                 loss_fn=soft_cross_entropy)
+    return net.eval(), result["steps"]
+
+
+def _estimate_phase(run: _Run, atlas: _AtlasErrors, nets: list[PatchNet]) -> tuple[dict, RefinerConfig]:
+    """Each fold's network refines its held-out cases' atlas estimates, for each prior spread tried: the
+    adapter's error on unseen cases next to the atlas's, per landmark; the best prior is kept."""
     t0 = time.monotonic()
-    spacing = np.array([c.spacing for c in cases])[:, None, :]
-    greys = [grey(c) for c in cases]
+    spacing = np.array([c.spacing for c in run.cases])[:, None, :]
+    greys = [grey(c) for c in run.cases]
     tried = []  # per prior spread: (held-out MRE, config, refined points)
-    everything = np.ones(len(names), bool)
-    for scale in s.prior_scales:
-        check()
-        scaled = replace(cfg, prior_sigma=round(sigma * scale, 3))
-        refined_loo = np.full_like(atlas_loo, np.nan)
-        for f, held in enumerate(folds):
-            refiner = Refiner([nets[f]], scaled, everything)
+    for scale in run.settings.prior_scales:
+        check(run.cancel, "training cancelled")
+        config = replace(atlas.config, prior_sigma=round(atlas.sigma * scale, 3))
+        refined = np.full_like(atlas.estimates, np.nan)
+        for f, held in enumerate(run.folds):
+            refiner = Refiner([nets[f]], config, np.ones(len(run.names), bool))
             for i in held:
-                present = np.isfinite(atlas_loo[i]).all(axis=1)
-                refined_loo[i] = refiner.refine(greys[i], atlas_loo[i], present)
-        tried.append((np.nanmean(np.linalg.norm((refined_loo - truth) * spacing, axis=2)), scaled, refined_loo))
-        report("estimate", len(tried), len(s.prior_scales), t_phase=time.monotonic() - t0)
-    _, cfg, refined_loo = min(tried, key=lambda t: t[0])  # the first of equals: the narrower prior
-    estimate = _estimate(names, labels, folds, atlas_loo, refined_loo, truth, spacing)
-    estimate["prior_scale"] = round(cfg.prior_sigma / sigma, 3)
-    phase_seconds["estimate"] = time.monotonic() - t0
-    better = estimate["refined_mre_mm"] <= estimate["atlas_mre_mm"]
+                refined[i] = refiner.refine(greys[i], atlas.estimates[i], np.isfinite(atlas.estimates[i]).all(1))
+        tried.append((np.nanmean(np.linalg.norm((refined - atlas.truth) * spacing, axis=2)), config, refined))
+        run.report("estimate", len(tried) / len(run.settings.prior_scales), "measuring the error on held-out cases")
+    _, config, refined = min(tried, key=lambda t: t[0])  # the first of equals: the narrower prior
+    estimate = _estimate(run.names, run.labels, run.folds, atlas.estimates, refined, atlas.truth, spacing)
+    estimate["prior_scale"] = round(config.prior_sigma / atlas.sigma, 3)
+    run.seconds["estimate"] = time.monotonic() - t0
+    return estimate, config
 
-    # ---- save
+
+def _save_phase(run: _Run, out, config: RefinerConfig, nets, votes, estimate: dict, steps: int) -> Path:
+    """One file, written atomically: the fold networks, the atlas cases (images and points, checksummed), the
+    atlas's votes on the unannotated images (for the next warm start) and the estimate."""
     t0 = time.monotonic()
-    report("save", 0, 1)
-    check()
-    seconds = time.monotonic() - t_start
-    path = None
-    if better or keep_worse:
-        meta = {"landmark_names": names, "refiner": asdict(cfg), "atlas_settings": _atlas_meta(s.atlas),
-                "cases": [{"label": c.label, "sha256": sha, "spacing": list(c.spacing)}
-                          for c, sha in zip(cases, case_sums)],
-                "folds": [[labels[i] for i in held] for held in folds], "estimate": estimate,
-                "use_refined": estimate["use_refined"], "steps": total_steps, "steps_per_fold": steps,
-                "unannotated_images": len(pool), "unannotated": [{"sha256": sha} for sha in image_sums],
-                "warm_started": previous is not None,
-                "train_seconds": round(seconds, 1),
-                "schedule_complete": total_steps >= steps * len(folds)}
-        tensors = {f"fold{f}.{k}": v for f, net in enumerate(nets) for k, v in net.state_dict().items()}
-        for j, (stack, scores) in enumerate(votes):  # the atlas's votes, for the next warm start
-            tensors[f"unannotated{j}.points"] = torch.from_numpy(stack)
-            tensors[f"unannotated{j}.scores"] = torch.from_numpy(scores)
-        for j, c in enumerate(cases):
-            tensors[f"case{j}.image"] = greys[j].round().to(torch.uint8)
-            tensors[f"case{j}.points"] = torch.from_numpy(c.landmarks.subset(names).points)
-        path = weight_files.save_weights(out, tensors, meta, KIND)
-    phase_seconds["save"] = time.monotonic() - t0
-    result = FinetuneResult(path, total_steps, time.monotonic() - t_start,
-                            {k: round(v, 1) for k, v in phase_seconds.items()}, estimate, better)
-    if not better and not keep_worse:
-        raise NotBetter(f"the fine-tuned adapter was worse than the atlas on held-out cases "
-                        f"({estimate['refined_mre_mm']:.2f} vs {estimate['atlas_mre_mm']:.2f} mm MRE); "
-                        f"{out} was not written - keep using the atlas of these cases", estimate)
-    return result
+    run.report("save", 0.0, "saving")
+    check(run.cancel, "training cancelled")
+    meta = {"landmark_names": run.names, "refiner": asdict(config), "atlas_settings": _atlas_meta(run.settings.atlas),
+            "cases": [{"label": c.label, "sha256": sha, "spacing": list(c.spacing)}
+                      for c, sha in zip(run.cases, run.case_sums)],
+            "folds": [[run.labels[i] for i in held] for held in run.folds], "estimate": estimate,
+            "use_refined": estimate["use_refined"], "steps": steps, "steps_per_fold": run.steps,
+            "unannotated_images": len(run.pool), "unannotated": [{"sha256": sha} for sha in run.image_sums],
+            "warm_started": run.previous is not None, "train_seconds": round(time.monotonic() - run.t_start, 1),
+            "schedule_complete": steps >= run.steps * len(run.folds)}
+    tensors = {f"fold{f}.{k}": v for f, net in enumerate(nets) for k, v in net.state_dict().items()}
+    for j, (stack, scores) in enumerate(votes):
+        tensors[f"unannotated{j}.points"] = torch.from_numpy(stack)
+        tensors[f"unannotated{j}.scores"] = torch.from_numpy(scores)
+    for j, c in enumerate(run.cases):
+        tensors[f"case{j}.image"] = grey(c).round().to(torch.uint8)
+        tensors[f"case{j}.points"] = torch.from_numpy(c.landmarks.subset(run.names).points)
+    path = weight_files.save_weights(out, tensors, meta, KIND)
+    run.seconds["save"] = time.monotonic() - t0
+    return path
 
 
 def _estimate(names, labels, folds, atlas_loo, refined_loo, truth, spacing) -> dict:
@@ -402,10 +453,11 @@ def _unannotated(images, cases: list[Case], most: int) -> list[Case]:
 
 
 def _atlas_meta(a: AtlasSettings) -> dict:
-    return {k: (list(map(list, v)) if k == "levels" else v) for k, v in asdict(a).items()}
+    """The atlas settings as the adapter file stores them (JSON: tuples become lists)."""
+    return json.loads(json.dumps(asdict(a)))
 
 
-def _previous(out, names, s: RefineSettings) -> dict | None:
+def _previous(out, names) -> dict | None:
     """The adapter at `out`, if it is an atlas-refiner for these landmarks: its fold networks and folds."""
     out = Path(out)
     if not (out.is_file() and weight_files.is_weights_file(out)):

@@ -34,9 +34,11 @@ def finetune(request: dict, progress, cancel) -> dict:
     application need not read the file."""
     cases = [protocol.read_case(p) for p in request["cases"]]
     unannotated = [protocol.read_case(p) for p in request.get("unannotated", [])]
-    out = api.finetune(request.get("base"), cases, request["out"], unannotated=unannotated,
-                       device=request.get("device"), progress=progress, cancel=cancel, **request.get("settings", {}))
-    return {"adapter": str(out), **({"info": api.adapter_info(out)} if request.get("base") is None else {})}
+    result = api.finetune(request.get("base"), cases, request["out"], unannotated=unannotated,
+                          device=request.get("device"), progress=progress, cancel=cancel,
+                          **request.get("settings", {}))
+    return {"adapter": str(result.path),
+            **({"info": api.adapter_info(result.path)} if request.get("base") is None else {})}
 
 
 HANDLERS = {protocol.DETECT: detect, protocol.FINETUNE: finetune}
@@ -87,8 +89,8 @@ class Server:
         rid = request.get("id")
         cancelled = self._cancel[rid]
 
-        def progress(fraction: float, message: str) -> None:
-            self.send(id=rid, kind=protocol.PROGRESS, fraction=round(float(fraction), 4), message=message)
+        def progress(p) -> None:
+            self.send(id=rid, kind=protocol.PROGRESS, fraction=round(float(p.fraction), 4), message=p.message)
 
         try:
             handler = HANDLERS.get(request["kind"])
