@@ -1,34 +1,35 @@
 """MedSapiens: detect named anatomical landmarks on the current slice, a 2D radiograph or a whole 3D volume, and
 fine-tune adapters.
 
-The widget only wires the panel (Resources/UI/MedSapiensSlicer.ui) to MedSapiensSlicerLogic, whose behaviour
-lives in MedSapiensSlicerLib.logic.MedSapiensLogic (MRML only; tested on slicer-core). Engine work runs in a
-separate process of Slicer's Python (MedSapiensSlicerLib.worker_client.EngineWorker), kept warm between clicks;
-a QTimer applies its replies on the main thread (progress, result, Cancel).
+The widget only wires the panel (Resources/UI/MedSapiensSlicer.ui) to MedSapiensSlicerLogic: the panel's state is
+MedSapiensSlicerLib.panel.PanelState as a parameter node (every field bound to its widget), its decisions are
+PanelLogic's and the MRML work MedSapiensLogic's (both tested on slicer-core). Engine work runs in a separate
+process of Slicer's Python (MedSapiensSlicerLib.worker_client.EngineWorker), kept warm between clicks; a QTimer
+applies its replies on the main thread (progress, result, Cancel).
 """
+import dataclasses
 import logging
 import unittest
 from typing import Annotated, Optional
 
+import ctk
 import qt
 import slicer
 import vtk
-from slicer import vtkMRMLMarkupsFiducialNode, vtkMRMLScalarVolumeNode
-from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
+from slicer.parameterNodeWrapper import (Choice, GuiConnector, WithinRange, parameterNodeGuiConnector,
+                                         parameterNodeWrapper, unannotatedType)
 from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
                                            ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
 from slicer.util import VTKObservationMixin
 
-from MedSapiensSlicerLib.analysis import analysisRows, writeAnalysisCSV
 from MedSapiensSlicerLib.dependencies import (EngineInstaller, InstallError, add_engine_to_path, missing,
                                                slicer_version_problem)
-from MedSapiensSlicerLib.logic import WHOLE_VOLUME as VOLUME_IN_3D
-from MedSapiensSlicerLib.logic import MedSapiensLogic
 
-WHOLE_IMAGE = "Whole 2D image"
-WHOLE_VOLUME = "Whole volume (3D)"
-ATLAS = "Atlas from my annotated cases"
-LOCAL_FILE = "Local file"
+add_engine_to_path()  # a source checkout: the engine beside the module (the extension ships it on sys.path)
+
+from MedSapiensSlicerLib.analysis import analysisRows, writeAnalysisCSV  # noqa: E402
+from MedSapiensSlicerLib.panel import PanelLogic, PanelState  # noqa: E402
+
 POLL_MS = 100
 
 
@@ -49,23 +50,61 @@ class MedSapiensSlicer(ScriptedLoadableModule):
             "Method: MedSapiens (Sapiens ViT + LoRA + heatmap head). Sapiens models by Meta.")
 
 
-@parameterNodeWrapper
-class MedSapiensSlicerParameterNode:
-    inputVolume: vtkMRMLScalarVolumeNode
-    view: Annotated[str, Choice([WHOLE_IMAGE, WHOLE_VOLUME, "Red", "Green", "Yellow"])] = WHOLE_IMAGE
-    model: str = ATLAS      # a catalogue name, LOCAL_FILE or ATLAS (set from the model box by the widget)
-    atlasDeformable: bool = False
-    learnUnannotated: bool = True  # fine-tuning on the atlas also learns from the scene's other 2D images
-    atlasAdapter: str = ""      # the adapter last fine-tuned on the atlas (set by Fine-tune)
-    useAtlasAdapter: bool = True  # Detect with the atlas uses atlasAdapter (off: the plain atlas of the table)
-    modelFile: str = ""
-    adapter: str = ""
-    device: Annotated[str, Choice(["auto", "cpu", "cuda"])] = "auto"
-    precision: Annotated[str, Choice(["auto", "fp32", "bf16"])] = "auto"
-    outputMarkups: vtkMRMLMarkupsFiducialNode
-    trainingMarkups: vtkMRMLMarkupsFiducialNode
-    timeBudget: Annotated[float, WithinRange(30, 3600)] = 540  # s, the whole fine-tune
-    adapterName: str = "my-task"
+@parameterNodeGuiConnector
+class ctkPathLineEditToStrConnector(GuiConnector):
+    """A path field bound to a str parameter (Slicer's own connector takes pathlib.Path, whose empty value is ".")."""
+
+    @staticmethod
+    def canRepresent(widget, datatype) -> bool:
+        return type(widget) == ctk.ctkPathLineEdit and unannotatedType(datatype) == str
+
+    @staticmethod
+    def create(widget, datatype):
+        return ctkPathLineEditToStrConnector(widget) if ctkPathLineEditToStrConnector.canRepresent(widget, datatype) \
+            else None
+
+    def __init__(self, widget):
+        super().__init__()
+        self._widget = widget
+
+    def _connect(self):
+        self._widget.currentPathChanged.connect(self.changed)
+
+    def _disconnect(self):
+        self._widget.currentPathChanged.disconnect(self.changed)
+
+    def widget(self):
+        return self._widget
+
+    def read(self) -> str:
+        return self._widget.currentPath
+
+    def write(self, value: str) -> None:
+        self._widget.currentPath = value
+
+
+def _annotation(f: dataclasses.Field):
+    """A PanelState field's type as the parameter node wrapper takes it: an MRML node class, a str with its
+    choices, a float within its range, or the plain type."""
+    if "node" in f.metadata:
+        return getattr(slicer, f.metadata["node"])
+    if "choices" in f.metadata:
+        choices = f.metadata["choices"]
+        return Annotated[str, Choice(list(choices() if callable(choices) else choices))]
+    if "range" in f.metadata:
+        return Annotated[float, WithinRange(*f.metadata["range"])]
+    return {"bool": bool, "str": str, "float": float, "int": int}[f.type]
+
+
+def _parameterNodeClass():
+    """The parameter node wrapper of PanelState, its one definition (MedSapiensSlicerLib/panel.py)."""
+    fields = dataclasses.fields(PanelState)
+    namespace = {f.name: f.default for f in fields if f.default is not None}
+    namespace["__annotations__"] = {f.name: _annotation(f) for f in fields}
+    return parameterNodeWrapper(type("MedSapiensSlicerParameterNode", (), namespace))
+
+
+MedSapiensSlicerParameterNode = _parameterNodeClass()
 
 
 class MedSapiensSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
@@ -75,7 +114,9 @@ class MedSapiensSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = None
         self._parameterNode = None
         self._parameterNodeGuiTag = None
+        self._parameterObserver = None
         self.job = None  # the engine request running now (MedSapiensSlicerLib.worker_client.Job)
+        self._label = ""
         self.analysisRows = None  # the analysis table's rows (MedSapiensSlicerLib.analysis.AnalysisRow)
 
     def setup(self) -> None:
@@ -89,13 +130,8 @@ class MedSapiensSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.timer = qt.QTimer()
         self.timer.setInterval(POLL_MS)
         self.timer.connect("timeout()", self.onPoll)
-
-        self.installer = EngineInstaller(on_installed=self.refreshModelChoices)
-        self.refreshModelChoices()
-        self.ui.modelComboBox.connect("currentTextChanged(QString)", self.onModelChanged)
-        self.ui.viewComboBox.connect("currentTextChanged(QString)", lambda text: self._updateAtlasOptions())
-        self.ui.modelPathLineEdit.connect("currentPathChanged(QString)", lambda path: self._set("modelFile", path))
-        self.ui.adapterPathLineEdit.connect("currentPathChanged(QString)", lambda path: self._set("adapter", path))
+        self.installer = EngineInstaller()
+        self.ui.learnUnannotatedCheckBox.toolTip = self.logic.learnUnannotatedTip()
         self.ui.detectButton.connect("clicked(bool)", self.onDetect)
         self.ui.finetuneButton.connect("clicked(bool)", self.onFinetune)
         self.ui.cancelButton.connect("clicked(bool)", self.onCancel)
@@ -106,7 +142,6 @@ class MedSapiensSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.exportAnalysisButton.connect("clicked(bool)", self.onExportAnalysis)
         self.ui.analysisTable.horizontalHeader().setStretchLastSection(True)
         self.ui.analysisWidget.visible = False
-
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         slicer.app.connect("aboutToQuit()", self.cleanup)
@@ -117,9 +152,10 @@ class MedSapiensSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.statusLabel.text = versionProblem
 
     def cleanup(self) -> None:
-        """Module closed or reloaded, or Slicer quitting: stop polling and end the engine worker."""
+        """Module closed or reloaded, or Slicer quitting: stop polling, end the engine worker, stop observing."""
         self.timer.stop()
         self.job = None
+        self.setParameterNode(None)
         self.logic.onCasesChanged = None  # this panel is going away
         self.logic.shutdown()
         self.removeObservers()
@@ -128,9 +164,7 @@ class MedSapiensSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.initializeParameterNode()
 
     def exit(self) -> None:
-        if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self._parameterNodeGuiTag = None
+        self.setParameterNode(None)
 
     def onSceneStartClose(self, caller, event) -> None:
         self.setParameterNode(None)
@@ -142,32 +176,38 @@ class MedSapiensSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def initializeParameterNode(self) -> None:
         self.setParameterNode(self.logic.getParameterNode())
         if not self._parameterNode.inputVolume:
-            volume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
-            if volume:
-                self._parameterNode.inputVolume = volume
+            self._parameterNode.inputVolume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
 
     def setParameterNode(self, node: Optional[MedSapiensSlicerParameterNode]) -> None:
+        """Bind the panel to `node` (every field through connectGui) and redraw what depends on it."""
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-        self._parameterNode = node
-        if self._parameterNode:
-            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
-            # the model box's entries come from the catalogue, so these three are kept by hand
-            self.ui.modelComboBox.setCurrentText(node.model)
-            self.ui.modelPathLineEdit.currentPath = node.modelFile
-            self.ui.adapterPathLineEdit.currentPath = node.adapter
-        self._showAdapter()
+            self._parameterNode.RemoveObserver(self._parameterObserver)
+        self._parameterNode, self._parameterNodeGuiTag, self._parameterObserver = node, None, None
+        if node:
+            self._parameterNodeGuiTag = node.connectGui(self.ui)
+            self._parameterObserver = node.AddObserver(vtk.vtkCommand.ModifiedEvent, self._showState)
+            self._showState()
 
-    def refreshModelChoices(self) -> None:
-        """Fill the model box (catalogue names appear once the engine's packages are installed); keeps the choice."""
-        box = self.ui.modelComboBox
-        current = box.currentText
-        wasBlocked = box.blockSignals(True)
-        box.clear()
-        box.addItems(self.logic.modelChoices())
-        box.blockSignals(wasBlocked)
-        if current:
-            box.setCurrentText(current)
+    def _showState(self, caller=None, event=None) -> None:
+        """The options that apply to the chosen model and view, the atlas adapter's estimate, the case table."""
+        p = self._parameterNode
+        options = self.logic.atlasOptions(p)
+        self.ui.atlasDeformableCheckBox.enabled = options.deformable
+        self.ui.learnUnannotatedCheckBox.enabled = options.learnUnannotated
+        self.ui.useAtlasAdapterCheckBox.enabled = options.useAdapter
+        self.ui.useAtlasAdapterCheckBox.toolTip = options.useAdapterTip
+        info = self.logic.adapterInfo(p.atlasAdapter)
+        self.ui.adapterEstimateLabel.text = self.logic.adapterSummary(info)
+        self.ui.adapterEstimateLabel.toolTip = self.logic.adapterLandmarks(info)  # per landmark
+        self._showCases()
+
+    def _showCases(self) -> None:
+        rows = self.logic.caseTable(self._parameterNode) if self._parameterNode else []
+        self.ui.casesTable.setRowCount(len(rows))
+        for r, cells in enumerate(rows):
+            for c, text in enumerate(cells):
+                self.ui.casesTable.setItem(r, c, qt.QTableWidgetItem(text))
 
     def _engineReady(self) -> bool:
         """True when the engine's packages are installed; otherwise asks once and installs them (one at a time)."""
@@ -186,92 +226,35 @@ class MedSapiensSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.statusLabel.text = "Python packages installed." if ready else "Nothing was installed."
         return ready
 
-    def onModelChanged(self, text: str) -> None:
-        self._set("model", text)
-        self._updateAtlasOptions()
-
-    def _updateAtlasOptions(self) -> None:
-        """The B-spline stage, the fine-tuned adapter and learning from unannotated images are options of the 2D
-        atlas only."""
-        atlas2D = (self.ui.modelComboBox.currentText == ATLAS and self.ui.viewComboBox.currentText != WHOLE_VOLUME)
-        self.ui.atlasDeformableCheckBox.enabled = atlas2D
-        self.ui.learnUnannotatedCheckBox.enabled = atlas2D
-        self._showAdapter()
-
-    def _set(self, name: str, value: str) -> None:
-        if self._parameterNode:
-            setattr(self._parameterNode, name, value)
-
     # ------------------------------------------------------------------------------------------------ actions
-    def _view(self):
-        """What to analyse, as the logic takes it: None (the whole 2D image), VOLUME_IN_3D or a slice node."""
-        view = self._parameterNode.view
-        if view == WHOLE_IMAGE:
-            return None
-        if view == WHOLE_VOLUME:
-            return VOLUME_IN_3D
-        return slicer.app.layoutManager().sliceWidget(view).mrmlSliceNode()
-
     def onDetect(self) -> None:
-        if self.job or not self._engineReady():
-            return
-        with slicer.util.tryWithErrorDisplay("Detection failed.", waitCursor=True):
-            p = self._parameterNode
-            options = self.logic.detectOptions(p)
-            if not self.logic.confirmDownload(options["model"]):
-                return
-            self._start(self.logic.startDetect(p.inputVolume, self._view(), **options), "Detecting")
+        self._run("Detecting", self.logic.startDetectFor)
 
     def onFinetune(self) -> None:
+        self._run("Fine-tuning", self.logic.startFinetuneFor)
+
+    def _run(self, label: str, start) -> None:
+        """Ask before a download, then start the job in the engine worker."""
         if self.job or not self._engineReady():
             return
-        with slicer.util.tryWithErrorDisplay("Fine-tuning failed.", waitCursor=True):
-            p = self._parameterNode
-            if p.model == ATLAS:  # a refiner on top of the atlas of the table's cases
-                out = self.logic.adapterPath(p.adapterName, atlas=True)
-                unannotated = self.logic.unannotatedImages() if p.learnUnannotated else []
-                job = self.logic.startFinetune(None, out, time_budget=float(p.timeBudget),
-                                               deformable=p.atlasDeformable, unannotated=unannotated)
-            else:  # LoRA on the chosen model
-                base = self.logic.detectOptions(p)["model"]
-                if not self.logic.confirmDownload(base):
-                    return
-                out = self.logic.adapterPath(p.adapterName, atlas=False)
-                job = self.logic.startFinetune(base, out, device=p.device, time_budget=float(p.timeBudget))
-            self._start(job, "Fine-tuning")
+        with slicer.util.tryWithErrorDisplay(f"{label} failed.", waitCursor=True):
+            question = self.logic.downloadQuestion(self._parameterNode)
+            if question and not slicer.util.confirmOkCancelDisplay(question, windowTitle="MedSapiens model download"):
+                return
+            self._start(start(self._parameterNode), label)
 
     def onAddCase(self) -> None:
         p = self._parameterNode
         with slicer.util.tryWithErrorDisplay("Cannot add this case.", waitCursor=True):
-            self.logic.addCase(p.inputVolume, p.trainingMarkups, self._view())  # refuses bad cases now
+            self.logic.addCase(p.inputVolume, p.trainingMarkups, self.logic.viewFor(p.view))
 
     def onRemoveCase(self) -> None:
         self.logic.removeCases({i.row() for i in self.ui.casesTable.selectedIndexes()})
 
-    def _showCases(self) -> None:
-        table = self.ui.casesTable
-        table.setRowCount(len(self.logic.cases))
-        seen = self.logic.casesSeen(self.logic.adapterInfo(self._atlasAdapter()))
-        for r, row in enumerate(self.logic.cases):
-            for c, text in enumerate((slicer.mrmlScene.GetNodeByID(row.volumeID).GetName(),
-                                      slicer.mrmlScene.GetNodeByID(row.markupsID).GetName(), row.plane,
-                                      "seen" if seen[r] else "")):
-                table.setItem(r, c, qt.QTableWidgetItem(text))
-
-    def _atlasAdapter(self) -> str:
-        return self._parameterNode.atlasAdapter if self._parameterNode else ""
-
-    def _showAdapter(self) -> None:
-        """The atlas adapter's estimate, its check box (enabled when there is one) and the table's "seen" column."""
-        info = self.logic.adapterInfo(self._atlasAdapter())
-        self.ui.adapterEstimateLabel.text = self.logic.adapterSummary(info)
-        self.ui.adapterEstimateLabel.toolTip = self.logic.adapterLandmarks(info)  # per landmark
-        self.ui.useAtlasAdapterCheckBox.enabled = (info is not None and self.ui.modelComboBox.currentText == ATLAS
-                                                   and self.ui.viewComboBox.currentText != WHOLE_VOLUME)
-        self.ui.useAtlasAdapterCheckBox.toolTip = (
-            f"Detect with the atlas uses {info['path']}: its own atlas cases, refined. Off: the plain atlas of the "
-            "table's cases." if info else "Fine-tune with the atlas chosen to make an adapter.")
-        self._showCases()
+    def onCancel(self) -> None:
+        if self.job:
+            self.logic.cancel(self.job)
+            self.ui.statusLabel.text = "Cancelling..."
 
     # ------------------------------------------------------------------------------- cephalometric analysis
     def showAnalysis(self, node=None) -> None:
@@ -320,90 +303,31 @@ class MedSapiensSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if job is None:
             return
         self.ui.progressBar.setValue(int(100 * job.fraction))
-        self.ui.statusLabel.text = f"{self._label}: {job.message or 'starting the engine'}, {job.elapsed:.0f} s"
+        self.ui.statusLabel.text = self.logic.jobStatus(job, self._label)
         if not job.done:
             return
         self.timer.stop()
         self.job = None
         self.ui.cancelButton.enabled = False
         self.ui.detectButton.enabled = self.ui.finetuneButton.enabled = True
-        if job.cancelled:
-            self.ui.progressBar.setValue(0)
-            self.ui.statusLabel.text = "Cancelled; nothing was changed."
-        elif job.error:
+        if job.error:
             logging.error(f"MedSapiens: {job.error}")
+        if job.error or job.cancelled:
             self.ui.progressBar.setValue(0)
-            self.ui.statusLabel.text = f"Error: {job.error}"
-        else:
-            with slicer.util.tryWithErrorDisplay("Could not store the result.", waitCursor=True):
-                self.ui.statusLabel.text = f"{self._finish(job)} ({job.elapsed:.1f} s)"
-
-    def _finish(self, job) -> str:
-        if job.kind == "finetune" and "info" in job.result:  # on the atlas: Detect with the atlas uses it now
-            self._parameterNode.atlasAdapter = job.result["adapter"]
-            self._parameterNode.useAtlasAdapter = True
-            self._showAdapter()
-            return f"Adapter saved to {job.result['adapter']}; Detect with the atlas uses it."
-        if job.kind == "finetune":
-            self.ui.adapterPathLineEdit.currentPath = job.result["adapter"]
-            return f"Adapter saved to {job.result['adapter']} and selected."
-        node = self.logic.finishDetect(job)
-        self._parameterNode.outputMarkups = node
-        names = [node.GetNthControlPointLabel(i) for i in range(node.GetNumberOfControlPoints())]
-        self.ui.landmarkNamesLabel.text = ", ".join(names)
-        missing = [n for i, n in enumerate(names) if node.GetNthControlPointPositionStatus(i) == node.PositionMissing]
-        notFound = f" Not found: {', '.join(missing)}." if missing else ""
-        return f"{len(names) - len(missing)} of {len(names)} landmarks placed in '{node.GetName()}'.{notFound}"
-
-    def onCancel(self) -> None:
-        if self.job:
-            self.logic.cancel(self.job)
-            self.ui.statusLabel.text = "Cancelling..."
+        with slicer.util.tryWithErrorDisplay("Could not store the result.", waitCursor=True):
+            status = self.logic.finishJob(job, self._parameterNode)
+            self.ui.statusLabel.text = status if job.error or job.cancelled else f"{status} ({job.elapsed:.1f} s)"
 
 
-class MedSapiensSlicerLogic(ScriptedLoadableModuleLogic, MedSapiensLogic):
-    """The module's logic: MedSapiensLogic on slicer.mrmlScene, plus the panel's model choices."""
+class MedSapiensSlicerLogic(ScriptedLoadableModuleLogic, PanelLogic):
+    """The module's logic: PanelLogic on slicer.mrmlScene, with the module's parameter node."""
 
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
-        add_engine_to_path()
-        MedSapiensLogic.__init__(self, slicer.mrmlScene)
+        PanelLogic.__init__(self, slicer.mrmlScene)
 
     def getParameterNode(self):
         return MedSapiensSlicerParameterNode(super().getParameterNode())
-
-    def modelChoices(self) -> list:
-        from medsapiens import api
-
-        try:
-            names = list(api.models())
-        except ImportError:  # the engine's Python packages are not installed yet
-            names = []
-        return [ATLAS, LOCAL_FILE, *names]
-
-    def detectOptions(self, p: MedSapiensSlicerParameterNode) -> dict:
-        """startDetect's options for the chosen model: with the atlas, the adapter fine-tuned on it when there is
-        one and it is in use, else the atlas of the table's cases; a local file or a catalogue model."""
-        if p.model == ATLAS:
-            if p.view != WHOLE_VOLUME and p.useAtlasAdapter and self.adapterInfo(p.atlasAdapter):
-                return {"model": None, "adapter": p.atlasAdapter}  # the adapter carries its own atlas
-            return {"model": None, "atlas": True, "deformable": p.atlasDeformable and p.view != WHOLE_VOLUME}
-        if p.view == WHOLE_VOLUME:  # said here, before any download question (startDetect refuses it too)
-            raise ValueError("a whole volume is detected by the atlas of your annotated volumes; choose the atlas")
-        model = p.modelFile if p.model == LOCAL_FILE else p.model
-        if not model:
-            raise ValueError("choose the model file")
-        return {"model": model, "adapter": p.adapter or None, "device": p.device, "precision": p.precision}
-
-    def confirmDownload(self, model) -> bool:
-        """Ask before the first download of a catalogue model (the worker downloads it, with progress)."""
-        from medsapiens import api
-
-        needed = api.needs_download(model) if model else None
-        if not needed:
-            return True
-        what = "\n".join(f"{e.display}: {e.source.url}" for e in needed)
-        return slicer.util.confirmOkCancelDisplay(f"Download\n{what}?", windowTitle="MedSapiens model download")
 
 
 class MedSapiensSlicerTest(ScriptedLoadableModuleTest):
@@ -415,7 +339,6 @@ class MedSapiensSlicerTest(ScriptedLoadableModuleTest):
     """
 
     def setUp(self):
-        add_engine_to_path()
         slicer.mrmlScene.Clear()
 
     def runTest(self):
@@ -472,10 +395,10 @@ class MedSapiensSlicerTest(ScriptedLoadableModuleTest):
         self._needEngine()
         import numpy as np
 
-        from medsapiens.phantom import phantom_case
+        from medsapiens import api
 
         def addPhantom(seed):
-            case = phantom_case(seed)
+            case = api.phantom_case(seed)
             ijk_to_ras = np.diag([-case.spacing[0], -case.spacing[1], 1.0, 1.0])
             volume = slicer.util.addVolumeFromArray(np.asarray(case.image, dtype="float32")[None], ijk_to_ras)
             return case, volume, ijk_to_ras

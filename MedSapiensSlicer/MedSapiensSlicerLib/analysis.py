@@ -2,14 +2,11 @@
 
 MRML only. The node's points are read back into the pixels of the image they were detected on, through the
 plane that `MedSapiensLogic.writeLandmarks` records on the node (PLANE_ATTRIBUTE), so the engine's measures
-(`medsapiens.analysis.cephalometry`) see the image as the detector did: the current positions count, so
-points the user moved are measured where they are now.
+(`api.analyze`) see the image as the detector did: the current positions count, so points the user moved are
+measured where they are now.
 """
 from __future__ import annotations
 
-import csv
-import io
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,8 +14,6 @@ import numpy as np
 from .geometry import PlaneGeometry
 
 PLANE_ATTRIBUTE = "MedSapiens.PixelToRAS"  # 16 numbers, row by row: the pixel -> RAS matrix of the analysed plane
-CSV_COLUMNS = ("markups", "measure", "description", "value", "unit", "normal_range", "class", "class_name",
-               "landmarks")
 
 
 @dataclass(frozen=True)
@@ -34,6 +29,7 @@ class AnalysisRow:
     class_number: int | None
     class_name: str         # or why the measure was not computed
     landmarks: str          # the landmarks it reads, comma separated
+    measurement: object     # the engine's Measurement it shows
 
     def cells(self) -> tuple[str, str, str, str]:
         """Measure, value, normal range, class: the text of the table's four columns."""
@@ -59,15 +55,14 @@ def analysisRows(markupsNode, geometry: PlaneGeometry | None = None) -> list[Ana
     """The analysis of the node's points (labels = ISBI landmark names) on `geometry`'s plane (default: the one
     recorded on the node). None when the labels lack landmarks the analysis reads, or no plane is known.
     """
-    from medsapiens import Landmarks
-    from medsapiens.analysis.cephalometry import analyze, covers
+    from medsapiens import Landmarks, api
 
     geometry = geometry or nodePlane(markupsNode)
     if markupsNode is None or geometry is None:
         return None
     n = markupsNode.GetNumberOfControlPoints()
     names = [markupsNode.GetNthControlPointLabel(i).strip() for i in range(n)]
-    if not covers(names) or len(set(names)) != n:
+    if not api.can_analyze(names) or len(set(names)) != n:
         return None
     ras, defined = np.zeros((n, 3)), np.zeros(n, bool)
     for i in range(n):
@@ -76,27 +71,16 @@ def analysisRows(markupsNode, geometry: PlaneGeometry | None = None) -> list[Ana
     pixels, _ = geometry.to_pixel(ras)
     pixels[~defined] = np.nan
     rows = []
-    for m in analyze(Landmarks(names, pixels, present=defined), geometry.spacing):
+    for m in api.analyze(Landmarks(names, pixels, present=defined), geometry.spacing):
         rows.append(AnalysisRow(
             m.name, m.measure.title, m.value, m.text(), m.measure.unit, m.normal_range, m.class_number,
             m.band.name if m.band else f"not computed (missing {', '.join(m.missing)})",
-            ", ".join(m.measure.landmarks)))
+            ", ".join(m.measure.landmarks), m))
     return rows
-
-
-def analysisCSV(rows: list[AnalysisRow], markupsName: str) -> str:
-    out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(CSV_COLUMNS)
-    for r in rows:
-        value = "" if math.isnan(r.value) else f"{r.value:.6g}"
-        writer.writerow([markupsName, r.measure, r.description, value, r.unit, r.normal_range,
-                         "" if r.class_number is None else r.class_number, r.class_name, r.landmarks])
-    return out.getvalue()
 
 
 def writeAnalysisCSV(rows: list[AnalysisRow], markupsName: str, path):
     """Write the table to `path` atomically (a reader sees the old file or the whole new one); returns the path."""
-    from medsapiens.io.atomic import atomic_write_text
+    from medsapiens import api
 
-    return atomic_write_text(path, analysisCSV(rows, markupsName))
+    return api.write_measurements(path, markupsName, [r.measurement for r in rows])

@@ -96,9 +96,8 @@ def describe(needed: list) -> str:
 class EngineInstaller:
     """Installs the engine's missing packages after one question; at most one install runs at a time."""
 
-    def __init__(self, requirements_file: Path = REQUIREMENTS, on_installed=None):
+    def __init__(self, requirements_file: Path = REQUIREMENTS):
         self.requirements_file = Path(requirements_file)
-        self.on_installed = on_installed  # called after a successful install (the panel refreshes its model list)
         self.busy = False
 
     def missing(self) -> list:
@@ -139,8 +138,6 @@ class EngineInstaller:
             raise InstallError("still missing after the install: " + ", ".join(
                 f"{r} ({installed_version(r.name)} is installed)" if installed_version(r.name) else str(r)
                 for r in still))
-        if self.on_installed:
-            self.on_installed()
         return True
 
     def _install_torch(self, req) -> None:

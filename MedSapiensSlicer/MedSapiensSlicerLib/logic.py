@@ -29,8 +29,8 @@ from .geometry import PlaneGeometry, resample, slice_plane, thickness_along
 
 LOW_CONFIDENCE = 0.5
 SOURCE_ATTRIBUTE = "MedSapiens.Source"
-WHOLE_IMAGE = "whole image"
-WHOLE_VOLUME = "whole volume (3D)"  # what to analyse: the whole volume, in 3D, instead of a slice node or 2D image
+WHOLE_IMAGE = "Whole 2D image"
+WHOLE_VOLUME = "Whole volume (3D)"  # what to analyse: the whole volume, in 3D, instead of a slice node or 2D image
 
 
 @dataclass(frozen=True)
@@ -52,8 +52,8 @@ class MedSapiensLogic:
         self.worker = worker
         self.cases: list[CaseRow] = []
         self.onCasesChanged = None  # called after rows were added or removed (the panel redraws its table)
-        for event in (scene.NodeRemovedEvent, scene.EndCloseEvent):
-            scene.AddObserver(event, self._dropDeletedCases)
+        self._observers = [scene.AddObserver(event, self._dropDeletedCases)
+                           for event in (scene.NodeRemovedEvent, scene.EndCloseEvent)]
 
     # ---------------------------------------------------------------------------------------- images from MRML
     def caseFromSlice(self, sliceNode, volumeNode):
@@ -155,8 +155,7 @@ class MedSapiensLogic:
         stored plane, or in each volume), all over the same names in the same order. 2D: a landmark one case
         lacks is missing there. Whole volumes (the 3D atlas): every markups node must hold the same landmark set
         (a point may be marked missing). 2D cases and whole volumes cannot be mixed."""
-        from medsapiens import InputError, Volume
-        from medsapiens.errors import short_list
+        from medsapiens import InputError, Volume, api
 
         rows = self.cases if rows is None else rows
         if not rows:
@@ -166,16 +165,8 @@ class MedSapiensLogic:
         if any(volumes) and not all(volumes):
             raise InputError("the table mixes whole volumes (3D) and 2D cases; a detection uses one kind: remove "
                              "the others")
-        if all(volumes):
-            names = cases[0].landmarks.names
-            for row, c in zip(rows[1:], cases[1:]):
-                if set(c.landmarks.names) != set(names):
-                    first, this = (self.scene.GetNodeByID(r.markupsID).GetName() for r in (rows[0], row))
-                    raise InputError(f"{this}: {len(c.landmarks)} landmarks ({short_list(c.landmarks.names)}), but "
-                                     f"{first} has {len(names)} ({short_list(names)}); every annotated volume needs "
-                                     "the same landmark names")
-        else:
-            names = list(dict.fromkeys(n for c in cases for n in c.landmarks.names))
+        nodes = [replace(c, name=self.scene.GetNodeByID(r.markupsID).GetName()) for r, c in zip(rows, cases)]
+        names = api.shared_landmarks(nodes, same_set=all(volumes), what="annotated volume")
         return [replace(c, landmarks=c.landmarks.subset(names)) for c in cases]
 
     def annotatedCase(self, row: CaseRow):
@@ -443,7 +434,11 @@ class MedSapiensLogic:
             self.worker.cancel(job)
 
     def shutdown(self) -> None:
-        """End the worker process and remove this session's files (module closed, Slicer quitting)."""
+        """End the worker process, remove this session's files and stop watching the scene (module closed or
+        reloaded, Slicer quitting)."""
+        for tag in self._observers:
+            self.scene.RemoveObserver(tag)
+        self._observers = []
         if self.worker is not None:
             self.worker.shutdown()
 

@@ -58,11 +58,10 @@ def load_panel(ui_path: Path = UI):
 
 
 def model_choices() -> list[str]:
-    """The model box's entries as the module fills them once the engine is installed: atlas, local file, catalogue."""
-    import json
+    """The model box's entries as the module's parameter node fills them: atlas, local file, catalogue."""
+    from MedSapiensSlicerLib.panel import modelChoices
 
-    catalogue = json.loads((UI.parents[3] / "engine" / "medsapiens" / "models" / "models.json").read_text())
-    return ["Atlas from my annotated cases", "Local file", *(m["name"] for m in catalogue["models"])]
+    return modelChoices()
 
 
 def screenshot(out: Path, width: int = 420) -> Path:

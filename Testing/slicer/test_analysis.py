@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import vtk
 from medsapiens import Landmarks
-from medsapiens.analysis.cephalometry import MEASURE_NAMES, analyze
+from medsapiens.analysis.cephalometry import MEASURE_NAMES, MEASUREMENT_COLUMNS as CSV_COLUMNS, analyze
 from medsapiens.detectors.atlas import AtlasDetector
-from MedSapiensSlicerLib.analysis import CSV_COLUMNS, analysisRows, writeAnalysisCSV
+from MedSapiensSlicerLib.analysis import analysisRows, writeAnalysisCSV
 from MedSapiensSlicerLib.logic import MedSapiensLogic
 from slicer.util import vtkMatrixFromArray
 from test_logic import rotation

@@ -17,7 +17,6 @@ from medsapiens import load_detector
 from medsapiens.models.weight_files import load_weights
 from MedSapiensSlicerLib.logic import MedSapiensLogic
 from MedSapiensSlicerLib.worker_client import EngineWorker
-from test_worker import ceph_volume
 
 # small and quick (a few seconds per fold on 2 cores), and still better than the atlas on these 3 cases
 FAST = {"steps": 150, "batch": 16, "patch": 32, "width": 8}
@@ -27,10 +26,10 @@ SUMMARY = re.compile(r"Expected error on unseen cases: adapter (\d+\.\d\d) mm, a
                      r"(, continued from the previous adapter)?\.")
 
 
-def table(scene, ceph, folder, worker, rows=(0, 1, 2)):
+def table(scene, ceph_volume, folder, worker, rows=(0, 1, 2)):
     logic = MedSapiensLogic(scene, worker)
     for i in rows:
-        logic.addCase(*ceph_volume(scene, ceph, i, folder))
+        logic.addCase(*ceph_volume(scene, i, folder))
     return logic
 
 
@@ -47,12 +46,12 @@ def engine_worker():
 
 
 @pytest.fixture(scope="module")
-def trained(module_scene, ceph, tmp_path_factory, engine_worker):
+def trained(module_scene, ceph, tmp_path_factory, engine_worker, ceph_volume):
     """An adapter fine-tuned on the atlas of 3 annotated cephalograms and one more open image through the logic
     (written where the panel writes it, under a temporary MEDSAPIENS_CACHE): (path, its bytes, the finished job)."""
     folder = tmp_path_factory.mktemp("atlas-finetune")
-    logic = table(module_scene, ceph, folder, engine_worker)
-    ceph_volume(module_scene, ceph, 20, folder, annotated=False)
+    logic = table(module_scene, ceph_volume, folder, engine_worker)
+    ceph_volume(module_scene, 20, folder, annotated=False)
     unannotated = logic.unannotatedImages()
     assert [c.name for c in unannotated] == ["ceph020"]
     with pytest.MonkeyPatch.context() as m:
@@ -83,18 +82,18 @@ def test_finetune_with_the_atlas_writes_an_adapter_and_its_estimate_reaches_the_
         assert line == f"{name}: adapter {e['refined_mm']:.2f} mm, atlas {e['atlas_mm']:.2f} mm " + \
             ("(refined)" if use else "(atlas kept)")
     assert est["refined_mre_mm"] <= est["atlas_mre_mm"]  # else it would not have been written
-    assert [c["label"] for c in info["cases"]] == ["ceph000 (whole image)", "ceph001 (whole image)",
-                                                   "ceph002 (whole image)"]
+    assert [c["label"] for c in info["cases"]] == ["ceph000 (Whole 2D image)", "ceph001 (Whole 2D image)",
+                                                   "ceph002 (Whole 2D image)"]
     # the progress the panel showed named the phases and the time left
     assert job.fraction == 1.0
 
 
-def test_detect_with_the_atlas_uses_the_adapter_alone(trained, scene, ceph, tmp_path, engine_worker):
+def test_detect_with_the_atlas_uses_the_adapter_alone(trained, scene, ceph, tmp_path, engine_worker, ceph_volume):
     """No model and no atlas cases sent: the adapter carries its atlas; the worker's landmarks are the refined
     ones the engine gives for the same image, and differ from its atlas's own on the refined landmarks."""
     out, _, job = trained
     logic = MedSapiensLogic(scene, engine_worker)  # an empty table: the adapter needs none
-    volume, _ = ceph_volume(scene, ceph, 10, tmp_path, annotated=False)
+    volume, _ = ceph_volume(scene, 10, tmp_path, annotated=False)
     done = logic.wait(logic.startDetect(volume, adapter=str(out)), timeout=300)
     assert done.error is None, done.error
     node = logic.finishDetect(done)
@@ -114,14 +113,14 @@ def test_detect_with_the_atlas_uses_the_adapter_alone(trained, scene, ceph, tmp_
 
 
 def test_the_table_shows_seen_cases_and_retraining_after_add_case_warm_starts(trained, scene, ceph, tmp_path,
-                                                                              engine_worker):
+                                                                              engine_worker, ceph_volume):
     out, original, _ = trained
     target = tmp_path / out.name
     target.write_bytes(original)
-    logic = table(scene, ceph, tmp_path, engine_worker)
+    logic = table(scene, ceph_volume, tmp_path, engine_worker)
     info = logic.adapterInfo(target)
     assert logic.casesSeen(info) == [True, True, True]  # matched by content, in another scene
-    logic.addCase(*ceph_volume(scene, ceph, 3, tmp_path))  # the correct-and-add flow: a 4th case
+    logic.addCase(*ceph_volume(scene, 3, tmp_path))  # the correct-and-add flow: a 4th case
     assert logic.casesSeen(info) == [True, True, True, False]
     points = scene.GetNodeByID(logic.cases[0].markupsID)
     p = points.GetNthControlPointPosition(0)
@@ -143,14 +142,15 @@ def test_the_table_shows_seen_cases_and_retraining_after_add_case_warm_starts(tr
 
 @pytest.mark.parametrize("phase", ["atlas of the other cases", "atlas labelling the unannotated images",
                                    "training network"])
-def test_cancel_keeps_the_previous_adapter_byte_identical(trained, scene, ceph, tmp_path, engine_worker, phase):
+def test_cancel_keeps_the_previous_adapter_byte_identical(trained, scene, ceph, tmp_path, engine_worker, phase,
+                                                          ceph_volume):
     out, original, _ = trained
     target = tmp_path / out.name
     target.write_bytes(original)
-    logic = table(scene, ceph, tmp_path, engine_worker)
+    logic = table(scene, ceph_volume, tmp_path, engine_worker)
     if phase.startswith("atlas labelling"):
         for i in (20, 21):
-            ceph_volume(scene, ceph, i, tmp_path, annotated=False)
+            ceph_volume(scene, i, tmp_path, annotated=False)
     job = logic.startFinetune(None, target, unannotated=logic.unannotatedImages(), **{**FAST, "steps": 100000})
     deadline = time.monotonic() + 300
     while not job.message.startswith(phase):
@@ -166,13 +166,13 @@ def test_cancel_keeps_the_previous_adapter_byte_identical(trained, scene, ceph, 
 
 
 def test_a_refiner_worse_than_the_atlas_is_one_line_and_the_previous_adapter_stays(trained, scene, ceph, tmp_path,
-                                                                                   engine_worker):
+                                                                                   engine_worker, ceph_volume):
     """A learning rate of 1000 scatters the refined points: worse than the atlas on the held-out cases, so the
     fine-tune ends in one line that says so, and the previous adapter (and with it Detect) stays as it was."""
     out, original, _ = trained
     target = tmp_path / out.name
     target.write_bytes(original)
-    logic = table(scene, ceph, tmp_path, engine_worker)
+    logic = table(scene, ceph_volume, tmp_path, engine_worker)
     job = logic.wait(logic.startFinetune(None, target, **{**FAST, "steps": 8, "lr": 1000.0}), timeout=600)
     assert job.result is None and not job.cancelled
     assert "\n" not in job.error
@@ -183,11 +183,11 @@ def test_a_refiner_worse_than_the_atlas_is_one_line_and_the_previous_adapter_sta
     assert logic.adapterInfo(target) == {**MedSapiensLogic.adapterInfo(out), "path": str(target)}
 
 
-def test_the_other_open_2d_images_are_the_unannotated_ones(scene, ceph, tmp_path):
+def test_the_other_open_2d_images_are_the_unannotated_ones(scene, ceph, tmp_path, ceph_volume):
     """Not the table's own images, not label maps, not 3D volumes; and none when the table holds slices of a
     volume (the open 2D images may be another task)."""
-    logic = table(scene, ceph, tmp_path, None, rows=(0, 1))
-    other, _ = ceph_volume(scene, ceph, 20, tmp_path, annotated=False)
+    logic = table(scene, ceph_volume, tmp_path, None, rows=(0, 1))
+    other, _ = ceph_volume(scene, 20, tmp_path, annotated=False)
     labels = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "labels")
     labels.SetAndObserveImageData(other.GetImageData())
     volume = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "ct")

@@ -160,20 +160,16 @@ def test_declined_dialog_installs_nothing(tmp_path, site, slicer_app, monkeypatc
     calls, answer = slicer_app
     use_packaging(monkeypatch, packaging_512(site, calls))
     answer["ok"] = False
-    refreshed = []
-    installer = EngineInstaller(requirements_file(tmp_path, "fake-peft>=0.12"),
-                                on_installed=lambda: refreshed.append(1))
+    installer = EngineInstaller(requirements_file(tmp_path, "fake-peft>=0.12"))
     assert installer.ensure() is False
-    assert len(calls["dialogs"]) == 1 and calls["pip_ensure"] == [] and calls["pip_install"] == [] and not refreshed
+    assert len(calls["dialogs"]) == 1 and calls["pip_ensure"] == [] and calls["pip_install"] == []
     assert [str(r) for r in installer.missing()] == ["fake-peft>=0.12"]
 
 
 def test_asks_once_then_installs_with_pip_ensure(tmp_path, site, slicer_app, monkeypatch):
     calls, _ = slicer_app
     use_packaging(monkeypatch, packaging_512(site, calls))
-    refreshed = []
-    installer = EngineInstaller(requirements_file(tmp_path, "fake-peft>=0.12", "fake-nrrd>=1.0", "numpy>=1.0"),
-                                on_installed=lambda: refreshed.append(1))
+    installer = EngineInstaller(requirements_file(tmp_path, "fake-peft>=0.12", "fake-nrrd>=1.0", "numpy>=1.0"))
     assert installer.ensure() is True
     dialog, = calls["dialogs"]
     assert "fake-peft>=0.12" in dialog and "fake-nrrd>=1.0" in dialog and "numpy" not in dialog and "MB" in dialog
@@ -181,7 +177,7 @@ def test_asks_once_then_installs_with_pip_ensure(tmp_path, site, slicer_app, mon
     assert call["requirements"] == ["fake-peft>=0.12", "fake-nrrd>=1.0"]
     assert call["prompt_install"] is False and call["requester"] == "MedSapiens"  # our one dialog was the question
     assert {"torch", "numpy", "SimpleITK"} <= set(call["skip_packages"])  # Slicer's own and SlicerPyTorch's kept
-    assert calls["pip_install"] == [] and refreshed == [1] and installer.missing() == []
+    assert calls["pip_install"] == [] and installer.missing() == []
     assert installer.ensure() is True and len(calls["dialogs"]) == 1  # nothing left to ask about
 
 
@@ -287,5 +283,6 @@ def test_nothing_installs_from_add_case_or_the_self_test():
     selftest = {f.name: f for f in classes["MedSapiensSlicerTest"].body if isinstance(f, ast.FunctionDef)}
     assert "_needEngine" in _calls_in(selftest["test_atlas_detection_writes_new_node"])  # skipped without torch
     assert "_needEngine" not in _calls_in(selftest["test_oblique_slice_geometry"])  # needs no torch: always runs
-    assert "_engineReady" in _calls_in(widget["onDetect"]) and "_engineReady" in _calls_in(widget["onFinetune"])
+    assert "_engineReady" in _calls_in(widget["_run"])  # Detect and Fine-tune set the engine up first
+    assert "_run" in _calls_in(widget["onDetect"]) and "_run" in _calls_in(widget["onFinetune"])
     assert "slicer_version_problem" in _calls_in(widget["setup"])

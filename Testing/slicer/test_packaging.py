@@ -77,9 +77,12 @@ def test_install_code_uses_slicer_packaging():
     assert "pydeps" not in source  # the 5.11-preview name
 
 
-def test_screenshot_shows_the_module_model_choices():
-    from panel_screenshot import model_choices
+def test_the_model_box_offers_the_atlas_a_local_file_and_the_catalogue():
+    import json
 
-    source = (MODULE / "MedSapiensSlicer.py").read_text()
-    atlas, local = (re.search(rf'^{name} = "(.*)"$', source, re.M).group(1) for name in ("ATLAS", "LOCAL_FILE"))
-    assert model_choices()[:2] == [atlas, local]
+    from MedSapiensSlicerLib.panel import ATLAS, LOCAL_FILE, modelChoices
+
+    catalogue = json.loads((REPO / "engine" / "medsapiens" / "models" / "models.json").read_text())
+    names = [m["name"] for m in catalogue["models"]]
+    choices = modelChoices()
+    assert choices[:2] == [ATLAS, LOCAL_FILE] and set(names) <= set(choices[2:])

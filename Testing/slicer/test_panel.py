@@ -10,6 +10,7 @@ import pytest
 MODULE = Path(__file__).resolve().parents[2] / "MedSapiensSlicer"
 ENGINE = MODULE.parent / "engine" / "medsapiens"
 SOURCE = (MODULE / "MedSapiensSlicer.py").read_text()
+UI_FILE = MODULE / "Resources" / "UI" / "MedSapiensSlicer.ui"
 
 
 @pytest.fixture(scope="module")
@@ -58,23 +59,33 @@ def test_widget_kinds_fit_their_use(panel):
     assert views_of(panel) == ["Whole 2D image", "Whole volume (3D)", "Red", "Green", "Yellow"]
     assert not w["cancelButton"].isEnabled(), "Cancel is enabled only while work runs"
     assert not w["useAtlasAdapterCheckBox"].isEnabled(), "enabled once there is an adapter fine-tuned on the atlas"
-    assert w["learnUnannotatedCheckBox"].isChecked(), "learning from the other open images is the default"
-    assert w["timeBudgetSpinBox"].value() == 540, "the whole fine-tune on the atlas, labelling included"
     table = w["casesTable"]
     assert [table.horizontalHeaderItem(i).text() for i in range(table.columnCount())] == \
         ["Volume", "Points", "Plane", "Adapter"]  # Adapter: "seen" for the cases the atlas adapter was trained on
 
 
-def test_parameter_bindings_name_parameter_node_fields(panel):
-    tree = ast.parse(SOURCE)
-    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "MedSapiensSlicerParameterNode")
-    fields = {n.target.id for n in cls.body if isinstance(n, ast.AnnAssign)}
-    bound = {w.property("SlicerParameterName") for w in widgets(panel).values()} - {None}
-    assert bound and bound <= fields, f"bound to no parameter: {sorted(bound - fields)}"
-    choices = re.search(r'view: Annotated\[str, Choice\(\[WHOLE_IMAGE, WHOLE_VOLUME, (.*?)\]\)\]', SOURCE).group(1)
-    assert choices.replace('"', "").split(", ") == ["Red", "Green", "Yellow"]
-    texts = dict(re.findall(r'^(WHOLE_IMAGE|WHOLE_VOLUME) = "(.*)"$', SOURCE, re.M))
-    assert [texts["WHOLE_IMAGE"], texts["WHOLE_VOLUME"]] == views_of(panel)[:2], "the choices are the .ui's entries"
+def test_the_panel_defaults_are_the_engines_and_the_ui_holds_no_copy_of_them():
+    """The time budget, its range, the unannotated images' limit: the parameter node (from the engine's settings)
+    sets the widgets; the .ui holds none of these numbers."""
+    from medsapiens import api
+    from MedSapiensSlicerLib.panel import TIME_BUDGET_RANGE, PanelLogic, PanelState
+
+    state = PanelState()
+    assert state.timeBudget == api.REFINE_DEFAULTS.time_budget and state.learnUnannotated
+    assert f"at most {api.REFINE_DEFAULTS.max_unannotated})" in PanelLogic.learnUnannotatedTip()
+    ui = UI_FILE.read_text()
+    for number in (api.REFINE_DEFAULTS.time_budget, *TIME_BUDGET_RANGE):
+        assert f"<double>{number:.15f}</double>" not in ui
+    assert f"at most {api.REFINE_DEFAULTS.max_unannotated}" not in ui
+
+
+def test_every_panel_field_but_the_adapter_state_is_bound_to_one_widget(panel):
+    from MedSapiensSlicerLib.panel import PANEL_FIELDS, VIEWS
+
+    bound = [w.property("SlicerParameterName") for w in widgets(panel).values() if w.property("SlicerParameterName")]
+    assert len(bound) == len(set(bound)), "one widget per parameter"
+    assert set(bound) == set(PANEL_FIELDS) - {"atlasAdapter"}, "atlasAdapter is state Fine-tune sets, not a widget"
+    assert tuple(views_of(panel)) == VIEWS, "the .ui's entries are the parameter's choices"
 
 
 def views_of(panel) -> list:

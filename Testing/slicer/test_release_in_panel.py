@@ -13,10 +13,9 @@ from test_release_models import hub, release  # noqa: E402,F401  (fixtures: the 
 from MedSapiensSlicerLib.analysis import analysisRows  # noqa: E402
 from MedSapiensSlicerLib.logic import MedSapiensLogic  # noqa: E402
 from MedSapiensSlicerLib.worker_client import EngineWorker  # noqa: E402
-from test_worker import ceph_volume  # noqa: E402
 
 
-def test_pick_the_head_model_detect_and_see_the_analysis(hub, scene, ceph, tmp_path):
+def test_pick_the_head_model_detect_and_see_the_analysis(hub, scene, ceph, tmp_path, ceph_volume):
     from medsapiens import api
     from medsapiens.analysis.cephalometry import MEASURE_NAMES
 
@@ -26,7 +25,7 @@ def test_pick_the_head_model_detect_and_see_the_analysis(hub, scene, ceph, tmp_p
     worker = EngineWorker()  # started after the hub's environment is set, as Slicer's would be on first use
     try:
         logic = MedSapiensLogic(scene, worker)
-        volume, _ = ceph_volume(scene, ceph, 0, tmp_path, annotated=False)
+        volume, _ = ceph_volume(scene, 0, tmp_path, annotated=False)
         job = logic.wait(logic.startDetect(volume, model=name, device="cpu"), timeout=600)
         assert job.error is None, job.error
         node = logic.finishDetect(job)

@@ -9,7 +9,6 @@ from contextlib import contextmanager
 
 import numpy as np
 import pytest
-import vtk
 from MedSapiensSlicerLib import worker_client
 from MedSapiensSlicerLib.logic import MedSapiensLogic
 from MedSapiensSlicerLib.worker_client import EngineWorker
@@ -19,41 +18,21 @@ CANCEL_AFTER = float(os.environ.get("MEDSAPIENS_CANCEL_AFTER", "0"))
 SHORT = {"device": "cpu", "time_budget": None, "views_per_case": 2, "batch": 2, "input_hw": [128, 96]}
 
 
-def ceph_volume(scene, ceph, i, folder, annotated=True):
-    """Cephalogram i as a 2D NRRD loaded by Slicer's volume reader, and its reference points as a markups node."""
-    import SimpleITK as sitk
-
-    row = ceph.rows[i]
-    image = sitk.ReadImage(str(ceph.root / row.image))
-    image.SetSpacing((row.spacing,) * 2)
-    path = folder / f"ceph{i:03d}" / "image.nrrd"  # a folder each: Slicer reads numbered files of one as a series
-    path.parent.mkdir(exist_ok=True)
-    sitk.WriteImage(image, str(path))
-    volume = scene.logics["Volumes"].AddArchetypeVolume(str(path), f"ceph{i:03d}")
-    if not annotated:
-        return volume, None
-    marks = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", f"points{i:03d}")
-    for name, (x, y), present in zip(row.landmarks.names, row.landmarks.points, row.landmarks.present):
-        if present:  # a 2D image in Slicer: LPS (x sx, y sy, 0)
-            marks.AddControlPoint(vtk.vtkVector3d(-x * row.spacing, -y * row.spacing, 0), name)
-    return volume, marks
-
-
 @pytest.fixture
-def annotated(scene, ceph, tmp_path, engine_worker):
+def annotated(scene, ceph, tmp_path, engine_worker, ceph_volume):
     """A logic with 3 annotated cephalograms in its table, sharing the warm worker."""
     logic = MedSapiensLogic(scene, engine_worker)
     for i in range(3):
-        logic.addCase(*ceph_volume(scene, ceph, i, tmp_path))
+        logic.addCase(*ceph_volume(scene, i, tmp_path))
     return logic
 
 
-def test_finetune_then_detect_uses_the_retrained_adapter(annotated, scene, ceph, micro_file, tmp_path):
+def test_finetune_then_detect_uses_the_retrained_adapter(annotated, scene, ceph, micro_file, tmp_path, ceph_volume):
     logic = annotated
     out = tmp_path / "task.safetensors"
     job = logic.wait(logic.startFinetune(micro_file, out, steps=3, **SHORT), timeout=300)
     assert job.error is None and job.result["adapter"] == str(out) and job.fraction == 1.0
-    volume, _ = ceph_volume(scene, ceph, 10, tmp_path, annotated=False)
+    volume, _ = ceph_volume(scene, 10, tmp_path, annotated=False)
 
     def detect(adapter):
         job = logic.wait(logic.startDetect(volume, model=str(micro_file), adapter=str(adapter), device="cpu"))
@@ -104,13 +83,13 @@ def test_cancel_is_answered_within_2_s_and_keeps_the_previous_adapter(annotated,
 
 
 @contextmanager
-def endless_finetune(scene, ceph, micro_file, tmp_path):
+def endless_finetune(scene, ceph, micro_file, tmp_path, ceph_volume):
     """(worker, logic, job): a logic with a worker of its own, running a fine-tune that would not end by itself,
     once it reports progress; the logic is shut down on leaving."""
     worker = EngineWorker()
     logic = MedSapiensLogic(scene, worker)
     try:
-        logic.addCase(*ceph_volume(scene, ceph, 0, tmp_path))
+        logic.addCase(*ceph_volume(scene, 0, tmp_path))
         job = logic.startFinetune(micro_file, tmp_path / "a.safetensors", steps=100000, **SHORT)
         while not job.message:
             assert not job.done, job.error
@@ -121,13 +100,13 @@ def endless_finetune(scene, ceph, micro_file, tmp_path):
         logic.shutdown()
 
 
-def test_a_crashed_worker_is_reported_in_one_line_and_restarted(scene, ceph, micro_file, tmp_path):
-    with endless_finetune(scene, ceph, micro_file, tmp_path) as (worker, logic, job):
+def test_a_crashed_worker_is_reported_in_one_line_and_restarted(scene, ceph, micro_file, tmp_path, ceph_volume):
+    with endless_finetune(scene, ceph, micro_file, tmp_path, ceph_volume) as (worker, logic, job):
         crashed = worker.pid
         os.kill(crashed, signal.SIGKILL)
         logic.wait(job, timeout=30)
         assert job.error.startswith("the engine worker stopped unexpectedly (exit code -9)") and "\n" not in job.error
-        volume, _ = ceph_volume(scene, ceph, 1, tmp_path, annotated=False)
+        volume, _ = ceph_volume(scene, 1, tmp_path, annotated=False)
         again = logic.wait(logic.startDetect(volume, model=str(micro_file), device="cpu"), timeout=300)
         assert again.error is None and worker.pid != crashed
         assert logic.finishDetect(again).GetNumberOfControlPoints() == 19
@@ -135,8 +114,8 @@ def test_a_crashed_worker_is_reported_in_one_line_and_restarted(scene, ceph, mic
     assert not worker.running and not folder.exists()
 
 
-def test_a_worker_that_does_not_answer_cancel_is_stopped(scene, ceph, micro_file, tmp_path):
-    with endless_finetune(scene, ceph, micro_file, tmp_path) as (worker, logic, job):
+def test_a_worker_that_does_not_answer_cancel_is_stopped(scene, ceph, micro_file, tmp_path, ceph_volume):
+    with endless_finetune(scene, ceph, micro_file, tmp_path, ceph_volume) as (worker, logic, job):
         os.kill(worker.pid, signal.SIGSTOP)  # hangs: reads no cancel, sends nothing
         t0 = time.monotonic()
         logic.cancel(job)

@@ -16,7 +16,7 @@ import os
 import sys
 from pathlib import Path
 
-from .case import Case, Landmarks, Volume
+from .case import Case, Landmarks, Volume, shared_landmarks
 from .errors import InputError
 from .io.checksum import case_checksum
 from .progress import Callback, Cancel, check, report, within
@@ -24,7 +24,7 @@ from .settings import DEFAULT_ARCH, LORA_DEFAULTS, REFINE_DEFAULTS, TRAIN_DEFAUL
 
 __all__ = ["DEFAULT_ARCH", "LORA_DEFAULTS", "REFINE_DEFAULTS", "TRAIN_DEFAULTS", "adapter_info", "adapters_dir",
            "add_model", "analyze", "analyze_files", "case_checksum", "catalogue_rows", "detect", "detect_files",
-           "architectures", "cache_dir", "demo", "evaluate", "finetune", "landmark_names", "load_cases",
+           "architectures", "cache_dir", "demo", "shared_landmarks", "evaluate", "finetune", "landmark_names", "load_cases",
            "load_detector", "models", "needs_download", "phantom_case", "read_images", "resolve_model", "train",
            "write_evaluation"]
 
@@ -324,6 +324,21 @@ def analyze(landmarks: Landmarks, spacing) -> list:
     from .analysis.cephalometry import analyze as measure
 
     return measure(landmarks, spacing)
+
+
+def can_analyze(names) -> bool:
+    """Whether a landmark set holds every landmark the cephalometric analysis reads (the ISBI 19 do)."""
+    from .analysis.cephalometry import covers
+
+    return covers(names)
+
+
+def write_measurements(path, label: str, measurements: list) -> Path:
+    """The measurements of one image as a CSV, one row each, written atomically (the panel's export)."""
+    from .analysis.cephalometry import measurements_csv
+    from .io.atomic import atomic_write_text
+
+    return atomic_write_text(path, measurements_csv(label, measurements))
 
 
 def analyze_files(source, out, *, warn=None) -> tuple[Path, str]:

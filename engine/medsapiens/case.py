@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import InputError
+from .errors import InputError, short_list
 
 
 @dataclass
@@ -162,3 +162,17 @@ class Volume:
         index = self.to_index(lps)
         with np.errstate(invalid="ignore"):
             return ((index >= -0.5) & (index <= np.array(self.size) - 0.5)).all(axis=1)
+
+
+def shared_landmarks(cases: list, same_set: bool = False, what: str = "case") -> list[str]:
+    """The landmark names of annotated cases, in first-seen order: their union, or (same_set) the first case's
+    names, which every other case must hold too (in any order; one line naming the case that does not)."""
+    names = list(cases[0].landmarks.names)
+    if not same_set:
+        return list(dict.fromkeys(n for c in cases for n in c.landmarks.names))
+    for c in cases[1:]:
+        if set(c.landmarks.names) != set(names):
+            raise InputError(f"{c.label}: {len(c.landmarks)} landmarks ({short_list(c.landmarks.names)}), but "
+                             f"{cases[0].label} has {len(names)} ({short_list(names)}); every {what} needs the same "
+                             "landmark names")
+    return names

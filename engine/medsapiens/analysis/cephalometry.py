@@ -249,6 +249,24 @@ def write_analysis_csv(path, rows) -> Path:
     return atomic_write_text(path, analysis_csv(rows))
 
 
+MEASUREMENT_COLUMNS = ("markups", "measure", "description", "value", "unit", "normal_range", "class", "class_name",
+                       "landmarks")
+
+
+def measurements_csv(label: str, measurements: list[Measurement]) -> str:
+    """One row per measurement of one image (the Slicer panel's export): value, unit, normal range, class and
+    the landmarks it reads; empty value and class, and why, where it was not computed."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(MEASUREMENT_COLUMNS)
+    for m in measurements:
+        verdict = m.band.name if m.band else f"not computed (missing {', '.join(m.missing)})"
+        writer.writerow([label, m.name, m.measure.title, "" if m.band is None else f"{m.value:.6g}", m.measure.unit,
+                         m.normal_range, "" if m.band is None else m.band.number, verdict,
+                         ", ".join(m.measure.landmarks)])
+    return out.getvalue()
+
+
 def class_legend() -> str:
     """Every measure's landmarks, class numbers, class names and ranges (what the CSV's *_class columns mean)."""
     lines = [f"Classes as in {REFERENCE}:"]

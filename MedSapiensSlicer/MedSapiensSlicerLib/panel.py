@@ -1,0 +1,166 @@
+"""The panel as data and decisions: its state (`PanelState`, one definition that MedSapiensSlicer.py turns into
+its parameter node, each field bound to the widget whose SlicerParameterName it is) and every choice the panel
+makes (`PanelLogic`: which detector a click runs, what Fine-tune trains, which options apply, what the status
+line says), so that the widget only wires and tests drive the same decisions on slicer-core.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+from medsapiens import api
+
+from .logic import WHOLE_IMAGE, WHOLE_VOLUME, MedSapiensLogic
+
+ATLAS = "Atlas from my annotated cases"
+LOCAL_FILE = "Local file"
+SLICE_VIEWS = ("Red", "Green", "Yellow")
+VIEWS = (WHOLE_IMAGE, WHOLE_VOLUME, *SLICE_VIEWS)
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("auto", "fp32", "bf16")
+TIME_BUDGET_RANGE = (30.0, 3600.0)  # s, what the panel lets a user ask for
+
+
+def modelChoices() -> list[str]:
+    """The model box's entries: the atlas, a local file, then the catalogue (read from its JSON, no torch)."""
+    return [ATLAS, LOCAL_FILE, *api.models()]
+
+
+@dataclass
+class PanelState:
+    """What the parameter node holds. metadata: "node" (the MRML class), "choices" (a combo box's entries) or
+    "range" (a spin box's bounds); a str without choices binds to a line edit or a path field."""
+
+    inputVolume: object = field(default=None, metadata={"node": "vtkMRMLScalarVolumeNode"})
+    view: str = field(default=WHOLE_IMAGE, metadata={"choices": VIEWS})
+    model: str = field(default=ATLAS, metadata={"choices": modelChoices})
+    atlasDeformable: bool = False
+    learnUnannotated: bool = True  # fine-tuning on the atlas also learns from the scene's other 2D images
+    atlasAdapter: str = ""         # the adapter last fine-tuned on the atlas (set by Fine-tune; no widget)
+    useAtlasAdapter: bool = True   # Detect with the atlas uses atlasAdapter (off: the plain atlas of the table)
+    modelFile: str = ""
+    adapter: str = ""
+    device: str = field(default="auto", metadata={"choices": DEVICES})
+    precision: str = field(default="auto", metadata={"choices": PRECISIONS})
+    outputMarkups: object = field(default=None, metadata={"node": "vtkMRMLMarkupsFiducialNode"})
+    trainingMarkups: object = field(default=None, metadata={"node": "vtkMRMLMarkupsFiducialNode"})
+    timeBudget: float = field(default=api.REFINE_DEFAULTS.time_budget, metadata={"range": TIME_BUDGET_RANGE})
+    adapterName: str = "my-task"
+
+
+PANEL_FIELDS = [f.name for f in fields(PanelState)]
+
+
+@dataclass(frozen=True)
+class AtlasOptions:
+    """Which of the atlas's options the panel enables (they apply to the 2D atlas only), and why."""
+
+    deformable: bool
+    learnUnannotated: bool
+    useAdapter: bool
+    useAdapterTip: str
+
+
+class PanelLogic(MedSapiensLogic):
+    """The panel's decisions on top of MedSapiensLogic; `p` is the parameter node (or a PanelState)."""
+
+    def viewFor(self, view: str):
+        """What to analyse, as MedSapiensLogic takes it: None (the whole 2D image), WHOLE_VOLUME, or the slice node
+        of the view with that layout name (Red, Green, Yellow)."""
+        from medsapiens import InputError
+
+        if view == WHOLE_IMAGE:
+            return None
+        if view == WHOLE_VOLUME:
+            return WHOLE_VOLUME
+        for node in self.scene.GetNodesByClass("vtkMRMLSliceNode"):
+            if node.GetLayoutName() == view:
+                return node
+        raise InputError(f"no {view} slice view in this layout")
+
+    def detectOptions(self, p) -> dict:
+        """startDetect's options for the chosen model: with the atlas, the adapter fine-tuned on it when there is
+        one and it is in use, else the atlas of the table's cases; a local file or a catalogue model."""
+        from medsapiens import InputError
+
+        if p.model == ATLAS:
+            if p.view != WHOLE_VOLUME and p.useAtlasAdapter and self.adapterInfo(p.atlasAdapter):
+                return {"model": None, "adapter": p.atlasAdapter}  # the adapter carries its own atlas
+            return {"model": None, "atlas": True, "deformable": p.atlasDeformable and p.view != WHOLE_VOLUME}
+        if p.view == WHOLE_VOLUME:  # said here, before any download question (startDetect refuses it too)
+            raise InputError("a whole volume is detected by the atlas of your annotated volumes; choose the atlas")
+        model = p.modelFile if p.model == LOCAL_FILE else p.model
+        if not model:
+            raise InputError("choose the model file")
+        return {"model": model, "adapter": p.adapter or None, "device": p.device, "precision": p.precision}
+
+    def downloadQuestion(self, p) -> str | None:
+        """What to ask before a click downloads a catalogue model (the worker downloads it, with progress), or
+        None when nothing needs downloading."""
+        model = self.detectOptions(p)["model"]
+        needed = api.needs_download(model) if model else None
+        if not needed:
+            return None
+        return "Download\n" + "\n".join(f"{e.display}: {e.source.url}" for e in needed) + "?"
+
+    def startDetectFor(self, p):
+        """Detect with the panel's choices on its input volume and view."""
+        return self.startDetect(p.inputVolume, self.viewFor(p.view), **self.detectOptions(p))
+
+    def startFinetuneFor(self, p, **settings):
+        """Fine-tune on the table's cases: with the atlas chosen, a refiner on top of the atlas of the cases
+        (learning from the scene's other 2D images where asked); with a model, LoRA on it. settings: more engine
+        settings by name (the panel gives none)."""
+        if p.model == ATLAS:
+            unannotated = self.unannotatedImages() if p.learnUnannotated else []
+            return self.startFinetune(None, self.adapterPath(p.adapterName, atlas=True),
+                                      time_budget=float(p.timeBudget), deformable=p.atlasDeformable,
+                                      unannotated=unannotated, **settings)
+        return self.startFinetune(self.detectOptions(p)["model"], self.adapterPath(p.adapterName, atlas=False),
+                                  device=p.device, time_budget=float(p.timeBudget), **settings)
+
+    def finishJob(self, job, p) -> str:
+        """Take a finished job's result into the scene and the panel state; the status line to show."""
+        if job.cancelled:
+            return "Cancelled; nothing was changed."
+        if job.error:
+            return f"Error: {job.error}"
+        if job.kind == "finetune" and "info" in job.result:  # on the atlas: Detect with the atlas uses it now
+            p.atlasAdapter, p.useAtlasAdapter = job.result["adapter"], True
+            return f"Adapter saved to {job.result['adapter']}; Detect with the atlas uses it."
+        if job.kind == "finetune":
+            p.adapter = job.result["adapter"]
+            return f"Adapter saved to {job.result['adapter']} and selected."
+        node = self.finishDetect(job)
+        p.outputMarkups = node
+        return self.placedSummary(node)
+
+    @staticmethod
+    def placedSummary(node) -> str:
+        names = [node.GetNthControlPointLabel(i) for i in range(node.GetNumberOfControlPoints())]
+        missing = [n for i, n in enumerate(names) if node.GetNthControlPointPositionStatus(i) == node.PositionMissing]
+        notFound = f" Not found: {', '.join(missing)}." if missing else ""
+        return f"{len(names) - len(missing)} of {len(names)} landmarks placed in '{node.GetName()}'.{notFound}"
+
+    def atlasOptions(self, p) -> AtlasOptions:
+        """The B-spline stage, the fine-tuned adapter and learning from unannotated images apply to the 2D atlas."""
+        atlas2D = p.model == ATLAS and p.view != WHOLE_VOLUME
+        info = self.adapterInfo(p.atlasAdapter)
+        tip = (f"Detect with the atlas uses {info['path']}: its own atlas cases, refined. Off: the plain atlas of "
+               "the table's cases." if info else "Fine-tune with the atlas chosen to make an adapter.")
+        return AtlasOptions(atlas2D, atlas2D, atlas2D and info is not None, tip)
+
+    def caseTable(self, p) -> list[tuple[str, str, str, str]]:
+        """The case table's rows: volume, points, plane, and "seen" where the atlas adapter was trained on it."""
+        seen = self.casesSeen(self.adapterInfo(p.atlasAdapter))
+        return [(self.scene.GetNodeByID(row.volumeID).GetName(), self.scene.GetNodeByID(row.markupsID).GetName(),
+                 row.plane, "seen" if s else "") for row, s in zip(self.cases, seen)]
+
+    @staticmethod
+    def jobStatus(job, label: str) -> str:
+        return f"{label}: {job.message or 'starting the engine'}, {job.elapsed:.0f} s"
+
+    @staticmethod
+    def learnUnannotatedTip() -> str:
+        most = api.REFINE_DEFAULTS.max_unannotated
+        return (f"Atlas only: the atlas of your cases labels every other open 2D image (about 2.5 s each, at most "
+                f"{most}), and the refiner learns from those labels too. It does not change your images or points.")
