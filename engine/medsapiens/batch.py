@@ -13,6 +13,7 @@ from .errors import InputError, short_list
 from .io.datasets import square_pixels, write_landmarks_csv, write_volume_landmarks_csv
 from .io.images import case_id, read_image, read_volume
 from .io.markups import write_markups
+from .detectors.factory import check_kind
 from .progress import Callback, report
 
 
@@ -39,11 +40,14 @@ def detect_files(detector, paths: list[Path], out: Path, *, spacing=None, analyz
     for n, path in enumerate(paths):
         report(progress, n / len(paths), f"detecting on {path.name}: {n + 1} of {len(paths)}", step=n,
                total=len(paths))
+        case = None
         try:
             case = read_volume(path) if volumes else read_image(path, spacing=spacing)
+            check_kind(detector, case)
             found = detector.detect(case)
         except (InputError, RuntimeError) as e:  # RuntimeError: ITK or torch failing on this image's content
-            on_error(str(e) if isinstance(e, InputError) else f"{path}: detection failed ({_first_line(e)})")
+            on_error(_naming(path, case, e) if isinstance(e, InputError) else
+                     f"{path}: detection failed ({_first_line(e)})")
             batch.failed += 1
             continue
         batch.written.append(write_markups(out / f"{case_id(path)}.mrk.json", found, case))
@@ -99,6 +103,14 @@ def _tables(batch: Batch, rows: list, out: Path, volumes: bool, analyze_out, war
         path, batch.report = write_analysis([(image, lm, spacing) for image, _, _, spacing, lm in rows],
                                             analyze_out, warn)
         batch.written.append(path)
+
+
+def _naming(path: Path, case, error: InputError) -> str:
+    """The error's line naming the file (a detector names the case it was given, by its id)."""
+    text, label = str(error), f"{case.label}: " if case is not None else None
+    if label and text.startswith(label):
+        return f"{path}: {text[len(label):]}"
+    return text
 
 
 def _first_line(error: Exception) -> str:

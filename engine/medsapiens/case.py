@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import InputError, short_list
+from .settings import MIN_IMAGE_SIDE
 
 
 @dataclass
@@ -162,6 +163,14 @@ class Volume:
         index = self.to_index(lps)
         with np.errstate(invalid="ignore"):
             return ((index >= -0.5) & (index <= np.array(self.size) - 0.5)).all(axis=1)
+
+
+def require_detectable(case: Case) -> None:
+    """Refuse an image too thin to find landmarks on (a strip of 40000 x 10 px, say), in one line."""
+    w, h = case.size
+    if min(w, h) < MIN_IMAGE_SIDE:
+        raise InputError(f"{case.label}: the image is {w} x {h} px; finding landmarks needs at least "
+                         f"{MIN_IMAGE_SIDE} px along each side")
 
 
 def shared_landmarks(cases: list, same_set: bool = False, what: str = "case") -> list[str]:

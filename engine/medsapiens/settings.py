@@ -13,6 +13,7 @@ from .errors import InputError
 SAPIENS_INPUT_HW = (1024, 768)  # (H, W) the Sapiens / MedSapiens models' own input
 TRAIN_INPUT_HW = (256, 192)     # (H, W) what models trained here on a CPU default to
 DEFAULT_ARCH = "tiny"           # the architecture `train` builds by default (the best size for a CPU)
+MIN_IMAGE_SIDE = 32             # px: a detector needs at least this much image along each side
 HEATMAP_SIGMA = 3.0             # heatmap Gaussian, MedSapiens's (the human-pose models use 6)
 CEPH_RADII = (2.0, 2.5, 3.0, 4.0)  # SDR radii (mm) for images, as the cephalometric challenges report them
 HAND_RADII = (2.0, 4.0, 10.0)      # ... for hands (Payer et al.)
@@ -200,7 +201,29 @@ def _converted(current, value, name: str):
         return from_dict(type(current), value)
     if isinstance(value, list):
         return tuple(_converted(None, v, name) for v in value)
+    if not _same_kind(current, value):
+        raise InputError(f"{name} {value!r}: expected {_kind(current)}")
+    if isinstance(current, int) and not isinstance(current, bool) and isinstance(value, float):
+        if not value.is_integer():
+            raise InputError(f"{name} {value!r}: expected a whole number")
+        return int(value)
     return value
+
+
+def _kind(value) -> str:
+    return "true or false" if isinstance(value, bool) else "a number" if isinstance(value, (int, float)) else \
+        f"a {type(value).__name__}"
+
+
+def _same_kind(current, value) -> bool:
+    """Whether `value` may replace `current` (a number for a number, a bool for a bool, ...); None: any."""
+    if current is None or value is None:
+        return True
+    if isinstance(current, bool) or isinstance(value, bool):
+        return isinstance(current, bool) and isinstance(value, bool)
+    if isinstance(current, (int, float)):
+        return isinstance(value, (int, float))
+    return isinstance(value, type(current))
 
 
 def from_dict(cls, data: dict):

@@ -18,7 +18,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from ..case import Case, Landmarks
+from ..case import Case, Landmarks, require_detectable
 from ..errors import InputError, short_list
 from ..io.intensity import to_rgb255
 from ..progress import Callback, Cancel, check, report
@@ -206,6 +206,7 @@ class AtlasDetector:
         px, NaN where none) and local NCC (atlases x K, -inf where no vote, also for a point off the image)."""
         if not isinstance(case, Case):
             raise InputError(f"{case.label}: a 3D volume; this atlas is of 2D images")
+        require_detectable(case)
         target = _prepare(case, self.settings, self.levels)
         chosen = range(len(self.atlases)) if atlases is None else atlases
         votes = []

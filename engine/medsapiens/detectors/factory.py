@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Protocol
 
-from ..case import Case, Landmarks, Volume
+from ..case import Case, Landmarks, Volume, require_detectable
 from ..errors import InputError, short_list
 from ..models.build import build_model
 from ..models.catalogue import Choice
@@ -85,9 +85,12 @@ def check_landmarks(detector: Detector, expected) -> None:
 
 
 def check_kind(detector: Detector, case) -> None:
-    """A volume needs a 3D detector and an image a 2D one; one line otherwise."""
+    """A volume needs a 3D detector and an image a 2D one of at least MIN_IMAGE_SIDE px a side; one line
+    otherwise."""
     if isinstance(case, Volume) and detector.dim != 3:
         raise InputError(f"{case.label}: a 3D volume; models and adapters detect on 2D images, volumes need an "
                          "atlas of annotated volumes")
     if isinstance(case, Case) and detector.dim != 2:
         raise InputError(f"{case.label}: a 2D image; this atlas is of 3D volumes")
+    if isinstance(case, Case):
+        require_detectable(case)

@@ -7,7 +7,7 @@ from functools import cache
 import numpy as np
 import torch
 
-from ..case import Case, Landmarks
+from ..case import Case, Landmarks, require_detectable
 from ..errors import InputError
 from ..io.intensity import to_rgb255
 from ..models.codec import UDPCodec
@@ -134,6 +134,7 @@ class HeatmapDetector:
 
     def detect(self, case: Case, progress: Callback = None, cancel: Cancel = None) -> Landmarks:
         check(cancel)
+        require_detectable(case)
         report(progress, 0.0, "running the model")
         hm, warp = self.heatmaps(case)
         points, scores = self.codec.decode(hm)

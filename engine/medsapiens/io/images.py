@@ -49,7 +49,10 @@ def read_image(path, spacing: float | None = None) -> Case:
     sx, sy = np.linalg.norm(geometry[:3, 0]), np.linalg.norm(geometry[:3, 1])
     if not (sx > 0 and sy > 0):
         raise InputError(f"{path}: the file's pixel spacing is zero")
-    case = Case(plane, (sx, sy), name=case_id(path), pixel_to_lps=geometry)
+    try:
+        case = Case(plane, (sx, sy), name=case_id(path), pixel_to_lps=geometry)
+    except InputError as e:  # the Case names itself by its id; here the file is what the user knows
+        raise InputError(f"{path}: {str(e).split(': ', 1)[-1]}") from None
     return case if spacing is None else with_spacing(case, spacing)
 
 
@@ -121,8 +124,7 @@ def _read_sitk(path: Path, reader=None):
     try:
         image = reader.Execute() if reader is not None else sitk.ReadImage(str(path))
     except RuntimeError as e:
-        reason = str(e).strip().splitlines()[-1] if str(e).strip() else "unreadable"
-        raise InputError(f"{path}: not a readable image ({reason[:160]})") from None
+        raise InputError(f"{path}: not a readable image ({_why_unreadable(path, e)})") from None
     array = sitk.GetArrayFromImage(image)  # (z, y, x[, c]) or (y, x[, c])
     dim = image.GetDimension()
     if image.GetNumberOfComponentsPerPixel() == 1:
@@ -137,6 +139,16 @@ def _read_sitk(path: Path, reader=None):
     geometry[:3, :3] = direction @ np.diag(spacing)
     geometry[:3, 3] = list(image.GetOrigin()) + [0.0] * (3 - dim)
     return array, geometry
+
+
+def _why_unreadable(path: Path, error: RuntimeError) -> str:
+    """ITK's complaint in the user's words: an empty file, a format it cannot read, or a damaged file."""
+    text = str(error)
+    if path.is_file() and path.stat().st_size == 0:
+        return "the file is empty"
+    if "Unable to determine ImageIO reader" in text:
+        return "not an image format it reads: PNG, JPEG, TIFF, BMP, NRRD, NIfTI, MHA or DICOM"
+    return "the file is damaged or cut short"
 
 
 def _read_nrrd(path: Path):

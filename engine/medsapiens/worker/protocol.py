@@ -27,6 +27,14 @@ from ..case import Case, Landmarks, Volume
 
 DETECT, FINETUNE, CANCEL, SHUTDOWN = "detect", "finetune", "cancel", "shutdown"
 READY, PROGRESS, RESULT, ERROR, CANCELLED = "ready", "progress", "result", "error", "cancelled"
+# the fields of each request: name -> (the JSON types it may have, whether it must be there)
+FIELDS = {
+    DETECT: {"case": ((str,), True), "out": ((str,), True), "model": ((str, type(None)), False),
+             "adapter": ((str, type(None)), False), "atlas": ((list, type(None)), False),
+             "deformable": ((bool,), False), "device": ((str, type(None)), False), "precision": ((str,), False)},
+    FINETUNE: {"cases": ((list,), True), "out": ((str,), True), "base": ((str, type(None)), False),
+               "unannotated": ((list,), False), "device": ((str, type(None)), False), "settings": ((dict,), False)},
+}
 
 
 def encode(message: dict) -> str:
@@ -35,10 +43,33 @@ def encode(message: dict) -> str:
 
 
 def decode(line: str) -> dict:
-    message = json.loads(line)
+    try:
+        message = json.loads(line)
+    except json.JSONDecodeError:
+        raise ValueError(f"not JSON: {line.strip()[:80]}") from None
     if not isinstance(message, dict) or not isinstance(message.get("kind"), str):
         raise ValueError(f"not a protocol message: {line.strip()[:80]}")
     return message
+
+
+def check_request(message: dict) -> None:
+    """A request the worker can run, or one line saying what is wrong with it (nothing from a client is trusted)."""
+    from ..errors import InputError
+
+    kind = message["kind"]
+    if kind not in FIELDS:
+        raise InputError(f"unknown request {kind!r} (known: {', '.join(FIELDS)})")
+    for name, (types, required) in FIELDS[kind].items():
+        if name not in message:
+            if required:
+                raise InputError(f"{kind} request without {name!r}")
+            continue
+        if not isinstance(message[name], types) or isinstance(message[name], bool) and bool not in types:
+            raise InputError(f"{kind} request: {name!r} is {type(message[name]).__name__}, not "
+                             f"{' or '.join('null' if t is type(None) else t.__name__ for t in types)}")
+    for name in ("cases", "unannotated", "atlas"):
+        if isinstance(message.get(name), list) and not all(isinstance(p, str) for p in message[name]):
+            raise InputError(f"{kind} request: {name!r} must list file paths")
 
 
 def one_line(error: BaseException) -> str:
@@ -65,11 +96,21 @@ def write_case(path, case: Case | Volume) -> str:
 
 
 def read_case(path) -> Case | Volume:
-    with np.load(path, allow_pickle=False) as f:
-        landmarks = _landmarks(f) if "names" in f else None
-        if "voxels" in f:
-            return Volume(f["voxels"], f["index_to_lps"], landmarks, name=str(f["name"]))
-        return Case(f["image"], tuple(f["spacing"]), landmarks, name=str(f["name"]), pixel_to_lps=f["pixel_to_lps"])
+    """A case file written by write_case; one line for anything else."""
+    from ..errors import InputError
+
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            landmarks = _landmarks(f) if "names" in f else None
+            if "voxels" in f:
+                return Volume(f["voxels"], f["index_to_lps"], landmarks, name=str(f["name"]))
+            return Case(f["image"], tuple(f["spacing"]), landmarks, name=str(f["name"]),
+                        pixel_to_lps=f["pixel_to_lps"])
+    except (OSError, KeyError, ValueError) as e:
+        if isinstance(e, InputError):
+            raise
+        reason = "no such file" if isinstance(e, FileNotFoundError) else f"not a case file ({type(e).__name__})"
+        raise InputError(f"{path}: {reason}") from None
 
 
 def write_landmarks(path, landmarks: Landmarks) -> str:

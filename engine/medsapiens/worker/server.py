@@ -72,6 +72,10 @@ class Server:
             except ValueError as e:
                 self.send(kind=protocol.ERROR, id=None, message=f"bad request: {e}")
                 continue
+            rid = message.get("id")
+            if rid is not None and (isinstance(rid, bool) or not isinstance(rid, (int, str))):
+                self.send(kind=protocol.ERROR, id=None, message=f"bad request: id {rid!r} is not a number or a string")
+                continue
             if message["kind"] == protocol.CANCEL:
                 event = self._cancel.get(message.get("id"))
                 if event is not None:
@@ -93,9 +97,8 @@ class Server:
             self.send(id=rid, kind=protocol.PROGRESS, fraction=round(float(p.fraction), 4), message=p.message)
 
         try:
-            handler = HANDLERS.get(request["kind"])
-            if handler is None:
-                raise InputError(f"unknown request {request['kind']!r} (known: {', '.join(HANDLERS)})")
+            protocol.check_request(request)
+            handler = HANDLERS[request["kind"]]
             if cancelled.is_set():
                 raise Cancelled("cancelled before it started")
             self.send(id=rid, kind=protocol.RESULT, **handler(request, progress, cancelled.is_set))
