@@ -23,10 +23,10 @@ from .progress import Callback, Cancel, check, report, within
 from .settings import DEFAULT_ARCH, LORA_DEFAULTS, REFINE_DEFAULTS, TRAIN_DEFAULTS, override
 
 __all__ = ["DEFAULT_ARCH", "LORA_DEFAULTS", "REFINE_DEFAULTS", "TRAIN_DEFAULTS", "adapter_info", "adapters_dir",
-           "add_model", "analyze", "analyze_files", "case_checksum", "catalogue_rows", "detect", "detect_files",
-           "architectures", "cache_dir", "demo", "shared_landmarks", "evaluate", "finetune", "landmark_names", "load_cases",
-           "load_detector", "models", "needs_download", "phantom_case", "read_images", "resolve_model", "train",
-           "write_evaluation"]
+           "add_model", "analyze", "analyze_files", "architectures", "cache_dir", "can_analyze", "case_checksum",
+           "catalogue_rows", "demo", "detect", "detect_files", "evaluate", "finetune", "landmark_names", "load_cases",
+           "load_detector", "models", "needs_download", "phantom_case", "read_image", "read_images", "read_volume",
+           "resolve_model", "shared_landmarks", "train", "write_evaluation", "write_measurements"]
 
 _kept: dict = {"key": None, "detector": None}  # the last model / adapter detector and the files it came from
 
@@ -363,6 +363,21 @@ def load_cases(path, ids: list[str] | None = None) -> list[Case | Volume]:
     from .io.datasets import load_cases as load
 
     return load(path, ids)
+
+
+def read_image(path, spacing: float | None = None) -> Case:
+    """A 2D image file (PNG, JPEG, TIFF, BMP, NRRD, NIfTI, MHA, DICOM) as a Case with the file's geometry;
+    `spacing` (mm) supplies or overrides the pixel size."""
+    from .io.images import read_image as read
+
+    return read(path, spacing)
+
+
+def read_volume(path) -> Volume:
+    """A 3D volume file (NIfTI, NRRD, MHA, a DICOM file or series folder) as a Volume with its geometry."""
+    from .io.images import read_volume as read
+
+    return read(path)
 
 
 def read_images(paths, what: str = "") -> list[Case]:
