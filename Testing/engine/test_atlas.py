@@ -41,6 +41,7 @@ def warped_copy(case: Case, seed=0):
     return Case(warped.astype(np.uint8), case.spacing, moved, name=case.name + "_warped")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("deformable", [False, True], ids=["affine+local", "bspline+local"])
 def test_registration_recovers_a_known_warp_of_a_real_radiograph(ceph, deformable):
     case = ceph.case(0)
@@ -50,6 +51,7 @@ def test_registration_recovers_a_known_warp_of_a_real_radiograph(ceph, deformabl
     assert np.median(err) < 1.0 and np.percentile(err, 90) < 2.0, err
 
 
+@pytest.mark.slow
 def test_an_atlas_that_does_not_match_is_outvoted(ceph):
     """Votes are weighted by how well each landmark's neighbourhood matched: an atlas of noise with the same
     landmark positions must not pull the answer (a plain average would move it by tens of pixels)."""
@@ -73,6 +75,7 @@ def test_one_atlas_on_the_identical_image_returns_its_points(ceph):
     assert np.median(err) < 0.5 and err.max() < 2.0, err  # stochastic MI sampling: sub-pixel, not exact
 
 
+@pytest.mark.slow
 def test_local_windows_keep_their_size_on_finely_sampled_atlases(ceph):
     """A 2.5x finer radiograph gets 2.5x the local steps (same anatomy per window) and its own points back."""
     case = ceph.case(1)
@@ -99,6 +102,7 @@ def test_refused_atlases(ceph):
         AtlasDetector([bare])
 
 
+@pytest.mark.slow
 def test_atlas_from_markups_folder_and_cli(tmp_path, ceph, capsys):
     folder = tmp_path / "atlas"
     folder.mkdir()
@@ -115,6 +119,7 @@ def test_atlas_from_markups_folder_and_cli(tmp_path, ceph, capsys):
     assert [p["label"] for p in doc["markups"][0]["controlPoints"]] == ceph.names
 
 
+@pytest.mark.slow
 def test_demo_runs_end_to_end_on_the_phantom(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path), "--cases", "2"]) == 0
     out = capsys.readouterr().out

@@ -91,6 +91,7 @@ def test_relaid_and_rotated_volumes_keep_their_physical_landmarks(target):
 
 @pytest.mark.parametrize("axis,turns", [(0, 1), (1, 1), (2, 1), (0, 2), (1, 2), (2, 2)],
                          ids=["x90", "y90", "z90", "x180", "y180", "z180"])
+@pytest.mark.slow
 def test_a_turned_skull_still_gets_its_landmarks_from_another_specimen(atlas, target, axis, turns):
     volume = rotated(target, axis, turns)
     found = atlas.detect(volume)
@@ -98,6 +99,7 @@ def test_a_turned_skull_still_gets_its_landmarks_from_another_specimen(atlas, ta
     assert mre(found, volume.landmarks) < 0.8, mre(found, volume.landmarks)  # a wrong orientation is > 5 mm
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", ["flipped x", "axes permuted and flipped"])
 def test_the_voxel_layout_does_not_change_the_physical_answer(atlas, target, layout):
     r = np.diag([-1, 1, 1]) if layout == "flipped x" else np.array([[0, 0, -1], [1, 0, 0], [0, -1, 0]])
@@ -108,6 +110,7 @@ def test_the_voxel_layout_does_not_change_the_physical_answer(atlas, target, lay
     assert shift.max() < 0.1, shift
 
 
+@pytest.mark.slow
 def test_an_oblique_grid_resampled_in_physical_space_gives_the_same_landmarks(atlas, target):
     """The same volume resampled (B-spline) onto a grid turned by 30 degrees about an oblique axis, at 0.7 of its
     spacing (on a grid as coarse as its own, the resampling itself would blur it)."""
@@ -221,6 +224,7 @@ def atlas_folder(tmp_path, mouse) -> tuple:
     return folder, a
 
 
+@pytest.mark.slow
 def test_cli_detects_on_volumes_and_writes_markups_and_csv(tmp_path, mouse, capsys):
     folder, a = atlas_folder(tmp_path, mouse)
     t = halved(mouse, 4)
@@ -242,6 +246,7 @@ def test_cli_detects_on_volumes_and_writes_markups_and_csv(tmp_path, mouse, caps
     assert isinstance(case, Volume) and np.allclose(case.landmarks.points, a.landmarks.points, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_cli_evaluates_a_volume_atlas_on_a_3d_set(tmp_path, mouse, capsys):
     folder, _ = atlas_folder(tmp_path, mouse)
     t = halved(mouse, 5)

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from medsapiens.detectors.heatmap import HeatmapDetector, cpu_has_native_bf16, pick_precision
-from medsapiens.models.attention import blocked_attention, scaled_dot_product_attention, use_blocked
+from medsapiens.models.attention import blocked_attention, use_blocked
 from medsapiens.models.sapiens import SapiensPose
 
 

@@ -66,6 +66,7 @@ def test_the_command_line_answers_bad_input_in_one_line(files, ceph, capsys):
         assert len(ours) == 1 and ours[0].startswith("medsapiens: error: ") and message in ours[0], (what, ours)
 
 
+@pytest.mark.slow
 def test_no_traceback_reaches_the_terminal(files, ceph):
     """The same in real processes for the two that used to print Python's or ITK's insides."""
     cases = {what: (args, status, message) for what, args, status, message in cli_cases(files, ceph)}

@@ -64,6 +64,7 @@ def test_pretrain_alone_cannot_detect_but_serves_as_base(pretrain_file):
         build_model(ckpt)
 
 
+@pytest.mark.slow
 def test_medsapiens_lora_on_pretrain_base(tmp_path, pretrain_file):
     base_path, backbone = pretrain_file
     torch.manual_seed(3)

@@ -16,6 +16,7 @@ def one_line(capsys) -> str:
     return err
 
 
+@pytest.mark.slow
 def test_one_unreadable_image_in_a_batch_is_reported_and_the_others_are_detected(tmp_path, ceph, capsys):
     folder = tmp_path / "batch"
     folder.mkdir()
@@ -38,6 +39,7 @@ def test_one_unreadable_image_in_a_batch_is_reported_and_the_others_are_detected
     assert Dataset(out / "landmarks.csv").ids() == ["000", "001", "003", "004"]
 
 
+@pytest.mark.slow
 def test_nothing_to_read_at_all_is_bad_input(tmp_path, ceph, capsys):
     assert main(["detect", "--atlas", str(ceph.path), str(tmp_path / "a.png"), str(tmp_path / "b.png"),
                  "--out", str(tmp_path / "o")]) == 2

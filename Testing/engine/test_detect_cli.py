@@ -3,11 +3,13 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from medsapiens.cli import main
 from medsapiens.io.datasets import Dataset
 from medsapiens.io.markups import landmarks_from_markups, read_markups
 
 
+@pytest.mark.slow
 def test_detect_writes_markups_and_csv_that_slicer_reads(tmp_path, fitted_file, ceph, capsys, scene):
     images = [ceph.root / ceph.rows[i].image for i in (0, 1)]
     sx = ceph.rows[0].spacing
@@ -89,6 +91,7 @@ def run_cli(*args):
     return subprocess.run([sys.executable, "-m", "medsapiens.cli", *map(str, args)], capture_output=True, text=True)
 
 
+@pytest.mark.slow
 def test_bad_inputs_exit_non_zero_with_one_line(tmp_path, fitted_file, ceph):
     image = ceph.root / ceph.rows[0].image
     corrupt = tmp_path / "corrupt.png"
@@ -110,6 +113,7 @@ def test_bad_inputs_exit_non_zero_with_one_line(tmp_path, fitted_file, ceph):
         assert ours[0].startswith("medsapiens: error: ") and message in ours[0] and "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_help_everywhere():
     for args in (["--help"], ["detect", "--help"], ["demo", "--help"], ["models", "--help"]):
         result = run_cli(*args)

@@ -89,6 +89,7 @@ def test_adapter_carries_its_atlas_and_its_held_out_estimate(adapter, two_cases)
     assert set(result.phase_seconds) == {"atlas", "train", "estimate", "save"}
 
 
+@pytest.mark.slow
 def test_detect_with_the_adapter_alone(adapter, ceph, tmp_path, capsys):
     """`detect --adapter A IMAGE` with no model and no atlas: the file is all it needs, and the result is the
     same as the Python detector's."""
@@ -131,6 +132,7 @@ def test_adapter_from_another_version_is_refused_in_one_line(adapter, tmp_path):
         load_detector(adapter=str(old))
 
 
+@pytest.mark.slow
 def test_warm_start_continues_from_the_adapter_with_half_the_steps(adapter, two_cases, ceph, tmp_path):
     out, _ = adapter
     target = tmp_path / "task.safetensors"
@@ -152,6 +154,7 @@ def test_warm_start_continues_from_the_adapter_with_half_the_steps(adapter, two_
     assert load_weights(again)[1]["warm_started"] and result.steps == 3 * 5 <= 2 * QUICK.steps // 2
 
 
+@pytest.mark.slow
 def test_each_fold_learns_from_unannotated_images_as_labelled_by_its_own_training_cases(ceph, tmp_path):
     """Three cases, two unannotated images (one of them a case's image again, which is dropped): every fold's
     pseudo-labels are what the atlas of that fold's training cases alone detects, so the held-out case stays
@@ -182,6 +185,7 @@ def test_each_fold_learns_from_unannotated_images_as_labelled_by_its_own_trainin
         finetune_on_atlas(cases, out, unannotated=[Volume(np.zeros((4, 4, 4)), np.eye(4), name="ct")])
 
 
+@pytest.mark.slow
 def test_a_warm_start_reuses_the_atlas_votes_on_the_unannotated_images(ceph, tmp_path, monkeypatch):
     """After "Add case", only the new case's atlas labels the images again: the previous cases' votes come from
     the adapter file as they were, and the new file holds all of them for the next time."""
@@ -231,6 +235,7 @@ def test_warm_start_never_uses_a_network_that_saw_the_held_out_case():
     assert folds_of(3) == [[0], [1], [2]] and folds_of(7) == [[0, 5], [1, 6], [2], [3], [4]]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("phase", ["atlas", "pseudo-labels", "train", "estimate", "save"])
 def test_cancel_in_each_phase_leaves_the_previous_adapter_byte_identical(adapter, two_cases, ceph, tmp_path, phase):
     out, _ = adapter
@@ -249,6 +254,7 @@ def test_cancel_in_each_phase_leaves_the_previous_adapter_byte_identical(adapter
     assert [p.name for p in tmp_path.iterdir()] == ["task.safetensors"]  # no temporary file left
 
 
+@pytest.mark.slow
 def test_worse_than_atlas_says_so_in_one_line_and_writes_nothing(ceph, data_dir, tmp_path, capsys):
     """A refiner thrown off by a learning rate of 1000 scatters the points: worse than the atlas on the held-out
     cases, so finetune keeps the previous file and says so in one line on stderr (exit 1)."""
@@ -271,6 +277,7 @@ def test_worse_than_atlas_says_so_in_one_line_and_writes_nothing(ceph, data_dir,
     assert target.read_bytes() == b"the user's previous adapter"
 
 
+@pytest.mark.slow
 def test_cli_finetune_prints_one_summary_line(data_dir, tmp_path, capsys):
     target = tmp_path / "task.safetensors"
     assert main(["finetune", "--data", str(data_dir / "ceph_hamedan" / "landmarks.csv"), "--cases", "001,002",
@@ -281,6 +288,7 @@ def test_cli_finetune_prints_one_summary_line(data_dir, tmp_path, capsys):
                         r"estimate [0-9.]+ s, save [0-9.]+ s", out[0]), out[0]
 
 
+@pytest.mark.slow
 def test_cli_finetune_learns_from_unannotated_images_too(data_dir, ceph, tmp_path, capsys):
     """--unannotated takes files and folders (their image files): the atlas labels them, a phase of its own."""
     folder = tmp_path / "more"

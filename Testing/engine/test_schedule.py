@@ -77,6 +77,7 @@ def test_head_only_adapter_with_a_narrower_head_loads_on_its_base_and_detects(tm
     assert found.names == ceph.names and np.isfinite(found.points).all()
 
 
+@pytest.mark.slow
 def test_planned_finetune_measures_keeps_to_its_budget_and_says_when_steps_fall_short(tmp_path, ceph,
                                                                                       small_pretrain_file,
                                                                                       fitted_file):

@@ -101,6 +101,7 @@ def first_case(ceph):
     return case
 
 
+@pytest.mark.slow
 def test_finetune_adapter_learns_a_new_landmark_set(tmp_path, fitted_file, first_case):
     out = tmp_path / "task.safetensors"
     seen = []
@@ -191,6 +192,7 @@ def test_train_then_resume_continues_steps_and_optimizer(tmp_path, ceph, capsys)
     assert capsys.readouterr().err.strip() == f"medsapiens: error: {out}: trained at input [128, 96], not [64, 48]"
 
 
+@pytest.mark.slow
 def test_torchrun_two_cpu_processes_end_with_the_same_weights(tmp_path, ceph):
     script = tmp_path / "ddp.py"
     script.write_text(

@@ -73,6 +73,7 @@ class Worker:
         return r
 
 
+@pytest.mark.slow
 def test_the_worker_answers_requests_and_survives_bad_ones(tmp_path, micro_file, ceph):
     worker = Worker()
     try:
@@ -137,6 +138,7 @@ def test_api_finetune_refuses_unknown_settings(micro_file, ceph, tmp_path):
         api.finetune(str(micro_file), [ceph.case(0)], tmp_path / "a.safetensors", unannotated=[ceph.case(1)])
 
 
+@pytest.mark.slow
 def test_api_finetune_on_the_atlas_says_when_it_labels_the_unannotated_images(ceph, tmp_path):
     """The progress an application shows: the leave-one-out atlas, then each unannotated image, then training,
     in a bar that only moves forward (cancelled once training starts: nothing written)."""
@@ -172,6 +174,7 @@ def atlas_adapter(ceph, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_adapter_info_reads_the_header_only_and_case_checksums_match_the_file(atlas_adapter, ceph):
     from medsapiens.detectors.refiner import grey
     from medsapiens.models.weight_files import load_weights
@@ -202,6 +205,7 @@ def test_adapter_info_reads_the_header_only_and_case_checksums_match_the_file(at
         api.adapter_info(ceph.root / "landmarks.csv")
 
 
+@pytest.mark.slow
 def test_api_detect_with_an_atlas_adapter_alone(atlas_adapter, ceph, micro_file, tmp_path):
     case = ceph.case(6)
     found = api.detect(case, adapter=str(atlas_adapter))

@@ -13,7 +13,6 @@ from medsapiens.detectors.atlas import AtlasDetector
 from MedSapiensSlicerLib.analysis import analysisRows, writeAnalysisCSV
 from MedSapiensSlicerLib.logic import MedSapiensLogic
 from slicer.util import vtkMatrixFromArray
-from test_logic import rotation
 
 
 def flat_volume(scene, directions, spacing, size=(670, 836)):
@@ -30,6 +29,15 @@ def flat_volume(scene, directions, spacing, size=(670, 836)):
     return node
 
 
+def tilted(degrees, axis) -> np.ndarray:
+    """The 3 x 3 rotation by `degrees` about `axis` (VTK's own)."""
+    from slicer.util import arrayFromVTKMatrix
+
+    turn = vtk.vtkTransform()
+    turn.RotateWXYZ(degrees, *axis)
+    return arrayFromVTKMatrix(turn.GetMatrix())[:3, :3]
+
+
 def values(rows) -> dict:
     return {r.measure: r.value for r in rows}
 
@@ -38,7 +46,7 @@ def values(rows) -> dict:
 def test_rows_equal_the_engine_analysis_of_the_detected_pixels(scene, ceph, grid):
     row = ceph.rows[0]
     directions = {"LPS": np.diag([-1.0, -1.0, 1.0]), "LAS": np.diag([-1.0, 1.0, 1.0]),
-                  "oblique": rotation([1, 2, 3], 35)}[grid]
+                  "oblique": tilted(35, [1, 2, 3])}[grid]
     spacing = (row.spacing, row.spacing) if grid != "oblique" else (row.spacing, 0.8 * row.spacing)
     logic = MedSapiensLogic(scene)
     _, geometry = logic.caseFromVolume2D(flat_volume(scene, directions, spacing))

@@ -63,6 +63,7 @@ def trained(module_scene, ceph, tmp_path_factory, engine_worker, ceph_volume):
     return out, out.read_bytes(), job
 
 
+@pytest.mark.slow
 def test_finetune_with_the_atlas_writes_an_adapter_and_its_estimate_reaches_the_panel(trained, module_scene):
     out, _, job = trained
     assert re.fullmatch(r"ceph-task\.atlas-[0-9a-f]{8}\.safetensors", out.name)
@@ -88,6 +89,7 @@ def test_finetune_with_the_atlas_writes_an_adapter_and_its_estimate_reaches_the_
     assert job.fraction == 1.0
 
 
+@pytest.mark.slow
 def test_detect_with_the_atlas_uses_the_adapter_alone(trained, scene, ceph, tmp_path, engine_worker, ceph_volume):
     """No model and no atlas cases sent: the adapter carries its atlas; the worker's landmarks are the refined
     ones the engine gives for the same image, and differ from its atlas's own on the refined landmarks."""
@@ -112,6 +114,7 @@ def test_detect_with_the_atlas_uses_the_adapter_alone(trained, scene, ceph, tmp_
     assert np.allclose(refined.points[~use], atlas_only.points[~use])
 
 
+@pytest.mark.slow
 def test_the_table_shows_seen_cases_and_retraining_after_add_case_warm_starts(trained, scene, ceph, tmp_path,
                                                                               engine_worker, ceph_volume):
     out, original, _ = trained
@@ -142,6 +145,7 @@ def test_the_table_shows_seen_cases_and_retraining_after_add_case_warm_starts(tr
 
 @pytest.mark.parametrize("phase", ["atlas of the other cases", "atlas labelling the unannotated images",
                                    "training network"])
+@pytest.mark.slow
 def test_cancel_keeps_the_previous_adapter_byte_identical(trained, scene, ceph, tmp_path, engine_worker, phase,
                                                           ceph_volume):
     out, original, _ = trained
@@ -165,6 +169,7 @@ def test_cancel_keeps_the_previous_adapter_byte_identical(trained, scene, ceph, 
     assert [p.name for p in tmp_path.iterdir() if p.suffix == ".safetensors" or ".part" in p.name] == [target.name]
 
 
+@pytest.mark.slow
 def test_a_refiner_worse_than_the_atlas_is_one_line_and_the_previous_adapter_stays(trained, scene, ceph, tmp_path,
                                                                                    engine_worker, ceph_volume):
     """A learning rate of 1000 scatters the refined points: worse than the atlas on the held-out cases, so the

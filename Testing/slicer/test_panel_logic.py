@@ -109,6 +109,7 @@ def test_a_failed_job_is_its_one_line_and_changes_nothing(logic, scene, ceph, tm
     assert logic.jobStatus(job, "Detecting").startswith("Detecting: ")
 
 
+@pytest.mark.slow
 def test_fine_tune_with_a_model_trains_lora_on_it_and_selects_the_adapter(logic, scene, ceph, tmp_path, fitted_file,
                                                                          monkeypatch, ceph_volume):
     monkeypatch.setenv("MEDSAPIENS_CACHE", str(tmp_path / "cache" / "models"))

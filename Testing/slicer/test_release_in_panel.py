@@ -1,20 +1,14 @@
 """What a clinician does with the released head model in the panel: pick "MedSapiens head (ISBI 19)" from the
 model list, Detect on a cephalogram loaded by Slicer's volume reader, see the analysis table. The release is the
-one `Testing/engine/test_release_models.py` writes (mmengine checkpoints in the authors' zip layout), served by
-its Drive-like local server; the detection runs in the real engine worker process."""
-import sys
-from pathlib import Path
-
+one the shared `release` fixture writes (mmengine checkpoints in the authors' zip layout), served by
+its Drive-like local server (conftest.py); the detection runs in the real engine worker process."""
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "engine"))
-from test_release_models import hub, release  # noqa: E402,F401  (fixtures: the release and its local server)
-
-from MedSapiensSlicerLib.analysis import analysisRows  # noqa: E402
-from MedSapiensSlicerLib.logic import MedSapiensLogic  # noqa: E402
-from MedSapiensSlicerLib.worker_client import EngineWorker  # noqa: E402
+from MedSapiensSlicerLib.analysis import analysisRows
+from MedSapiensSlicerLib.logic import MedSapiensLogic
+from MedSapiensSlicerLib.worker_client import EngineWorker
 
 
+@pytest.mark.slow
 def test_pick_the_head_model_detect_and_see_the_analysis(hub, scene, ceph, tmp_path, ceph_volume):
     from medsapiens import api
     from medsapiens.analysis.cephalometry import MEASURE_NAMES

@@ -89,6 +89,7 @@ def flipped_nrrd(path, out):
     return out
 
 
+@pytest.mark.slow
 def test_a_volume_loaded_by_slicer_is_the_engine_volume_in_world_space(scene, mouse, tmp_path):
     path = mouse.root / "volumes" / f"{ATLAS}.nii.gz"
     on_disk = read_volume(path)
@@ -121,6 +122,7 @@ def test_a_volume_loaded_by_slicer_is_the_engine_volume_in_world_space(scene, mo
         assert np.allclose(index[1] - index[0], [-1, 0, 0], atol=1e-9), "the x axis runs the other way"
 
 
+@pytest.mark.slow
 def test_whole_volume_detection_in_the_worker_writes_a_new_node(scene, mouse, engine_worker):
     """One atlas volume; the target under a rotated + shifted parent transform; a user's own points on it."""
     logic = MedSapiensLogic(scene, engine_worker)
@@ -157,6 +159,7 @@ def test_whole_volume_detection_in_the_worker_writes_a_new_node(scene, mouse, en
         assert node.GetNumberOfControlPoints() == count and np.array_equal(world_ras(node), points)
 
 
+@pytest.mark.slow
 def test_cancel_stops_a_whole_volume_detection(scene, mouse, engine_worker):
     logic = MedSapiensLogic(scene, engine_worker)
     logic.addCase(*case_nodes(scene, mouse, ATLAS), WHOLE_VOLUME)

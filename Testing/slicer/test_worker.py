@@ -27,6 +27,7 @@ def annotated(scene, ceph, tmp_path, engine_worker, ceph_volume):
     return logic
 
 
+@pytest.mark.slow
 def test_finetune_then_detect_uses_the_retrained_adapter(annotated, scene, ceph, micro_file, tmp_path, ceph_volume):
     logic = annotated
     out = tmp_path / "task.safetensors"
@@ -100,6 +101,7 @@ def endless_finetune(scene, ceph, micro_file, tmp_path, ceph_volume):
         logic.shutdown()
 
 
+@pytest.mark.slow
 def test_a_crashed_worker_is_reported_in_one_line_and_restarted(scene, ceph, micro_file, tmp_path, ceph_volume):
     with endless_finetune(scene, ceph, micro_file, tmp_path, ceph_volume) as (worker, logic, job):
         crashed = worker.pid
@@ -114,6 +116,7 @@ def test_a_crashed_worker_is_reported_in_one_line_and_restarted(scene, ceph, mic
     assert not worker.running and not folder.exists()
 
 
+@pytest.mark.slow
 def test_a_worker_that_does_not_answer_cancel_is_stopped(scene, ceph, micro_file, tmp_path, ceph_volume):
     with endless_finetune(scene, ceph, micro_file, tmp_path, ceph_volume) as (worker, logic, job):
         os.kill(worker.pid, signal.SIGSTOP)  # hangs: reads no cancel, sends nothing

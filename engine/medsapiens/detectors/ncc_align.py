@@ -7,6 +7,8 @@ correlation says how well its landmark matched, which weights the atlases' votes
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 
@@ -43,6 +45,18 @@ def window_offsets(step: float, half: int, dim: int) -> torch.Tensor:
     return torch.stack(torch.meshgrid(*[ticks] * dim, indexing="xy"), -1).reshape(-1, dim)
 
 
+@contextmanager
+def one_thread():
+    """Run torch on one thread: these tensors are small, so a second thread gains nothing, and when the other core
+    is busy the idle thread's wait at every small operation costs several times the work itself."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def align_windows(fixed: dict, moving: dict, points: torch.Tensor, levels, iterations: int, rate: float,
                   to_moving=None):
     """Where each of `points` (B x dim, voxels of `fixed`) lies in `moving`.
@@ -52,6 +66,11 @@ def align_windows(fixed: dict, moving: dict, points: torch.Tensor, levels, itera
     same grid, `moving` already warped onto `fixed`). Each point's window gets an affine map (centred on the
     point), fitted by Adam on -NCC; each level starts from the last. Returns the moved points (B x dim, in
     `fixed` voxels) and their final NCC (B)."""
+    with one_thread():
+        return _align(fixed, moving, points, levels, iterations, rate, to_moving)
+
+
+def _align(fixed, moving, points, levels, iterations, rate, to_moving):
     n, dim = points.shape
     to_moving = to_moving or (lambda xy: xy)
     shift = torch.zeros(n, dim, requires_grad=True)  # voxels
