@@ -10,7 +10,7 @@
 3. bf16 vs fp32 landmarks (input pixels) where the heatmaps have trained peaks: a micro Sapiens fitted to one real
    cephalogram (the test suite's recipe), on that image and unseen ones; and the 0.3b architecture whose final 1x1
    layer is fitted by least squares to `--big-images` cephalograms on fp32 features of the random-weight network (random
-   backbone and deconvolutions: no trained 0.3b is available here).
+   backbone and deconvolutions: a fitted read-out, not a trained 0.3b).
 Usage:
     python benchmarks/detect_speed.py [--reps 3] [--threads 1 --clock cpu] [--sizes 1024x768] [--big-images 3]
                                       [--skip kernels detect landmarks]

@@ -7,8 +7,8 @@ ctypes.PyDLL, which keeps the GIL, then a little Python that drains the replies,
 Two detections: the weight-free atlas (2 phantom atlases, a phantom radiograph: mostly long SimpleITK calls) and a
 micro heatmap model (random weights: time does not depend on them) on cephalogram 011 (many short torch
 operations). For each design, with the main thread free (sleeping without the GIL) and holding it: median seconds
-of --repeats runs and the held / free ratio. "thread" is the module's former design (MedSapiensSlicerLib/tasks.py,
-removed: a threading.Thread, a queue, a QTimer that polls it); "worker" the engine worker process.
+of --repeats runs and the held / free ratio. "thread" runs the engine on a threading.Thread of this process, with a
+queue and a poll (what a module without a worker process would do); "worker" the engine worker process.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The training figures of the README, through the `medsapiens` command line, on ceph_hamedan and hand_dha.
+"""The training figures of docs/benchmarks.md, through the `medsapiens` command line, on ceph_hamedan and hand_dha.
 
     python benchmarks/training_figures.py --data ../shared/data --out benchmarks/results/training \\
         --train-budget 1200 --finetune-budget 300

@@ -31,7 +31,7 @@ def test_large_base_on_a_slow_device_gets_the_cached_head_and_fewer_views():
 def test_the_recipe_stays_where_it_fits_and_a_base_head_keeps_its_width():
     cheap = costs(1e-5, {768: 0.01, 256: 0.005, 128: 0.002})
     assert choose(BASE_0P3B, True, 3, 64, 8, 300, 500, cheap) == Plan(24, 768, 64, 3 * 8 * 24 * 1e-5 + 0.01, 0.0)
-    # the small base trained here: the recipe made 333 steps in 300 s, short of 500 but over half: it stays
+    # the small base trained with medsapiens: the recipe made 333 steps in 300 s, short of 500 but over half: it stays
     tiny = ARCHS["tiny"]
     plan = choose(tiny, False, 3, 64, 8, 300, 500, costs(0.002, {128: 0.3}))
     assert (plan.lora_blocks, plan.head_channels, plan.views_per_case) == (12, 128, 64)

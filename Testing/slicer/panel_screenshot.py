@@ -3,7 +3,7 @@
     python Testing/slicer/panel_screenshot.py build/panel.png
 
 Slicer's own widgets (node selectors, collapsible sections, path fields) are drawn by plain Qt stand-ins of the
-same kind, since Slicer's Qt libraries are not installed here; the layout, labels and controls are the real .ui.
+same kind (Slicer's Qt libraries are not on PyPI); the layout, labels and controls are the real .ui.
 """
 from __future__ import annotations
 

@@ -17,7 +17,7 @@ from slicer.util import vtkMatrixFromArray
 from MedSapiensSlicerLib.logic import WHOLE_VOLUME, MedSapiensLogic
 
 ATLAS, TARGET = "129S1_SVLMJ_", "BALB_CBYJ_"
-MRE_MM = 0.35  # one atlas: the benchmark's worst volume is 0.28 mm (README, 3D atlas detector); the goal
+MRE_MM = 0.35  # one atlas: the benchmark's worst volume is 0.28 mm (docs/benchmarks.md, 3D atlas detector); the goal
 
 
 def turned(degrees=(90.0, 30.0), shift=(5.0, -7.0, 12.0)):

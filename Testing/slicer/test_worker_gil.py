@@ -4,8 +4,8 @@ In Slicer, PythonQt's main thread runs the Qt event loop and can hold the GIL fo
 of Slicer's process then advances only in the short windows it leaves. The harness here does the same: the main
 thread calls libc usleep(50 ms) through ctypes.PyDLL (which keeps the GIL during the call), then runs a little
 Python (draining the worker's replies, as the module's QTimer does), over and over. A detection through the
-module logic must finish within a small multiple of its time with the main thread free. The module's former
-thread design fails this (benchmarks/slicer_gil.py measures both); the worker process passes.
+module logic must finish within a small multiple of its time with the main thread free. Engine work on a thread
+of the application's process fails this (benchmarks/slicer_gil.py measures both); the worker process passes.
 """
 import ctypes
 import ctypes.util

@@ -99,7 +99,7 @@ def load_detector(model=None, *, adapter=None, base=None, atlas=None, atlas_case
     """The one factory for every detector; each has `detect(case, progress=None, cancel=None) -> Landmarks`.
 
     model: a weight file or catalogue name (`NAME`, or `NAME:SET` for one landmark set of a multi-set model).
-    A LoRA file (a MedSapiens checkpoint or an adapter trained here) runs on a base, given one of two ways:
+    A LoRA file (a MedSapiens checkpoint or an adapter trained with medsapiens) runs on a base, given one of two ways:
     `model=LORA, base=BASE` (catalogue MedSapiens models name their base) or `model=BASE, adapter=LORA`. An
     adapter fine-tuned on the atlas carries its atlas cases: give it alone, as `adapter` (or `model`).
     atlas: the weight-free atlas of annotated cases, a data set (landmarks.csv, or a folder of .mrk.json + images

@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ----------------------------------------------------------------------------------------------- options
 def _model_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--adapter", metavar="LORA", help="LoRA file (an adapter trained here, or a MedSapiens "
+    p.add_argument("--adapter", metavar="LORA", help="LoRA file (an adapter trained with medsapiens, or a MedSapiens "
                    "checkpoint) applied on MODEL; MODEL is then its base")
     p.add_argument("--base", metavar="BASE", help="the Sapiens checkpoint under MODEL, when MODEL is a LoRA file "
                    "(catalogue MedSapiens models fetch their base themselves)")

@@ -11,7 +11,7 @@ from dataclasses import MISSING, dataclass, field, fields, is_dataclass, replace
 from .errors import InputError
 
 SAPIENS_INPUT_HW = (1024, 768)  # (H, W) the Sapiens / MedSapiens models' own input
-TRAIN_INPUT_HW = (256, 192)     # (H, W) what models trained here on a CPU default to
+TRAIN_INPUT_HW = (256, 192)     # (H, W) what models trained with medsapiens on a CPU default to
 DEFAULT_ARCH = "tiny"           # the architecture `train` builds by default (the best size for a CPU)
 MIN_IMAGE_SIDE = 32             # px: a detector needs at least this much image along each side
 HEATMAP_SIGMA = 3.0             # heatmap Gaussian, MedSapiens's (the human-pose models use 6)

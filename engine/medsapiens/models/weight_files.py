@@ -2,7 +2,7 @@
 
 kind "adapter": LoRA matrices (peft names; none for a head-only adapter) + head, applied on a base checkpoint
                 identified by its SHA256.
-kind "model": a whole backbone + head (models trained here), no base needed.
+kind "model": a whole backbone + head (models trained with medsapiens), no base needed.
 kind "atlas-refiner": networks that refine the atlas + the atlas cases themselves (detectors/refiner.py).
 kind "state": the optimizer state beside a model in training (`<model>.state`), to resume it.
 Metadata: landmark names, flip pairs, input size, sigma, architecture, base identity, training cases, date.
@@ -80,7 +80,7 @@ def load_weights(path) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def save_trained(path, model, names: list[str], input_hw, sigma: float, base=None, **extra) -> Path:
-    """Save a model trained here: kind "adapter" (its LoRA, if any, + head, on the frozen `base`), else "model".
+    """Save a model trained with medsapiens: kind "adapter" (its LoRA, if any, + head, on the frozen `base`), else "model".
 
     An adapter records its base file's name and SHA256, to check it at load time.
     """

@@ -1,8 +1,8 @@
 """How a few-shot fine-tune spends its time budget on this device: LoRA blocks, cached blocks, head width, views.
 
-The MedSapiens recipe (LoRA on every block, the architecture's 768-channel head) takes about 16 s a step for
-the 0.3b base at 256 x 192, batch 8, on 2 CPU cores: a 5-minute budget ends after about 18 steps, and such an
-adapter has learned nothing. So where the recipe cannot make `min_steps` steps within the budget, the plan
+The MedSapiens recipe (LoRA on every block, the architecture's 768-channel head) takes several seconds a step for
+the 0.3b base at 256 x 192, batch 8, on 2 CPU cores (docs/benchmarks.md): a 5-minute budget ends after a few
+dozen steps, and such an adapter has learned nothing. So where the recipe cannot make `min_steps` steps within the budget, the plan
 measures what one block and one head step cost here, and takes the most LoRA blocks (the last ones) for which
 the training views, one pass of the frozen blocks below them per view (cached) and `min_steps` steps fit in
 the budget. A head the base does not bring is made narrower until it fits; fewer views per case come last.
@@ -56,8 +56,8 @@ def choose(arch: Arch, fresh_head: bool, cases: int, views_per_case: int, batch:
     fresh_head: the head is new (the base brings none), so its width may be chosen. A step with LoRA
     on n blocks costs about 3 x batch x n block forwards (forward and backward) plus the head's step; a view
     costs (depth - n) block forwards once. The recipe stays where it makes at least half of `min_steps`: on
-    the small base trained here it made 333 steps in 300 s on 2 cores, and caching the lower blocks for more
-    steps was measured not to pay (README, "Few-shot speed and accuracy choices"). If nothing fits, the
+    the small base trained with medsapiens it made 333 steps in 300 s on 2 cores, and caching the lower blocks for more
+    steps was measured not to pay (docs/benchmarks.md, "Few-shot speed and accuracy choices"). If nothing fits, the
     cheapest plan is returned (the budget then stops it early, and the caller says so).
     """
     depth = arch.depth
