@@ -57,7 +57,7 @@ def choose(arch: Arch, fresh_head: bool, cases: int, views_per_case: int, batch:
     on n blocks costs about 3 x batch x n block forwards (forward and backward) plus the head's step; a view
     costs (depth - n) block forwards once. The recipe stays where it makes at least half of `min_steps`: on
     the small base trained with medsapiens it made 333 steps in 300 s on 2 cores, and caching the lower blocks for more
-    steps was measured not to pay (docs/benchmarks.md, "Few-shot speed and accuracy choices"). If nothing fits, the
+    steps was measured not to pay (docs/benchmarks.md, "Few-shot choices"). If nothing fits, the
     cheapest plan is returned (the budget then stops it early, and the caller says so).
     """
     depth = arch.depth
