@@ -66,6 +66,7 @@ def test_an_atlas_that_does_not_match_is_outvoted(ceph):
     assert np.median(np.linalg.norm(both.points - alone.points, axis=1)) < 0.5
 
 
+@pytest.mark.slow
 def test_one_atlas_on_the_identical_image_returns_its_points(ceph):
     case = ceph.case(1)
     found = AtlasDetector([case]).detect(case)

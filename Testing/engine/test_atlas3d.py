@@ -162,6 +162,7 @@ def test_volumes_read_from_nifti_nrrd_mha_and_a_dicom_series_agree(tmp_path, mou
     assert (v.voxels == reference.voxels).all()
 
 
+@pytest.mark.slow
 def test_bad_volumes_and_markups_give_one_line_errors(tmp_path, mouse, capsys):
     corrupt = tmp_path / "corrupt.nii.gz"
     corrupt.write_bytes(b"\x1f\x8b not really a gzip stream")

@@ -178,6 +178,7 @@ def test_detect_analyze_refuses_a_model_for_other_landmarks(tmp_path, capsys):
     assert not (tmp_path / "out").exists()  # refused before any detection
 
 
+@pytest.mark.slow
 def test_detect_analyze_writes_the_analysis_of_its_detections(tmp_path, table, capsys):
     image = CEPH / "images" / "051.png"
     assert main(["detect", "--atlas", str(CEPH / "landmarks.csv"), "--atlas-cases", "001", str(image),

@@ -99,6 +99,7 @@ def test_medsapiens_lora_on_pretrain_base(tmp_path, pretrain_file):
     assert set(back) == set(lora) and all(torch.equal(back[k], lora[k]) for k in lora)
 
 
+@pytest.mark.slow
 def test_project_adapter_and_model_files(tmp_path, pretrain_file):
     base_path, backbone = pretrain_file
     torch.manual_seed(4)
@@ -183,6 +184,7 @@ def test_malformed_files_name_the_file_and_the_problem(tmp_path, pose_model):
         read_checkpoint(unsafe)
 
 
+@pytest.mark.slow
 def test_torch_export_pt2(tmp_path, pose_model):
     path = tmp_path / "sapiens_micro_bfloat16.pt2"
     torch.export.save(torch.export.export(pose_model, (X[:1],)), str(path))

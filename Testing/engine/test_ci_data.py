@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 TESTING = Path(__file__).resolve().parents[1]
 
 
@@ -15,6 +17,7 @@ def run_one_data_test(tmp_path, **env):
                           env={**os.environ, "MEDSAPIENS_DATA": str(tmp_path / "nowhere"), **env})
 
 
+@pytest.mark.slow
 def test_missing_data_fail_where_required_and_skip_elsewhere(tmp_path):
     required = run_one_data_test(tmp_path, MEDSAPIENS_REQUIRE_DATA="1")
     assert required.returncode == 1 and "MEDSAPIENS_REQUIRE_DATA is set" in required.stdout, required.stdout

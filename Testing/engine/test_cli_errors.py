@@ -98,6 +98,7 @@ def anisotropic_nrrd(ceph, path):
     return case
 
 
+@pytest.mark.slow
 def test_landmarks_csv_spacing_is_per_row_and_square(tmp_path, ceph, capsys):
     case = ceph.case(0)
     text = landmarks_csv([("a.png", *case.size, (0.1, 0.1), case.landmarks)])

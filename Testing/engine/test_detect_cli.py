@@ -44,6 +44,7 @@ def test_detect_writes_markups_and_csv_that_slicer_reads(tmp_path, fitted_file, 
         assert node.GetNthControlPointDescription(i).startswith("confidence ")
 
 
+@pytest.mark.slow
 def test_flip_test_mirrors_landmarks_and_swaps_pairs(fitted_micro, ceph):
     """With the flip test, a mirrored input gives exactly the mirrored heatmaps with each symmetric pair swapped,
     whatever the weights (the mirrored pass of one input is the plain pass of the other), so the landmarks mirror
@@ -76,6 +77,7 @@ def test_flip_test_mirrors_landmarks_and_swaps_pairs(fitted_micro, ceph):
     assert (with_flip - plain).abs().max() > 0.1, "the flip test averages in the mirrored pass"
 
 
+@pytest.mark.slow
 def test_flip_test_option_reaches_the_detector(tmp_path, fitted_file, ceph):
     image = ceph.root / ceph.rows[0].image
     found = {}
@@ -120,6 +122,7 @@ def test_help_everywhere():
         assert result.returncode == 0 and "usage:" in result.stdout
 
 
+@pytest.mark.slow
 def test_bf16_landmarks_agree_with_fp32_on_a_fitted_model(fitted_micro, ceph):
     import copy
 

@@ -9,6 +9,7 @@ import math
 
 import cv2
 import numpy as np
+import pytest
 import torch
 from medsapiens.detectors.heatmap import HeatmapDetector, normalise
 
@@ -46,6 +47,7 @@ def reference_decode(heatmaps, input_w, input_h):
     return pts / [w - 1, h - 1] * [input_w, input_h]
 
 
+@pytest.mark.slow
 def test_landmarks_match_the_reference_pipeline(fitted_micro, ceph):
     case = ceph.case(0)
     in_h, in_w = 256, 192

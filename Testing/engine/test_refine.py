@@ -46,6 +46,7 @@ def adapter(two_cases, tmp_path_factory):
     return out, result
 
 
+@pytest.mark.slow
 def test_patch_refiner_learns_a_landmark_from_real_patches(ceph):
     """A few hundred real steps on one cephalogram: the refined points land nearer the truth than the offset
     starting points they were given (the network learned the landmarks' appearance, not nothing)."""
@@ -74,6 +75,7 @@ def test_patch_refiner_learns_a_landmark_from_real_patches(ceph):
     assert after < 0.6 * before, (before, after)
 
 
+@pytest.mark.slow
 def test_adapter_carries_its_atlas_and_its_held_out_estimate(adapter, two_cases):
     out, result = adapter
     tensors, meta = load_weights(out)

@@ -119,6 +119,7 @@ def test_finetune_adapter_learns_a_new_landmark_set(tmp_path, fitted_file, first
     assert np.median(errors) < 6.0, errors
 
 
+@pytest.mark.slow
 def test_finetune_cancel_leaves_the_previous_adapter(tmp_path, fitted_file, first_case):
     out = tmp_path / "task.safetensors"
     out.write_bytes(b"previous adapter")
@@ -135,6 +136,7 @@ def test_finetune_cancel_leaves_the_previous_adapter(tmp_path, fitted_file, firs
     assert sorted(p.name for p in tmp_path.iterdir()) == ["task.safetensors"]
 
 
+@pytest.mark.slow
 def test_finetune_cli_from_markups_folder_and_bad_inputs(tmp_path, fitted_file, ceph, capsys):
     from medsapiens.io.markups import write_markups
 
@@ -224,6 +226,7 @@ def test_torchrun_two_cpu_processes_end_with_the_same_weights(tmp_path, ceph):
     assert not torch.equal(a["head.final_layer.weight"], SapiensPose("micro", 19, (8, 6)).head.final_layer.weight)
 
 
+@pytest.mark.slow
 def test_evaluate_writes_report_and_plots(tmp_path, fitted_file, ceph, capsys):
     assert main(["evaluate", str(fitted_file), "--data", str(ceph.path), "--rows", "0:3", "--out", str(tmp_path),
                  "--device", "cpu"]) == 0

@@ -276,6 +276,7 @@ def detect(logic, volume, model, **options):
     return logic.finishDetect(job)
 
 
+@pytest.mark.slow
 def test_detect_on_a_loaded_radiograph_writes_a_new_node(scene, radiograph, fitted_file, ceph, engine_worker):
     volume, path = radiograph
     user = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "my landmarks")

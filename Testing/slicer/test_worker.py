@@ -54,6 +54,7 @@ def test_finetune_then_detect_uses_the_retrained_adapter(annotated, scene, ceph,
     assert not (np.allclose(first[0], second[0]) and np.allclose(first[1], second[1]))
 
 
+@pytest.mark.slow
 def test_cancel_is_answered_within_2_s_and_keeps_the_previous_adapter(annotated, micro_file, tmp_path,
                                                                       engine_worker):
     logic = annotated
