@@ -29,7 +29,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from medsapiens.analysis.metrics import format_summary, radial_errors, summary
-from medsapiens.detectors.atlas3d import Atlas3DDetector, Atlas3DSettings, fuse
+from medsapiens.detectors.atlas3d import Atlas3DDetector, fuse
+from medsapiens.settings import Atlas3DSettings
 from medsapiens.io.datasets import Dataset
 
 GROSS_MM = 2.0

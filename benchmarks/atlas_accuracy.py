@@ -17,7 +17,8 @@ import numpy as np
 import SimpleITK as sitk
 from medsapiens import Case, Landmarks
 from medsapiens.analysis.metrics import format_summary, radial_errors, summary
-from medsapiens.detectors.atlas import AtlasDetector, AtlasSettings
+from medsapiens.detectors.atlas import AtlasDetector
+from medsapiens.settings import AtlasSettings, override
 from medsapiens.io.datasets import Dataset
 
 
@@ -45,13 +46,13 @@ def main():
     p.add_argument("--deformable", action="store_true", help="add the B-spline stage (AtlasSettings.deformable)")
     p.add_argument("--upsample", type=float, default=1.0, metavar="F",
                    help="resample every image by F, as a finer-sampled detector would give (default 1)")
-    p.add_argument("--level-side", type=int, default=AtlasSettings.level_side,
-                   help="AtlasSettings.level_side (a huge value keeps the local steps unscaled)")
+    p.add_argument("--level-side", type=int, default=AtlasSettings().local.level_side,
+                   help="AtlasSettings.local.level_side (a huge value keeps the local steps unscaled)")
     args = p.parse_args()
     ds = Dataset(args.data / "landmarks.csv")
     scored = list(range(args.first_scored - 1, len(ds)))[: args.limit]
     cases = [upsampled(ds.case(i), args.upsample) for i in scored]
-    settings = AtlasSettings(deformable=args.deformable, level_side=args.level_side)
+    settings = override(AtlasSettings(), deformable=args.deformable, level_side=args.level_side)
     for n in args.atlases:
         detector = AtlasDetector([upsampled(ds.case(i), args.upsample) for i in range(n)], settings)
         errors, times = [], []

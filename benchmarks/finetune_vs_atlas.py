@@ -21,9 +21,10 @@ import numpy as np
 from medsapiens.analysis.metrics import format_summary, radial_errors, summary
 from medsapiens import load_detector
 from medsapiens.io.datasets import Dataset
-from medsapiens.training.refine import REFINE_DEFAULTS, finetune_on_atlas
+from medsapiens.settings import HAND_RADII, REFINE_DEFAULTS
+from medsapiens.training.refine import finetune_on_atlas
 
-RADII = {"hand_dha": (2, 4, 10)}
+RADII = {"hand_dha": HAND_RADII}
 
 
 def cpu_seconds() -> float:

@@ -84,8 +84,8 @@ def test_local_windows_keep_their_size_on_finely_sampled_atlases(ceph):
     lm = case.landmarks
     big = Case(fine, case.spacing[0] / 2.5, Landmarks(lm.names, (lm.points + 0.5) * 2.5 - 0.5, present=lm.present))
     detector = AtlasDetector([big])
-    scale = max(fine.shape) / detector.settings.level_side
-    assert [step for step, _ in detector.levels] == pytest.approx([s * scale for s, _ in detector.settings.levels])
+    scale = max(fine.shape) / detector.settings.local.level_side
+    assert [step for step, _ in detector.levels] == pytest.approx([s * scale for s, _ in detector.settings.local.levels])
     found = detector.detect(big)
     err = np.linalg.norm(found.points[lm.present] - big.landmarks.points[lm.present], axis=1)
     assert np.median(err) < 1.0 and err.max() < 5.0, err

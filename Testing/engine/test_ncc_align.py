@@ -10,7 +10,7 @@ SETTINGS = AtlasSettings()
 
 
 def levels_of(image: np.ndarray) -> dict:
-    return pyramid(sitk.GetImageFromArray(image.astype(np.float32) / 255.0), SETTINGS.levels)
+    return pyramid(sitk.GetImageFromArray(image.astype(np.float32) / 255.0), SETTINGS.local.levels)
 
 
 def test_sample_is_bilinear_in_pixel_coordinates():
@@ -41,8 +41,8 @@ def test_known_local_affine_maps_of_a_real_radiograph_are_recovered(ceph):
     points = case.landmarks.points[case.landmarks.present]
     points = points[(points > 80).all(axis=1) & (points < [w - 80, h - 80]).all(axis=1)]
     truth = (points - c + shift @ a.T) @ np.linalg.inv(a).T + c
-    found, score = align_windows(levels_of(grey), levels_of(moving), torch.from_numpy(points).float(), SETTINGS.levels,
-                                 SETTINGS.iterations, SETTINGS.rate)
+    found, score = align_windows(levels_of(grey), levels_of(moving), torch.from_numpy(points).float(), SETTINGS.local.levels,
+                                 SETTINGS.local.iterations, SETTINGS.local.rate)
     err = np.linalg.norm(found.numpy() - truth, axis=1)
     moved = np.linalg.norm(points - truth, axis=1)
     assert moved.min() > 2.0  # the windows really had to move

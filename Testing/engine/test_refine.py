@@ -134,6 +134,18 @@ def test_adapter_from_another_version_is_refused_in_one_line(adapter, tmp_path):
         load_detector(adapter=str(old))
 
 
+def test_an_adapter_with_the_local_stage_at_the_top_level_still_loads(adapter, tmp_path, ceph):
+    """Files written before the local stage had settings of its own keep working, with the same settings."""
+    from medsapiens.models.weight_files import save_weights
+
+    tensors, meta = load_weights(adapter[0])
+    local = meta["atlas_settings"].pop("local")
+    meta["atlas_settings"].update(local)
+    meta.pop("kind"), meta.pop("created")
+    flat = save_weights(tmp_path / "flat.safetensors", tensors, meta, "atlas-refiner")
+    assert load_detector(adapter=str(flat)).atlas.settings == load_detector(adapter=str(adapter[0])).atlas.settings
+
+
 @pytest.mark.slow
 def test_warm_start_continues_from_the_adapter_with_half_the_steps(adapter, two_cases, ceph, tmp_path):
     out, _ = adapter

@@ -51,6 +51,15 @@ def spans(weights: dict[str, float]) -> dict[str, tuple[float, float]]:
     return out
 
 
+def each(items, message: Callable[[int, int], str], progress: Callback, cancel: Cancel):
+    """The items one by one, Cancel checked and progress reported before each: message(n, total), n from 1."""
+    items = list(items)
+    for n, item in enumerate(items):
+        check(cancel)
+        report(progress, n / len(items), message(n + 1, len(items)), step=n, total=len(items))
+        yield item
+
+
 def check(cancel: Cancel, what: str = "cancelled") -> None:
     """Raise Cancelled when the user asked to stop."""
     if cancel is not None and cancel():

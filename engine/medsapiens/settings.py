@@ -33,6 +33,19 @@ class Stage:
 
 
 @dataclass(frozen=True)
+class LocalStage:
+    """The last stage of both atlases: every landmark's window aligned by its own affine map, coarse to fine
+    (detectors/ncc_align.py), then the atlases' votes on each landmark fused."""
+
+    levels: tuple        # (step, half window in steps), coarse to fine; steps in px (2D) or voxels (3D)
+    level_side: int      # the steps hold for atlases up to this longest side; larger ones scale them
+    iterations: int      # Adam steps per level
+    spread_mm: float     # atlas disagreement at which confidence drops to 0.61 (one sigma)
+    rate: float = 0.05   # Adam step, in steps (window shift) and window edges (affine part)
+    fusion_ncc: float = 0.1  # an atlas whose local NCC is this much below the best one's counts e^-1 as much
+
+
+@dataclass(frozen=True)
 class AtlasSettings:
     """The weight-free 2D atlas (detectors/atlas.py)."""
 
@@ -45,13 +58,8 @@ class AtlasSettings:
     bspline: Stage = Stage((4, 2), (2, 1), 60)  # L-BFGS-B: iterations; at most 200 function evaluations
     histogram_bins: int = 32  # Mattes mutual information
     sampling: float = 0.25  # share of the metric region sampled (randomly, seeded) per iteration
-    levels: tuple = ((8, 15), (4, 15), (2, 15), (1, 15))  # local alignment: (px step, half window in steps)
-    level_side: int = 1000  # the steps hold for atlases up to this longest side (px); larger ones scale them
-    iterations: int = 30  # Adam steps per level
-    rate: float = 0.05  # Adam step, in px steps (window shift) and window edges (affine part)
-    fusion_ncc: float = 0.1  # an atlas whose local NCC is this much below the best one's counts e^-1 as much
+    local: LocalStage = LocalStage(((8, 15), (4, 15), (2, 15), (1, 15)), 1000, 30, 2.0)
     mask_margin: float = 0.15  # metric region: landmark box grown by this share of its size
-    spread_mm: float = 2.0  # atlas disagreement at which confidence drops to 0.61 (one sigma)
     seed: int = 7
 
 
@@ -66,13 +74,8 @@ class Atlas3DSettings:
     distinct_deg: float = 45.0  # ... each at least this far from the others
     similarity: Stage = Stage((2, 1), (1, 0), 100)
     affine: Stage = Stage((2, 1), (1, 0), 100, step=0.5, min_step=1e-4)
-    levels: tuple = ((4, 4), (2, 4), (1, 4))  # local alignment: (voxel step, half window in steps)
-    level_side: int = 200  # the steps hold for atlases up to this longest side (voxels); larger ones scale them
-    iterations: int = 20  # Adam steps per level
-    rate: float = 0.05  # Adam step, in voxel steps (window shift) and window edges (affine part)
-    fusion_ncc: float = 0.1  # an atlas whose local NCC is this much below the best one's counts e^-1 as much
+    local: LocalStage = LocalStage(((4, 4), (2, 4), (1, 4)), 200, 20, 1.0)
     mask_margin: float = 0.15  # metric region: landmark box grown by this share of its size
-    spread_mm: float = 1.0  # atlas disagreement at which confidence drops to 0.61 (one sigma)
     disagree_mm: float = 3.0  # weighted spread of the votes beyond which a landmark is reported missing
 
 

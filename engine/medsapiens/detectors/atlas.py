@@ -21,7 +21,7 @@ import torch
 from ..case import Case, Landmarks, require_detectable
 from ..errors import InputError, short_list
 from ..io.intensity import to_rgb255
-from ..progress import Callback, Cancel, check, report
+from ..progress import Callback, Cancel, each
 from ..settings import AtlasSettings, Stage
 from .ncc_align import align_windows, sample
 
@@ -153,7 +153,7 @@ def locate(atlas: Case, atlas_p: _Prepared, target_p: _Prepared, s: AtlasSetting
     warped = {step: sample(image, mapping) for step, image in target_p.levels.items()}  # target in atlas space
     ok = atlas.landmarks.present
     start = torch.from_numpy(atlas.landmarks.points[ok]).float()
-    moved, score = align_windows(atlas_p.levels, warped, start, levels, s.iterations, s.rate)
+    moved, score = align_windows(atlas_p.levels, warped, start, levels, s.local.iterations, s.local.rate)
     h, w = mapping.shape[:2]
     off_grid = ((moved < 0) | (moved > torch.tensor([w - 1, h - 1]))).any(dim=1)  # drifted out of the atlas
     moved[off_grid] = start[off_grid]  # such a window keeps the global stage's answer, as the weakest vote
@@ -193,8 +193,8 @@ class AtlasDetector:
         self.names = atlas_names(atlases, Case, "case", "a 3D volume; a 2D atlas needs images")
         self.settings = settings
         # the local stage works in atlas pixels: windows keep their anatomical size on finer-sampled atlases
-        scale = max(1.0, max(max(a.image.shape[:2]) for a in atlases) / settings.level_side)
-        self.levels = tuple((step * scale, half) for step, half in settings.levels)
+        scale = max(1.0, max(max(a.image.shape[:2]) for a in atlases) / settings.local.level_side)
+        self.levels = tuple((step * scale, half) for step, half in settings.local.levels)
         self.atlases = [(a, _prepare(a, settings, self.levels)) for a in atlases]
 
     def detect(self, case: Case, progress: Callback = None, cancel: Cancel = None) -> Landmarks:
@@ -209,11 +209,8 @@ class AtlasDetector:
         require_detectable(case)
         target = _prepare(case, self.settings, self.levels)
         chosen = range(len(self.atlases)) if atlases is None else atlases
-        votes = []
-        for n, i in enumerate(chosen):
-            check(cancel)
-            report(progress, n / len(chosen), f"registering atlas case {n + 1} of {len(chosen)}")
-            votes.append(locate(*self.atlases[i], target, self.settings, self.levels))
+        votes = [locate(*self.atlases[i], target, self.settings, self.levels) for i in each(
+            chosen, lambda n, total: f"registering atlas case {n} of {total}", progress, cancel)]
         stack = np.stack([v[0] for v in votes])
         scores = np.stack([v[1] for v in votes])
         with np.errstate(invalid="ignore"):
@@ -224,7 +221,7 @@ class AtlasDetector:
     def fuse(self, case: Case, stack: np.ndarray, scores: np.ndarray) -> Landmarks:
         """Landmarks from votes (all atlases' or a subset's, as `votes` gives them)."""
         s = self.settings
-        points, confidence, present, _ = fuse_votes(stack, scores, s.fusion_ncc, s.spread_mm / np.mean(case.spacing))
+        points, confidence, present, _ = fuse_votes(stack, scores, s.local.fusion_ncc, s.local.spread_mm / np.mean(case.spacing))
         return Landmarks(self.names, points, confidence, present)
 
 

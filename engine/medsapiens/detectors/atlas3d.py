@@ -26,7 +26,7 @@ import torch
 
 from ..case import Landmarks, Volume
 from ..errors import InputError
-from ..progress import Callback, Cancel, check, report, within
+from ..progress import Callback, Cancel, check, each, report, within
 from ..settings import Atlas3DSettings, Stage
 from .atlas import atlas_names, fuse_votes
 from .ncc_align import align_windows, ncc, sample
@@ -275,7 +275,7 @@ def locate(atlas: Volume, atlas_p: Prepared, target_p: Prepared, s: Atlas3DSetti
     ok = atlas.landmarks.present
     lps_to_atlas = np.linalg.inv(atlas_p.work_to_lps)
     start = torch.from_numpy(atlas.landmarks.points[ok] @ lps_to_atlas[:3, :3].T + lps_to_atlas[:3, 3]).float()
-    moved, score = align_windows(atlas_p.levels, target_p.levels, start, levels, s.iterations, s.rate, to_moving)
+    moved, score = align_windows(atlas_p.levels, target_p.levels, start, levels, s.local.iterations, s.local.rate, to_moving)
     d, h, w = next(iter(atlas_p.levels.values())).shape
     off_grid = ((moved < 0) | (moved > torch.tensor([w - 1, h - 1, d - 1]))).any(dim=1)  # drifted out of the atlas
     moved[off_grid] = start[off_grid]  # such a window keeps the global stage's answer, as the weakest vote
@@ -294,7 +294,7 @@ def fuse(votes: list, target: Volume, names: list[str], s: Atlas3DSettings) -> L
     scores = np.stack([v[1] for v in votes])  # (atlases, K)
     inside = np.stack([target.contains(p) for p in stack])
     scores = np.where(inside, scores, -np.inf)  # a vote out of the volume is no vote
-    points, confidence, present, spread = fuse_votes(stack, scores, s.fusion_ncc, s.spread_mm)
+    points, confidence, present, spread = fuse_votes(stack, scores, s.local.fusion_ncc, s.local.spread_mm)
     present &= ~(spread > s.disagree_mm)  # votes that disagree: missing (a single vote has no spread)
     points[~present] = np.nan
     confidence[~present] = 0.0
@@ -311,8 +311,8 @@ class Atlas3DDetector:
         self.settings = settings
         # local steps are atlas voxels of the working grid: they keep their anatomy on finely sampled atlases
         side = max(min(max(a.size), settings.work_side) for a in atlases)
-        scale = max(1.0, side / settings.level_side)
-        self.levels = tuple((step * scale, half) for step, half in settings.levels)
+        scale = max(1.0, side / settings.local.level_side)
+        self.levels = tuple((step * scale, half) for step, half in settings.local.levels)
         self.voxel_mm = min(work_spacing(a, settings) for a in atlases)
         self.atlases = [(a, prepare(a, settings, self.levels, self.voxel_mm)) for a in atlases]
 
@@ -327,12 +327,8 @@ class Atlas3DDetector:
         that progress moves and Cancel is checked between them."""
         prepared = prepared or self.prepare(volume)
         chosen = range(len(self.atlases)) if which is None else which
-        votes = []
-        for n, i in enumerate(chosen):
-            check(cancel)
-            report(progress, n / len(chosen), f"registering atlas volume {n + 1} of {len(chosen)}")
-            votes.append(locate(*self.atlases[i], prepared, self.settings, self.levels))
-        return votes
+        return [locate(*self.atlases[i], prepared, self.settings, self.levels) for i in each(
+            chosen, lambda n, total: f"registering atlas volume {n} of {total}", progress, cancel)]
 
     def detect(self, volume: Volume, progress: Callback = None, cancel: Cancel = None) -> Landmarks:
         report(progress, 0.0, "preparing the volume")  # about a tenth of the time

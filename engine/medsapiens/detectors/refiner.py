@@ -179,6 +179,15 @@ class RefinedAtlasDetector:
         return self.detect_both(case, progress, cancel)[0]
 
 
+def _local_stage_nested(atlas_settings: dict) -> dict:
+    """Adapter files written before the local stage had settings of its own hold its fields at the top level."""
+    flat = {"levels", "level_side", "iterations", "spread_mm", "rate", "fusion_ncc"}
+    if "local" in atlas_settings or not flat & set(atlas_settings):
+        return atlas_settings
+    return {**{k: v for k, v in atlas_settings.items() if k not in flat},
+            "local": {k: atlas_settings[k] for k in flat if k in atlas_settings}}
+
+
 def load_refined_atlas(path) -> RefinedAtlasDetector:
     """The detector an atlas-refiner adapter describes; everything it needs is in the file (checksummed)."""
     tensors, meta = weight_files.load_weights(path)
@@ -197,7 +206,7 @@ def load_refined_atlas(path) -> RefinedAtlasDetector:
     from .atlas import AtlasDetector
 
     try:
-        settings = from_dict(AtlasSettings, meta["atlas_settings"])
+        settings = from_dict(AtlasSettings, _local_stage_nested(meta["atlas_settings"]))
     except InputError as e:
         raise InputError(f"{path}: {e}; fine-tune it again") from None
     atlas = AtlasDetector(cases, settings)
