@@ -62,6 +62,26 @@ def test_download_verify_and_reuse(hub_model, capsys):
     assert resolve("micro-pose")[0] == path and path.stat().st_mtime_ns == mtime  # cached
 
 
+def test_a_cached_model_is_hashed_once_per_process_and_again_when_it_changes(hub_model, monkeypatch):
+    """Loading a 1 GB model again must not read it all again: its SHA256 is checked once, and again only when the
+    file changed on disk; and a detector stays loaded for its resolved file."""
+    from medsapiens import api
+    from medsapiens.io import checksum
+
+    make_catalogue, digest, cache = hub_model
+    make_catalogue(digest)
+    path = resolve("micro-pose")[0]
+    hashed = []
+    real = checksum._digest  # what reads the whole file
+    monkeypatch.setattr(checksum, "_digest", lambda p: hashed.append(p) or real(p))
+    first = api.load_detector("micro-pose", input_size=(256, 192))
+    assert api.load_detector("micro-pose", input_size=(256, 192)) is first and resolve("micro-pose")[0] == path
+    assert hashed == [], "verified at download, not again"
+    path.write_bytes(path.read_bytes())  # rewritten: a new modification time
+    resolve("micro-pose")
+    assert hashed == [path]
+
+
 def test_checksum_mismatch_discards_the_file(hub_model):
     make_catalogue, digest, cache = hub_model
     make_catalogue("0" * 64)

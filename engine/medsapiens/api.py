@@ -125,7 +125,8 @@ def load_detector(model=None, *, adapter=None, base=None, atlas=None, atlas_case
 def _kept_detector(model, adapter, base, device, precision, input_size, flip_test, progress, cancel):
     """A model or adapter detector, resolved once and kept loaded while its files are unchanged on disk."""
     from .detectors import factory
-    from .models.download import file_identity, resolve
+    from .io.checksum import file_identity
+    from .models.download import resolve
 
     if model is None and adapter is None:
         raise InputError("no model given: a weight file, a catalogue name, an atlas adapter, or atlas cases")

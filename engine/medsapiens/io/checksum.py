@@ -1,5 +1,8 @@
 """SHA256 of files, streamed: how downloads, added models and adapter bases are identified; and of a 2D case as
-the atlas refiner stores it, which is how an adapter names the cases it has seen."""
+the atlas refiner stores it, which is how an adapter names the cases it has seen.
+
+A file is hashed once per process and version on disk (its identity: device, inode, size, modification time), so
+loading a 1 GB model or its base again does not read it all again."""
 from __future__ import annotations
 
 import hashlib
@@ -8,7 +11,28 @@ import os
 import numpy as np
 
 
-def sha256_of(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+_known: dict[tuple, str] = {}  # (path, file_identity) -> SHA256 hex digest
+
+
+def file_identity(path) -> tuple:
+    """(device, inode, size, modification time in ns): changes whenever the file is written or replaced."""
+    st = os.stat(path)
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def sha256_of(path: str | os.PathLike) -> str:
+    key = (os.fspath(path), file_identity(path))
+    if key not in _known:
+        _known[key] = _digest(path)
+    return _known[key]
+
+
+def remember(path, digest: str) -> None:
+    """The digest of a file just written from a stream that was hashed on the way (a download)."""
+    _known[(os.fspath(path), file_identity(path))] = digest
+
+
+def _digest(path, chunk: int = 1 << 22) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ..errors import InputError
 from ..io.atomic import atomic_write, atomic_write_text
-from ..io.checksum import sha256_of
+from ..io.checksum import remember, sha256_of
 from ..progress import Callback, Cancel, check, report
 from .catalogue import (
     PIN_ON_FIRST_DOWNLOAD,
@@ -33,7 +33,6 @@ from .catalogue import (
 
 CHUNK = 1 << 20
 USER_AGENT = "medsapiens (python urllib)"
-_VERIFIED: dict[Path, tuple] = {}  # cached files hashed in this process -> their file_identity then
 
 
 def offline() -> bool:
@@ -82,8 +81,7 @@ def _pin_path(entry: Entry) -> Path:
 
 
 def fetch(entry: Entry, progress: Callback = None, cancel: Cancel = None) -> Path:
-    """The entry's verified file in the cache, downloaded first if it is not there. A cached file is hashed once
-    per process (and again only when it changes on disk): a 1 GB model is not read again on every load."""
+    """The entry's verified file in the cache, downloaded first if it is not there."""
     target = cached_path(entry)
     if target.is_file():
         _verify(target, pinned_sha256(entry))
@@ -107,20 +105,10 @@ def fetch(entry: Entry, progress: Callback = None, cancel: Cancel = None) -> Pat
 
 
 def _verify(target: Path, expected: str | None) -> None:
-    """Refuse a cached file whose SHA256 is not the pinned one; remember a good one by its identity on disk."""
-    identity = file_identity(target)
-    if _VERIFIED.get(target) == identity:
-        return
+    """Refuse a cached file whose SHA256 is not the pinned one (hashed once per version of the file)."""
     if expected and sha256_of(target) != expected:
         raise InputError(f"{target}: cached file does not match its SHA256 {expected[:12]}...; delete it to "
                          "download again")
-    _VERIFIED[target] = identity
-
-
-def file_identity(path) -> tuple:
-    """(device, inode, size, modification time in ns): changes whenever the file is written or replaced."""
-    st = os.stat(path)
-    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def add_local(path, name: str | None = None) -> list[str]:
@@ -188,6 +176,7 @@ def _keep(entry: Entry, open_source, what) -> None:
                              f"{expected[:12]}...; the file was discarded")
 
     atomic_write(cached_path(entry), write)
+    remember(cached_path(entry), digest.hexdigest())  # hashed on the way in
     if entry.sha256 == PIN_ON_FIRST_DOWNLOAD and not _pin_path(entry).is_file():
         atomic_write_text(_pin_path(entry), digest.hexdigest() + "\n")
         print(f"{entry.name}: SHA256 {digest.hexdigest()} pinned in {_pin_path(entry)}", file=sys.stderr)
