@@ -27,7 +27,6 @@ import numpy as np
 from .analysis import PLANE_ATTRIBUTE, planeAttribute
 from .geometry import PlaneGeometry, resample, slice_plane, thickness_along
 
-LOW_CONFIDENCE = 0.5
 SOURCE_ATTRIBUTE = "MedSapiens.Source"
 WHOLE_IMAGE = "Whole 2D image"
 WHOLE_VOLUME = "Whole volume (3D)"  # what to analyse: the whole volume, in 3D, instead of a slice node or 2D image
@@ -219,8 +218,8 @@ class MedSapiensLogic:
         """A NEW fiducial node: one named point per landmark on the analysed plane (`geometry`; None for volume
         landmarks, which are LPS mm in world coordinates), confidence in the description.
 
-        Confident points are locked; low-confidence ones are left unlocked and unselected (drawn in the
-        display node's other colour) for review; missing landmarks get position status "missing".
+        Points to check (Landmarks.check) are left unlocked and unselected (drawn in the display node's other
+        colour) for review, the others locked; missing landmarks get position status "missing".
         """
         import vtk
 
@@ -232,11 +231,10 @@ class MedSapiensLogic:
         wasModifying = node.StartModify()
         for i, label in enumerate(landmarks.names):
             index = node.AddControlPoint(vtk.vtkVector3d(*ras[i]), label)
-            confidence = float(landmarks.confidence[i])
-            node.SetNthControlPointDescription(index, f"confidence {confidence:.3f}")
-            confident = bool(landmarks.present[i]) and confidence >= LOW_CONFIDENCE
-            node.SetNthControlPointLocked(index, confident)
-            node.SetNthControlPointSelected(index, confident)
+            node.SetNthControlPointDescription(index, landmarks.description(i))
+            trusted = bool(landmarks.present[i] and not landmarks.check[i])
+            node.SetNthControlPointLocked(index, trusted)
+            node.SetNthControlPointSelected(index, trusted)
             if not landmarks.present[i]:
                 node.SetNthControlPointPositionMissing(index)
         node.SetAttribute(SOURCE_ATTRIBUTE, source)

@@ -122,7 +122,7 @@ def test_landmarks_csv_spacing_is_per_row_and_square(tmp_path, ceph, capsys):
                  "--out", str(out)]) == 1
     err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
     assert len(err) == 1 and "001.nrrd: its pixels are 0.1 x 0.12 mm" in err[0] and "left out" in err[0]
-    names, lps, _, present = read_markups(out / "001.mrk.json")
+    names, lps, _, present, _ = read_markups(out / "001.mrk.json")
     assert present.any() and Dataset(out / "landmarks.csv").ids() == ["002"]
 
 
@@ -136,3 +136,14 @@ def test_markups_folder_pairs_by_case_id(tmp_path, ceph):
     cases = load_cases(tmp_path)
     assert [c.name for c in cases] == ["ceph.1", "ceph.10"]
     assert all(np.allclose(c.landmarks.points, truth.points, atol=1e-3) for c in cases)
+
+
+def test_markups_files_keep_the_review_flag(tmp_path):
+    from medsapiens import Case, Landmarks
+
+    case = Case(np.zeros((50, 60), np.uint8), 0.5)
+    marks = Landmarks(["a", "b", "c"], [[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]], [0.3, 0.95, 0.8], check=[True, False, True])
+    write_markups(tmp_path / "x.mrk.json", marks, case)
+    names, lps, confidence, present, check = read_markups(tmp_path / "x.mrk.json")
+    assert check.tolist() == [True, False, True] and np.allclose(confidence, [0.3, 0.95, 0.8])
+    assert Landmarks(["a"], [[1.0, 1.0]], [0.3]).check.tolist() == [True], "by default: below REVIEW_BELOW"

@@ -99,7 +99,7 @@ def test_detect_with_the_adapter_alone(adapter, ceph, tmp_path, capsys):
     image = ceph.root / ceph.rows[5].image
     assert main(["detect", "--adapter", str(out), str(image), "--out", str(tmp_path / "det"),
                  "--spacing", str(ceph.rows[5].spacing)]) == 0
-    names, lps, _, present = read_markups(tmp_path / "det" / f"{image.stem}.mrk.json")
+    names, lps, _, present, _ = read_markups(tmp_path / "det" / f"{image.stem}.mrk.json")
     case = ceph.case(5)
     found = load_detector(adapter=str(out)).detect(case)
     assert names == found.names and (present == found.present).all()

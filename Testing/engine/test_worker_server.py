@@ -17,13 +17,14 @@ from medsapiens.worker import protocol
 
 def test_cases_and_landmarks_travel_as_plain_arrays(tmp_path):
     pixel_to_lps = np.array([[0.2, 0, 0, 5], [0, -0.3, 0, 6], [0, 0, 1, 7], [0, 0, 0, 1.0]])
-    marks = Landmarks(["a", "b"], [[1.5, 2.5], [np.nan, np.nan]], [0.7, 0.0], [True, False])
+    marks = Landmarks(["a", "b"], [[1.5, 2.5], [np.nan, np.nan]], [0.7, 0.0], [True, False], check=[True, False])
     case = Case(np.arange(12, dtype=np.uint16).reshape(3, 4), (0.2, 0.3), marks, name="ceph 1",
                 pixel_to_lps=pixel_to_lps)
     back = protocol.read_case(protocol.write_case(tmp_path / "c.npz", case))
     assert back.image.dtype == np.uint16 and np.array_equal(back.image, case.image)
     assert back.spacing == (0.2, 0.3) and back.name == "ceph 1" and np.array_equal(back.pixel_to_lps, pixel_to_lps)
     assert back.landmarks.names == ["a", "b"] and back.landmarks.present.tolist() == [True, False]
+    assert back.landmarks.check.tolist() == [True, False], "the review flag travels too"
     assert np.array_equal(back.landmarks.points, marks.points, equal_nan=True)
     plain = protocol.read_case(protocol.write_case(tmp_path / "p.npz", Case(np.zeros((4, 5, 3), np.uint8))))
     assert plain.landmarks is None and plain.image.shape == (4, 5, 3)

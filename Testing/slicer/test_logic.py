@@ -295,7 +295,7 @@ def test_detect_on_a_loaded_radiograph_writes_a_new_node(scene, radiograph, fitt
     assert np.allclose(ras[:, :2], -engine.points * [sx, sy], atol=1e-3) and np.allclose(ras[:, 2], 0)
     assert [node.GetNthControlPointLabel(i) for i in range(19)] == ceph.names
     for i in range(19):
-        confidence = float(node.GetNthControlPointDescription(i).split()[1])
+        confidence = Landmarks.read_description(node.GetNthControlPointDescription(i))[0]
         assert confidence == pytest.approx(engine.confidence[i], abs=1e-3)
         assert bool(node.GetNthControlPointLocked(i)) == (confidence >= 0.5)
     # near the truth: the model was fitted on this image
@@ -313,7 +313,13 @@ def test_low_confidence_and_missing_points_are_marked(scene, radiograph):
     assert [node.GetNthControlPointLocked(i) for i in range(3)] == [1, 0, 0]
     assert [node.GetNthControlPointSelected(i) for i in range(3)] == [1, 0, 0]
     assert node.GetNthControlPointPositionStatus(2) == node.PositionMissing
-    assert node.GetNthControlPointDescription(1) == "confidence 0.200"
+    assert node.GetNthControlPointDescription(1) == "confidence 0.200; check"
+    assert node.GetNthControlPointDescription(0) == "confidence 0.900"
+    # a detector's own review rule: a confident point flagged, a doubtful one trusted
+    ruled = Landmarks(["a", "b"], [[10, 20], [30, 40]], [0.9, 0.2], check=[True, False])
+    node = logic.writeLandmarks(ruled, geo)
+    assert [node.GetNthControlPointLocked(i) for i in range(2)] == [0, 1]
+    assert node.GetNthControlPointDescription(0) == "confidence 0.900; check"
 
 
 def test_a_radiograph_under_a_parent_transform(scene, radiograph, micro_file, engine_worker):

@@ -11,7 +11,7 @@ from medsapiens import InputError, api
 from MedSapiensSlicerLib.logic import WHOLE_IMAGE, WHOLE_VOLUME
 from MedSapiensSlicerLib.panel import LOCAL_FILE, PanelLogic, PanelState
 
-FAST = {"steps": 150, "batch": 16, "patch": 32, "width": 8}  # better than the atlas on cases 000-002
+FAST = {"steps": 40, "batch": 16, "patch": 32, "width": 8}  # the flow, not the accuracy: kept even if worse
 
 
 @pytest.fixture
@@ -79,7 +79,7 @@ def test_finetune_on_the_atlas_then_detect_uses_the_adapter(logic, scene, ceph, 
         logic.addCase(*ceph_volume(scene, i, tmp_path))
     target, _ = ceph_volume(scene, 5, tmp_path, annotated=False)
     p = replace(PanelState(), adapterName="panel task", timeBudget=120.0)
-    job = logic.startFinetuneFor(p, **FAST)
+    job = logic.startFinetuneFor(p, keep_worse=True, **FAST)
     logic.cancel(job)  # Cancel: nothing changes
     logic.wait(job)
     assert logic.finishJob(job, p) == "Cancelled; nothing was changed." and p.atlasAdapter == ""

@@ -9,6 +9,7 @@ from contextlib import contextmanager
 
 import numpy as np
 import pytest
+from medsapiens import Landmarks
 from MedSapiensSlicerLib import worker_client
 from MedSapiensSlicerLib.logic import MedSapiensLogic
 from MedSapiensSlicerLib.worker_client import EngineWorker
@@ -40,7 +41,7 @@ def test_finetune_then_detect_uses_the_retrained_adapter(annotated, scene, ceph,
         assert job.error is None, job.error
         node = logic.finishDetect(job)
         return np.array([node.GetNthControlPointPositionWorld(i) for i in range(19)]), \
-            [float(node.GetNthControlPointDescription(i).split()[1]) for i in range(19)]
+            [Landmarks.read_description(node.GetNthControlPointDescription(i))[0] for i in range(19)]
 
     first = detect(out)
     # re-trained into the same file: the next detection loads it by itself

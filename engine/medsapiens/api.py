@@ -24,9 +24,10 @@ from .settings import DEFAULT_ARCH, LORA_DEFAULTS, REFINE_DEFAULTS, TRAIN_DEFAUL
 
 __all__ = ["DEFAULT_ARCH", "LORA_DEFAULTS", "REFINE_DEFAULTS", "TRAIN_DEFAULTS", "adapter_info", "adapters_dir",
            "add_model", "analyze", "analyze_files", "architectures", "cache_dir", "can_analyze", "case_checksum",
-           "catalogue_rows", "demo", "detect", "detect_files", "evaluate", "finetune", "landmark_names", "load_cases",
-           "load_detector", "models", "needs_download", "phantom_case", "read_image", "read_images", "read_volume",
-           "resolve_model", "shared_landmarks", "train", "write_evaluation", "write_measurements"]
+           "catalogue_rows", "check_images", "demo", "detect", "detect_files", "evaluate", "finetune",
+           "landmark_names", "load_cases", "load_detector", "models", "needs_download", "phantom_case", "read_image",
+           "read_images", "read_volume", "resolve_model", "shared_landmarks", "train", "write_evaluation",
+           "write_measurements"]
 
 _kept: dict = {"key": None, "detector": None}  # the last model / adapter detector and the files it came from
 
@@ -193,6 +194,14 @@ def detect_files(detector, paths, out, *, spacing: float | None = None, analyze_
     return batch.detect_files(detector, [Path(p) for p in paths], Path(out), spacing=spacing,
                               analyze_out=None if analyze_out is None else Path(analyze_out),
                               on_error=on_error or _stderr, warn=warn or _warning, progress=progress)
+
+
+def check_images(paths, spacing: float | None = None) -> None:
+    """One line, before anything loads, for a batch that cannot work: none of the files is there, a spacing that
+    is not a positive number, two images whose outputs would share a name (detect_files checks it too)."""
+    from . import batch
+
+    batch.check_inputs([Path(p) for p in paths], spacing)
 
 
 def _stderr(line: str) -> None:

@@ -9,11 +9,11 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .detectors.factory import check_kind
 from .errors import InputError, short_list
 from .io.datasets import square_pixels, write_landmarks_csv, write_volume_landmarks_csv
 from .io.images import case_id, read_image, read_volume
 from .io.markups import write_markups
-from .detectors.factory import check_kind
 from .progress import Callback, report
 
 
@@ -29,7 +29,7 @@ class Batch:
 def detect_files(detector, paths: list[Path], out: Path, *, spacing=None, analyze_out=None, on_error, warn,
                  progress: Callback = None) -> Batch:
     """`out/<case id>.mrk.json` per image and `out/landmarks.csv` (see api.detect_files)."""
-    _check_inputs(paths, spacing)
+    check_inputs(paths, spacing)
     if analyze_out is not None:
         check_cephalometric(detector.names, "the model", warn)
     volumes = detector.dim == 3
@@ -61,7 +61,9 @@ def detect_files(detector, paths: list[Path], out: Path, *, spacing=None, analyz
     return batch
 
 
-def _check_inputs(paths: list[Path], spacing) -> None:
+def check_inputs(paths: list[Path], spacing) -> None:
+    """Refuse, before any model loads, a batch that cannot work: no file there at all, a bad spacing, two
+    images whose outputs would have the same name."""
     if spacing is not None and not (spacing == spacing and 0 < spacing < float("inf")):
         raise InputError(f"--spacing {spacing:g}: must be a positive number of mm")
     if not any(p.exists() for p in paths):  # a DICOM series is a folder

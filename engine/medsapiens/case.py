@@ -7,23 +7,29 @@ depend on how the voxels happen to be laid out.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from .errors import InputError, short_list
-from .settings import MIN_IMAGE_SIDE
+from .settings import MIN_IMAGE_SIDE, REVIEW_BELOW
+
+_CONFIDENCE = re.compile(r"confidence\s+([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)")
+_CHECK = re.compile(r";\s*check\b")
 
 
 @dataclass
 class Landmarks:
     """Named points on one image (N x 2 pixels) or volume (N x 3 LPS mm); `present[i]` False means landmark i is
-    missing (not annotated / not found)."""
+    missing (not annotated / not found); `check[i]` True means a person should look at point i (by default: a
+    present point less confident than REVIEW_BELOW; a detector with a review rule of its own sets it)."""
 
     names: list[str]
     points: np.ndarray
     confidence: np.ndarray = None
     present: np.ndarray = None
+    check: np.ndarray = None
 
     def __post_init__(self):
         self.names = [str(n) for n in self.names]
@@ -43,6 +49,19 @@ class Landmarks:
         self.confidence = np.clip(np.asarray(self.confidence, dtype=np.float64).reshape(n), 0.0, 1.0)
         if not np.isfinite(self.points[self.present]).all():
             raise InputError("a landmark marked present has a non-finite position")
+        if self.check is None:
+            self.check = self.present & (self.confidence < REVIEW_BELOW)
+        self.check = np.asarray(self.check, dtype=bool).reshape(n) & self.present
+
+    def description(self, i: int) -> str:
+        """Point i's description as markups files and Slicer show it: "confidence 0.934", "confidence 0.410; check"."""
+        return f"confidence {self.confidence[i]:.3f}" + ("; check" if self.check[i] else "")
+
+    @staticmethod
+    def read_description(text: str) -> tuple[float | None, bool]:
+        """(confidence or None, check) from a point's description as `description` writes it."""
+        found = _CONFIDENCE.search(text or "")
+        return (float(found.group(1)) if found else None), _CHECK.search(text or "") is not None
 
     def __len__(self) -> int:
         return len(self.names)
@@ -57,12 +76,13 @@ class Landmarks:
         index = {n: i for i, n in enumerate(self.names)}
         pts = np.full((len(names), self.dim), np.nan)
         conf = np.zeros(len(names))
-        present = np.zeros(len(names), dtype=bool)
+        present, check = np.zeros(len(names), dtype=bool), np.zeros(len(names), dtype=bool)
         for j, n in enumerate(names):
             if n in index:
                 i = index[n]
-                pts[j], conf[j], present[j] = self.points[i], self.confidence[i], self.present[i]
-        return Landmarks(list(names), pts, conf, present)
+                pts[j], conf[j], present[j], check[j] = self.points[i], self.confidence[i], self.present[i], \
+                    self.check[i]
+        return Landmarks(list(names), pts, conf, present, check)
 
 
 @dataclass

@@ -6,7 +6,6 @@ command is one parser function and one handler; the work is `medsapiens.api`'s.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 
@@ -14,7 +13,6 @@ from . import api
 from .errors import InputError, NotBetter
 from .progress import Progress
 from .settings import AUGMENT_PRESETS, CEPH_RADII, LORA_DEFAULTS, REFINE_DEFAULTS, TRAIN_DEFAULTS, VOLUME_RADII
-
 
 
 class _IntermixedParser(argparse.ArgumentParser):
@@ -171,8 +169,7 @@ def _detect(args) -> int:
         raise InputError("detect needs MODEL and at least one IMAGE (or --atlas and images)")
     else:
         model, images = args.inputs[0], args.inputs[1:]
-    if args.spacing is not None and not (math.isfinite(args.spacing) and args.spacing > 0):
-        raise InputError(f"--spacing {args.spacing:g}: must be a positive number of mm")
+    api.check_images(images, args.spacing)  # before the model or the atlas loads
     bar = _Bar()
     detector = _with_bar(bar, lambda: api.load_detector(
         model, adapter=args.adapter, base=args.base, atlas=args.atlas, atlas_cases=_ids(args.atlas_cases),

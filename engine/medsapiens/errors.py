@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 
-
 class InputError(ValueError):
     """Bad input from the user: a file that cannot be read, a wrong landmark set, a checkpoint of an unknown layout."""
 

@@ -14,6 +14,8 @@ SAPIENS_INPUT_HW = (1024, 768)  # (H, W) the Sapiens / MedSapiens models' own in
 TRAIN_INPUT_HW = (256, 192)     # (H, W) what models trained with medsapiens on a CPU default to
 DEFAULT_ARCH = "tiny"           # the architecture `train` builds by default (the best size for a CPU)
 MIN_IMAGE_SIDE = 32             # px: a detector needs at least this much image along each side
+REVIEW_BELOW = 0.5              # a point less confident than this is flagged for checking (where its detector
+                                # has no review rule of its own)
 HEATMAP_SIGMA = 3.0             # heatmap Gaussian, MedSapiens's (the human-pose models use 6)
 CEPH_RADII = (2.0, 2.5, 3.0, 4.0)  # SDR radii (mm) for images, as the cephalometric challenges report them
 HAND_RADII = (2.0, 4.0, 10.0)      # ... for hands (Payer et al.)

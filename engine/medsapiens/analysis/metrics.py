@@ -7,7 +7,6 @@ from ..case import Landmarks
 from ..settings import CEPH_RADII
 
 
-
 def radial_errors(predicted: Landmarks, truth: Landmarks, spacing=1.0) -> np.ndarray:
     """(K,) errors in mm for truth's landmarks; NaN where truth is missing, inf where the prediction is.
     Image points are pixels (times `spacing`); volume points are LPS mm already."""

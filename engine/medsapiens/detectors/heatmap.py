@@ -12,8 +12,6 @@ from ..errors import InputError
 from ..io.intensity import to_rgb255
 from ..models.codec import UDPCodec
 from ..models.sapiens import MEAN, STD, SapiensPose
-from ..progress import Callback, Cancel, check, report
-from ..settings import HEATMAP_SIGMA, SAPIENS_INPUT_HW
 from ..models.warp import (
     apply_affine,
     image_box,
@@ -21,6 +19,8 @@ from ..models.warp import (
     udp_warp_matrix,
     warp_image,
 )
+from ..progress import Callback, Cancel, check, report
+from ..settings import HEATMAP_SIGMA, SAPIENS_INPUT_HW
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 PRECISION_CHOICES = ("auto", *PRECISIONS)

@@ -10,7 +10,6 @@ import os
 
 import numpy as np
 
-
 _known: dict[tuple, str] = {}  # (path, file_identity) -> SHA256 hex digest
 
 

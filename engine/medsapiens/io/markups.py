@@ -1,12 +1,12 @@
 """Slicer 5 markups files (`.mrk.json`): one fiducial control point per landmark, in LPS millimetres (image
 landmarks through the image's pixel -> LPS matrix; volume landmarks are LPS already).
 
-Label = landmark name, description = "confidence 0.934", missing landmarks with positionStatus "missing".
+Label = landmark name, description = "confidence 0.934" (and "; check" for a point a person should look at),
+missing landmarks with positionStatus "missing".
 """
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +17,7 @@ from .atomic import atomic_write_text
 
 SCHEMA = ("https://raw.githubusercontent.com/slicer/slicer/master/Modules/Loadable/Markups/Resources/"
           "Schema/markups-schema-v1.0.3.json#")
-_CONFIDENCE = re.compile(r"confidence\s+([0-9.eE+-]+)")
+
 
 
 def markups_document(landmarks: Landmarks, case: Case | Volume) -> dict:
@@ -26,7 +26,7 @@ def markups_document(landmarks: Landmarks, case: Case | Volume) -> dict:
     for i, name in enumerate(landmarks.names):
         present = bool(landmarks.present[i])
         points.append({
-            "id": str(i + 1), "label": name, "description": f"confidence {landmarks.confidence[i]:.3f}",
+            "id": str(i + 1), "label": name, "description": landmarks.description(i),
             "associatedNodeID": "", "position": [float(v) for v in lps[i]] if present else [0.0, 0.0, 0.0],
             "orientation": [-1.0, -0.0, -0.0, -0.0, -1.0, -0.0, 0.0, 0.0, 1.0],
             "selected": True, "locked": False, "visibility": True,
@@ -43,8 +43,8 @@ def write_markups(path, landmarks: Landmarks, case: Case | Volume) -> Path:
     return atomic_write_text(path, json.dumps(markups_document(landmarks, case), indent=2))
 
 
-def read_markups(path) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
-    """(names, N x 3 LPS positions, confidence, present) of the first markup in a `.mrk.json` file."""
+def read_markups(path) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(names, N x 3 LPS positions, confidence, present, check) of the first markup in a `.mrk.json` file."""
     path = Path(path)
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
@@ -53,28 +53,30 @@ def read_markups(path) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
     except (OSError, ValueError, KeyError, IndexError, TypeError) as e:
         raise InputError(f"{path}: not a Slicer markups file ({type(e).__name__}: {e})") from None
     flip = np.array([-1.0, -1.0, 1.0]) if markup.get("coordinateSystem", "LPS") == "RAS" else np.ones(3)
-    names, positions, confidence, present = [], [], [], []
+    names, positions, confidence, present, check = [], [], [], [], []
     for i, p in enumerate(points):
         names.append(p.get("label") or f"L{i}")
         status = p.get("positionStatus", "defined")
         position = p.get("position")
         ok = status == "defined" and position is not None and len(position) == 3
         positions.append(np.asarray(position, float) * flip if ok else np.full(3, np.nan))
-        m = _CONFIDENCE.search(p.get("description", "") or "")
-        confidence.append(float(m.group(1)) if m else float(ok))
+        value, flagged = Landmarks.read_description(p.get("description", ""))
+        confidence.append(float(ok) if value is None else value)
         present.append(ok)
-    return names, np.array(positions).reshape(-1, 3), np.array(confidence), np.array(present, bool)
+        check.append(ok and flagged)
+    return (names, np.array(positions).reshape(-1, 3), np.array(confidence), np.array(present, bool),
+            np.array(check, bool))
 
 
 def landmarks_from_markups(path, case: Case | Volume) -> Landmarks:
     """Landmarks of `case` from a `.mrk.json`: LPS mm for a volume; for an image its pixels, through the inverse
     of the image's pixel -> LPS."""
-    names, lps, confidence, present = read_markups(path)
+    names, lps, confidence, present, check = read_markups(path)
     if isinstance(case, Volume):
-        return Landmarks(names, lps, confidence, present)
+        return Landmarks(names, lps, confidence, present, check)
     m = case.pixel_to_lps
     # least squares through the in-plane columns of the matrix: exact for points on the image plane
     a = m[:3, :2]
     pixels = np.linalg.lstsq(a, (np.nan_to_num(lps) - m[:3, 3]).T, rcond=None)[0].T
     pixels[~present] = np.nan
-    return Landmarks(names, pixels, confidence, present)
+    return Landmarks(names, pixels, confidence, present, check)

@@ -125,8 +125,9 @@ def read_landmarks(path) -> Landmarks:
 
 def _landmark_arrays(landmarks: Landmarks) -> dict:
     return {"names": np.array(landmarks.names, dtype=str), "points": landmarks.points,
-            "confidence": landmarks.confidence, "present": landmarks.present}
+            "confidence": landmarks.confidence, "present": landmarks.present, "check": landmarks.check}
 
 
 def _landmarks(f) -> Landmarks:
-    return Landmarks([str(n) for n in f["names"]], f["points"], f["confidence"], f["present"])
+    return Landmarks([str(n) for n in f["names"]], f["points"], f["confidence"], f["present"],
+                     f["check"] if "check" in f else None)
