@@ -12,7 +12,7 @@ TESTING = Path(__file__).resolve().parents[1]
 
 def run_one_data_test(tmp_path, **env):
     test = f"{TESTING / 'engine' / 'test_metrics.py'}"
-    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test, "-k", "ceph"],
+    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-n", "0", "-p", "no:cacheprovider", test, "-k", "ceph"],
                           capture_output=True, text=True, cwd=tmp_path,
                           env={**os.environ, "MEDSAPIENS_DATA": str(tmp_path / "nowhere"), **env})
 
