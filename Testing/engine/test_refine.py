@@ -69,10 +69,12 @@ def test_patch_refiner_learns_a_landmark_from_real_patches(ceph):
         opt.step()
     truth = case.landmarks.points
     start = truth + np.random.default_rng(1).normal(0, 5.0, truth.shape).clip(-8, 8)
-    refined = Refiner([net], cfg, np.ones(len(names), bool)).refine(grey(case), start, case.landmarks.present)
+    refined, mass = Refiner([net], cfg, np.ones(len(names), bool)).refine(grey(case), start,
+                                                                          case.landmarks.present, radius_px=3.0)
     before = np.linalg.norm(start - truth, axis=1).mean()
     after = np.linalg.norm(refined - truth, axis=1).mean()
     assert after < 0.6 * before, (before, after)
+    assert ((mass > 0) & (mass <= 1)).all()  # the posterior within 3 px of each refined point
 
 
 @pytest.mark.slow

@@ -242,6 +242,10 @@ def finetune(base: str | None, cases: list[Case], out, *, unannotated: list[Case
                          settings=override(LORA_DEFAULTS, "fine-tune settings", **settings))
 
 
+def _review(calibration: dict | None) -> dict | None:
+    return None if not calibration else {"review_below": calibration["review_below"], **calibration["held_out"]}
+
+
 def _flip_pairs(pairs, names: list[str]) -> list[tuple[int, int]]:
     out = []
     for a, b in pairs:
@@ -260,7 +264,10 @@ def adapter_info(path) -> dict:
     the names the detector refines (all but those where the held-out cases show the atlas better beyond chance;
     there it keeps the atlas's answer); landmark_names; cases: [{"label", "sha256"}] the atlas cases it holds and was
     trained on (sha256 = case_checksum(case, landmark_names)); unannotated_images (how many atlas-labelled
-    images it also learned from); steps, steps_per_fold, train_seconds, warm_started, schedule_complete, created.
+    images it also learned from); review: None for adapters fine-tuned before confidence was calibrated, else
+    {"review_below": P threshold of the `check` flag, and on the held-out cases "flagged" (share of points),
+    "gross_errors" (> 3 mm), "gross_caught" (share of them flagged), "auc", "calibration_error", "points"};
+    steps, steps_per_fold, train_seconds, warm_started, schedule_complete, created.
     """
     from .models.weight_files import read_metadata
 
@@ -271,6 +278,7 @@ def adapter_info(path) -> dict:
     return {"path": str(path), "landmark_names": names, "adapter_mre_mm": est["refined_mre_mm"],
             "atlas_mre_mm": est["atlas_mre_mm"], "method": est["method"],
             "cases_estimated": sum(len(h) for h in est["held_out_cases"]), "per_landmark": est["per_landmark"],
+            "review": _review(est.get("calibration")),
             "refined_landmarks": [n for n, use in zip(names, meta["use_refined"]) if use],
             "cases": [{"label": c["label"], "sha256": c["sha256"]} for c in meta["cases"]],
             "unannotated_images": meta.get("unannotated_images", 0),

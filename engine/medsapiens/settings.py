@@ -63,6 +63,8 @@ class AtlasSettings:
     local: LocalStage = LocalStage(((8, 15), (4, 15), (2, 15), (1, 15)), 1000, 30, 2.0)
     mask_margin: float = 0.15  # metric region: landmark box grown by this share of its size
     seed: int = 7
+    max_atlases: int = 5  # an image is registered to this many of the cases, the most similar: cost stops growing
+    calibration_cases: int = 10  # the atlas's error (for its calibrated confidence) is measured on this many cases
 
 
 @dataclass(frozen=True)

@@ -21,8 +21,9 @@ import torch
 from ..case import Case, Landmarks, require_detectable
 from ..errors import InputError, short_list
 from ..io.intensity import to_rgb255
-from ..progress import Callback, Cancel, each
+from ..progress import Callback, Cancel, each, within
 from ..settings import AtlasSettings, Stage
+from .calibration import Calibration, Evidence, calibrated, fit_calibration
 from .ncc_align import align_windows, sample
 
 
@@ -185,7 +186,9 @@ def atlas_names(atlases: list, kind: type, noun: str, wrong_kind: str, least: in
 
 
 class AtlasDetector:
-    """Landmarks of new images from annotated cases; `detect(case) -> Landmarks` like every detector."""
+    """Landmarks of new images from annotated cases; `detect(case) -> Landmarks` like every detector. Each image
+    is registered to its `max_atlases` most similar cases only, so that its cost stops growing with the cases;
+    confidence is calibrated (calibration.py) on the cases themselves, once, on the first detection."""
 
     dim = 2
 
@@ -196,33 +199,95 @@ class AtlasDetector:
         scale = max(1.0, max(max(a.image.shape[:2]) for a in atlases) / settings.local.level_side)
         self.levels = tuple((step * scale, half) for step, half in settings.local.levels)
         self.atlases = [(a, _prepare(a, settings, self.levels)) for a in atlases]
+        self._calibration: Calibration | None = None
 
     def detect(self, case: Case, progress: Callback = None, cancel: Cancel = None) -> Landmarks:
-        return self.fuse(case, *self.votes(case, progress=progress, cancel=cancel))
+        share = 0.5 if self._calibration is None and len(self.atlases) > 1 else 0.0  # the first detection fits it
+        calibration = self.calibration(within(progress, 0.0, share), cancel)
+        found, evidence = self.fuse_with_evidence(case, *self.votes(case, progress=within(progress, share, 1.0),
+                                                                    cancel=cancel))
+        return calibrated(found, evidence, calibration)
 
     def votes(self, case: Case, atlases: list[int] | None = None, progress: Callback = None,
               cancel: Cancel = None) -> tuple[np.ndarray, np.ndarray]:
-        """Each atlas's answer on `case` (or those of the atlases at indices `atlases`): points (atlases x K x 2
-        px, NaN where none) and local NCC (atlases x K, -inf where no vote, also for a point off the image)."""
+        """The answers on `case` of the atlases at indices `atlases` (default: the most similar max_atlases):
+        points (all atlases x K x 2 px, NaN where none) and local NCC (atlases x K, -inf where no vote, also for
+        a point off the image or an atlas not asked)."""
         if not isinstance(case, Case):
             raise InputError(f"{case.label}: a 3D volume; this atlas is of 2D images")
         require_detectable(case)
         target = _prepare(case, self.settings, self.levels)
-        chosen = range(len(self.atlases)) if atlases is None else atlases
-        votes = [locate(*self.atlases[i], target, self.settings, self.levels) for i in each(
-            chosen, lambda n, total: f"registering atlas case {n} of {total}", progress, cancel)]
-        stack = np.stack([v[0] for v in votes])
-        scores = np.stack([v[1] for v in votes])
+        chosen = self.nearest(target, range(len(self.atlases))) if atlases is None else atlases
+        return self._votes_on(case, target, chosen, progress, cancel)
+
+    def nearest(self, target: _Prepared, candidates) -> list[int]:
+        """The max_atlases candidates (atlas indices) whose whole image looks most like the target's (NCC of
+        small thumbnails): registering to all of them would make every case added cost more per image."""
+        candidates = list(candidates)
+        if len(candidates) <= self.settings.max_atlases:
+            return candidates
+        mine = _thumbnail(target.coarse)
+        likeness = [float(np.mean(mine * _thumbnail(self.atlases[i][1].coarse))) for i in candidates]
+        best = np.argsort(likeness)[::-1][:self.settings.max_atlases]
+        return sorted(candidates[j] for j in best)
+
+    def _votes_on(self, case: Case, target: _Prepared, chosen, progress, cancel):
+        stack = np.full((len(self.atlases), len(self.names), 2), np.nan)
+        scores = np.full((len(self.atlases), len(self.names)), -np.inf)
+        for i in each(list(chosen), lambda n, total: f"registering atlas case {n} of {total}", progress, cancel):
+            stack[i], scores[i] = locate(*self.atlases[i], target, self.settings, self.levels)
         with np.errstate(invalid="ignore"):
             inside = ((stack >= -0.5) & (stack <= np.array(case.image.shape[1::-1]) - 0.5)).all(axis=2)
         scores[~inside] = -np.inf  # a vote off the image is no vote
         return stack, scores
 
     def fuse(self, case: Case, stack: np.ndarray, scores: np.ndarray) -> Landmarks:
-        """Landmarks from votes (all atlases' or a subset's, as `votes` gives them)."""
-        s = self.settings
-        points, confidence, present, _ = fuse_votes(stack, scores, s.local.fusion_ncc, s.local.spread_mm / np.mean(case.spacing))
-        return Landmarks(self.names, points, confidence, present)
+        """Landmarks from votes (all atlases' or a subset's, as `votes` gives them), with the votes' agreement as
+        an uncalibrated confidence."""
+        return self.fuse_with_evidence(case, stack, scores)[0]
+
+    def fuse_with_evidence(self, case: Case, stack: np.ndarray, scores: np.ndarray) -> tuple[Landmarks, Evidence]:
+        """`fuse`, and the evidence about each point that its calibrated probability is computed from."""
+        local, mm = self.settings.local, float(np.mean(case.spacing))
+        points, confidence, present, spread = fuse_votes(stack, scores, local.fusion_ncc, local.spread_mm / mm)
+        with np.errstate(invalid="ignore"):
+            best = np.where(present, scores.max(axis=0), np.nan)
+        return Landmarks(self.names, points, confidence, present), Evidence.of_atlas(spread * mm, best)
+
+    def calibration(self, progress: Callback = None, cancel: Cancel = None) -> Calibration | None:
+        """The model of this atlas's error, fitted once: up to calibration_cases of its cases, each detected by
+        its most similar others (None for a one-case atlas: nothing to measure its error on)."""
+        n = len(self.atlases)
+        if self._calibration is not None or n < 2:
+            return self._calibration
+        picks = np.unique(np.linspace(0, n - 1, min(n, self.settings.calibration_cases)).round().astype(int))
+        evidence, errors = [], []
+        for i in each(list(picks), lambda j, total: f"measuring the atlas's error on its cases: {j} of {total}",
+                      progress, cancel):
+            case, prepared = self.atlases[i]
+            others = self.nearest(prepared, [j for j in range(n) if j != i])
+            found, seen = self.fuse_with_evidence(case, *self._votes_on(case, prepared, others, None, cancel))
+            evidence.append(seen)
+            errors.append(np.linalg.norm((found.points - case.landmarks.subset(self.names).points)
+                                         * np.array(case.spacing), axis=1))
+        error, k = np.concatenate(errors), len(self.names)
+        ok = np.isfinite(error)  # found, and annotated on the case
+        case_of, landmark_of = np.repeat(np.arange(len(picks)), k), np.tile(np.arange(k), len(picks))
+        self._calibration = fit_calibration(Evidence.stack(evidence).select(ok), error[ok], case_of[ok],
+                                            landmark_of[ok], k)
+        return self._calibration
+
+
+def _thumbnail(image: sitk.Image, side: int = 32) -> np.ndarray:
+    """The image on a side x side grid, zero mean and unit variance: what `nearest` compares."""
+    w, h = image.GetSize()
+    image = sitk.SmoothingRecursiveGaussian(image, [0.5 * image.GetSpacing()[0] * w / side,
+                                                    0.5 * image.GetSpacing()[1] * h / side])
+    spacing = [image.GetSpacing()[0] * w / side, image.GetSpacing()[1] * h / side]
+    origin = [o - s0 / 2 + s / 2 for o, s0, s in zip(image.GetOrigin(), image.GetSpacing(), spacing)]
+    small = sitk.GetArrayFromImage(sitk.Resample(image, [side, side], sitk.Transform(), sitk.sitkLinear, origin,
+                                                 spacing, [1, 0, 0, 1], 0.0, sitk.sitkFloat32))
+    return (small - small.mean()) / (small.std() + 1e-6)
 
 
 def fuse_votes(stack: np.ndarray, scores: np.ndarray, fusion_ncc: float, sigma: float):

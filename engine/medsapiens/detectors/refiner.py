@@ -10,7 +10,7 @@ said the atlas was better.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -24,6 +24,7 @@ from ..io.intensity import to_rgb255
 from ..models import weight_files
 from ..progress import Callback, Cancel, check, report, within
 from ..settings import AtlasSettings, from_dict
+from .calibration import WITHIN_MM, Calibration, Evidence, calibrated
 
 KIND = "atlas-refiner"  # the weight file kind (weight_files.py)
 
@@ -129,7 +130,8 @@ def decode(log_p: torch.Tensor, cfg: RefinerConfig) -> torch.Tensor:
 
 
 class Refiner:
-    """Networks (one per fold) + config: `refine(image, points, present) -> points` for the landmarks in `use`."""
+    """Networks (one per fold) + config: `refine(image, points, present, radius_px) -> (points, mass)` for the
+    landmarks in `use`."""
 
     def __init__(self, nets: list[PatchNet], cfg: RefinerConfig, use: np.ndarray):
         self.nets = [n.eval() for n in nets]
@@ -146,17 +148,36 @@ class Refiner:
             total = total + torch.log_softmax(out.reshape(len(index), -1), 1).reshape(out.shape)
         return total / len(self.nets)
 
-    def refine(self, image: torch.Tensor, points: np.ndarray, present: np.ndarray, use=None) -> np.ndarray:
-        """Points moved by the networks (image px), for present landmarks in `use` (default self.use)."""
+    def refine(self, image: torch.Tensor, points: np.ndarray, present: np.ndarray, radius_px: float,
+               use=None) -> tuple[np.ndarray, np.ndarray]:
+        """Points moved by the networks (image px), for present landmarks in `use` (default self.use), and for
+        each the posterior probability within `radius_px` of its new place (NaN where not refined)."""
         use = self.use if use is None else np.asarray(use, bool)
         ks = np.flatnonzero(present & use)
-        out = points.copy()
+        out, mass = points.copy(), np.full(len(points), np.nan)
         if not len(ks):
-            return out
+            return out, mass
         centres = torch.from_numpy(points[ks]).float()
         log_p = self.log_probs(image, centres, torch.from_numpy(ks)) + log_prior(self.cfg)
-        out[ks] = (centres + decode(log_p, self.cfg)).double().numpy()
-        return out
+        offsets = decode(log_p, self.cfg)
+        out[ks] = (centres + offsets).double().numpy()
+        mass[ks] = mass_within(log_p, offsets, radius_px, self.cfg).double().numpy()
+        return out, mass
+
+
+def mass_within(log_p: torch.Tensor, offsets: torch.Tensor, radius_px: float, cfg: RefinerConfig) -> torch.Tensor:
+    """(B,) posterior probability of the cells within `radius_px` of each decoded offset (B x 2 px)."""
+    t = cell_centres(cfg) * cfg.step
+    d2 = (t[None, None, :] - offsets[:, None, None, 0]) ** 2 + (t[None, :, None] - offsets[:, None, None, 1]) ** 2
+    p = torch.softmax(log_p.reshape(len(log_p), -1), 1).reshape(log_p.shape)
+    return (p * (d2 <= radius_px ** 2)).sum((1, 2))
+
+
+def refined_evidence(evidence: Evidence, atlas_points, points, mass, spacing) -> Evidence:
+    """The atlas's evidence and the refiner's: how far it moved each point (mm) and its posterior mass there."""
+    moved = np.isfinite(mass)
+    shift = np.where(moved, np.linalg.norm((points - atlas_points) * spacing, axis=1), np.nan)
+    return replace(evidence, shift_mm=shift, mass=mass)
 
 
 class RefinedAtlasDetector:
@@ -167,16 +188,29 @@ class RefinedAtlasDetector:
     def __init__(self, atlas, refiner: Refiner, meta: dict | None = None):
         self.atlas, self.refiner, self.meta = atlas, refiner, meta or {}
         self.names = atlas.names
-
-    def detect_both(self, case: Case, progress: Callback = None, cancel: Cancel = None) -> tuple[Landmarks, Landmarks]:
-        found = self.atlas.detect(case, within(progress, 0.0, 0.95), cancel)
-        check(cancel)
-        report(progress, 0.95, "refining the atlas's estimates")
-        points = self.refiner.refine(grey(case), found.points, found.present)
-        return Landmarks(self.names, points, found.confidence, found.present), found
+        calibration = self.meta.get("estimate", {}).get("calibration")  # older adapters: the raw confidence
+        self.calibration = Calibration.from_dict(calibration) if calibration else None
 
     def detect(self, case: Case, progress: Callback = None, cancel: Cancel = None) -> Landmarks:
-        return self.detect_both(case, progress, cancel)[0]
+        return self._detect(case, progress, cancel)[0]
+
+    def detect_both(self, case: Case, progress: Callback = None, cancel: Cancel = None) -> tuple[Landmarks, Landmarks]:
+        """The adapter's landmarks and the atlas's own answer from the same registrations, each with its own
+        calibrated confidence (the atlas's is fitted on its cases on the first call)."""
+        refined, found, evidence = self._detect(case, progress, cancel)
+        return refined, calibrated(found, evidence, self.atlas.calibration(cancel=cancel))
+
+    def _detect(self, case: Case, progress: Callback, cancel: Cancel) -> tuple[Landmarks, Landmarks, Evidence]:
+        found, evidence = self.atlas.fuse_with_evidence(case, *self.atlas.votes(case, progress=within(
+            progress, 0.0, 0.95), cancel=cancel))
+        check(cancel)
+        report(progress, 0.95, "refining the atlas's estimates")
+        mm = np.array(case.spacing)
+        points, mass = self.refiner.refine(grey(case), found.points, found.present, WITHIN_MM / float(mm.mean()))
+        refined = Landmarks(self.names, points, found.confidence, found.present)
+        if self.calibration is not None:
+            refined = calibrated(refined, refined_evidence(evidence, found.points, points, mass, mm), self.calibration)
+        return refined, found, evidence
 
 
 def _local_stage_nested(atlas_settings: dict) -> dict:

@@ -36,6 +36,7 @@ import torch
 
 from ..case import Case
 from ..detectors.atlas import AtlasDetector
+from ..detectors.calibration import WITHIN_MM, Calibration, Evidence, fit_calibration
 from ..detectors.refiner import (
     KIND,
     PatchNet,
@@ -45,6 +46,7 @@ from ..detectors.refiner import (
     cell_centres,
     grey,
     patch_grid,
+    refined_evidence,
     sample_patches,
     standardise,
 )
@@ -167,6 +169,7 @@ class _AtlasErrors:
     truth: np.ndarray
     sigma: float
     config: RefinerConfig
+    evidence: list[Evidence]         # per case: what the atlas saw of each estimate (its calibration's inputs)
 
 
 def finetune_on_atlas(cases: list[Case], out, *, unannotated: list[Case] = (),
@@ -225,12 +228,13 @@ def _atlas_phase(run: _Run) -> _AtlasErrors:
     refiner's training offsets and prior), and the starting points the refiner is scored from."""
     t0, s = time.monotonic(), run.settings
     estimates = np.full((len(run.cases), len(run.names), 2), np.nan)
+    evidence = [None] * len(run.cases)
     for f, held in enumerate(run.folds):
         check(run.cancel, "training cancelled")
         detector = AtlasDetector([c for i, c in enumerate(run.cases) if i not in held], s.atlas)
         for i in held:
             check(run.cancel, "training cancelled")
-            found = detector.detect(run.cases[i]).subset(run.names)
+            found, evidence[i] = detector.fuse_with_evidence(run.cases[i], *detector.votes(run.cases[i]))
             estimates[i] = np.where(found.present[:, None], found.points, np.nan)
         run.report("atlas", (f + 1) / len(run.folds), _phase_line("atlas of the other cases", f + 1,
                    len(run.folds), " held out", time.monotonic() - t0), step=f + 1, total=len(run.folds))
@@ -243,7 +247,7 @@ def _atlas_phase(run: _Run) -> _AtlasErrors:
     if run.previous is not None and run.previous["config"] != asdict(replace(config, prior_sigma=0, step=0)):
         run.previous, run.steps, run.budget = None, s.steps, s.time_budget  # another patch geometry: start over
     run.seconds["atlas"] = time.monotonic() - t0
-    return _AtlasErrors(estimates, truth, sigma, config)
+    return _AtlasErrors(estimates, truth, sigma, config, evidence)
 
 
 def _pseudo_label_phase(run: _Run) -> list:
@@ -334,26 +338,45 @@ def _train_fold(run: _Run, atlas: _AtlasErrors, f: int, held: list[int], pseudo:
 
 def _estimate_phase(run: _Run, atlas: _AtlasErrors, nets: list[PatchNet]) -> tuple[dict, RefinerConfig]:
     """Each fold's network refines its held-out cases' atlas estimates, for each prior spread tried: the
-    adapter's error on unseen cases next to the atlas's, per landmark; the best prior is kept."""
+    adapter's error on unseen cases next to the atlas's, per landmark; the best prior is kept, and the model
+    of the adapter's error (its calibrated confidence and review rule) is fitted on those held-out points."""
     t0 = time.monotonic()
     spacing = np.array([c.spacing for c in run.cases])[:, None, :]
     greys = [grey(c) for c in run.cases]
-    tried = []  # per prior spread: (held-out MRE, config, refined points)
+    tried = []  # per prior spread: (held-out MRE, config, refined points, posterior mass)
     for scale in run.settings.prior_scales:
         check(run.cancel, "training cancelled")
         config = replace(atlas.config, prior_sigma=round(atlas.sigma * scale, 3))
         refined = np.full_like(atlas.estimates, np.nan)
+        mass = np.full(atlas.estimates.shape[:2], np.nan)
         for f, held in enumerate(run.folds):
             refiner = Refiner([nets[f]], config, np.ones(len(run.names), bool))
             for i in held:
-                refined[i] = refiner.refine(greys[i], atlas.estimates[i], np.isfinite(atlas.estimates[i]).all(1))
-        tried.append((np.nanmean(np.linalg.norm((refined - atlas.truth) * spacing, axis=2)), config, refined))
+                radius = WITHIN_MM / float(spacing[i].mean())
+                refined[i], mass[i] = refiner.refine(greys[i], atlas.estimates[i],
+                                                     np.isfinite(atlas.estimates[i]).all(1), radius)
+        tried.append((np.nanmean(np.linalg.norm((refined - atlas.truth) * spacing, axis=2)), config, refined, mass))
         run.report("estimate", len(tried) / len(run.settings.prior_scales), "measuring the error on held-out cases")
-    _, config, refined = min(tried, key=lambda t: t[0])  # the first of equals: the narrower prior
+    _, config, refined, mass = min(tried, key=lambda t: t[0])  # the first of equals: the narrower prior
     estimate = _estimate(run.names, run.labels, run.folds, atlas.estimates, refined, atlas.truth, spacing)
     estimate["prior_scale"] = round(config.prior_sigma / atlas.sigma, 3)
+    estimate["calibration"] = _calibrate(atlas, refined, mass, np.array(estimate["use_refined"]), spacing).to_dict()
     run.seconds["estimate"] = time.monotonic() - t0
     return estimate, config
+
+
+def _calibrate(atlas: _AtlasErrors, refined, mass, use: np.ndarray, spacing) -> Calibration:
+    """The adapter's confidence model, on the points it would give on its held-out cases (refined where it
+    refines, the atlas's elsewhere) and what it saw of each."""
+    chosen = np.where(use[None, :, None], refined, atlas.estimates)
+    mass = np.where(use[None], mass, np.nan)
+    evidence = [refined_evidence(e, a, c, m, s[0]) for e, a, c, m, s in
+                zip(atlas.evidence, atlas.estimates, chosen, mass, spacing)]
+    error = np.linalg.norm((chosen - atlas.truth) * spacing, axis=2)
+    n, k = error.shape
+    ok = np.isfinite(error).ravel()
+    return fit_calibration(Evidence.stack(evidence).select(ok), error.ravel()[ok], np.repeat(np.arange(n), k)[ok],
+                           np.tile(np.arange(k), n)[ok], k)
 
 
 def _save_phase(run: _Run, out, config: RefinerConfig, nets, votes, estimate: dict, steps: int) -> Path:
