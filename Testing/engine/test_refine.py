@@ -294,6 +294,18 @@ def test_worse_than_atlas_says_so_in_one_line_and_writes_nothing(ceph, data_dir,
 
 
 @pytest.mark.slow
+def test_adding_a_case_that_makes_it_worse_says_so_and_keeps_the_adapter(adapter, two_cases, ceph, tmp_path):
+    """"Add case" then Fine-tune warm-starts; where the new adapter loses to the atlas on the held-out cases the
+    user hears it in one line and keeps the adapter they had."""
+    out, _ = adapter
+    target = tmp_path / "task.safetensors"
+    target.write_bytes(out.read_bytes())
+    with pytest.raises(NotBetter, match="not better than the atlas on held-out cases .*3 cases"):
+        finetune_on_atlas(two_cases + [ceph.case(2)], target, settings=replace(QUICK, steps=2, lr=1000.0))
+    assert target.read_bytes() == out.read_bytes()
+
+
+@pytest.mark.slow
 def test_cli_finetune_prints_one_summary_line(data_dir, tmp_path, capsys):
     target = tmp_path / "task.safetensors"
     assert main(["finetune", "--data", str(data_dir / "ceph_hamedan" / "landmarks.csv"), "--cases", "001,002",

@@ -98,9 +98,9 @@ def _tables(batch: Batch, rows: list, out: Path, volumes: bool, analyze_out, war
     if not rows:
         return
     if volumes:
-        batch.written.append(write_volume_landmarks_csv(out / "landmarks.csv", rows))
+        batch.written.append(write_volume_landmarks_csv(out / "landmarks.csv", rows, review=True))
         return
-    batch.written.append(write_landmarks_csv(out / "landmarks.csv", rows))
+    batch.written.append(write_landmarks_csv(out / "landmarks.csv", rows, review=True))
     if analyze_out is not None:
         path, batch.report = write_analysis([(image, lm, spacing) for image, _, _, spacing, lm in rows],
                                             analyze_out, warn)

@@ -57,8 +57,12 @@ def pyramid(full: sitk.Image, levels: tuple) -> dict:
         sitk.SmoothingRecursiveGaussian(full, 0.5 * step) if step > 1 else full)) for step, _ in levels}
 
 
+def _grey_image(case: Case) -> sitk.Image:
+    return sitk.GetImageFromArray((to_rgb255(case.image).mean(axis=2) / 255.0).astype(np.float32))  # grey 0..1
+
+
 def _prepare(case: Case, s: AtlasSettings, levels: tuple) -> _Prepared:
-    full = sitk.GetImageFromArray((to_rgb255(case.image).mean(axis=2) / 255.0).astype(np.float32))  # grey 0..1
+    full = _grey_image(case)
     prepared = _Prepared(_working_image(full, s.global_side), pyramid(full, levels))
     if s.deformable:
         prepared.fine = _working_image(full, s.bspline_side)
@@ -217,16 +221,21 @@ class AtlasDetector:
             raise InputError(f"{case.label}: a 3D volume; this atlas is of 2D images")
         require_detectable(case)
         target = _prepare(case, self.settings, self.levels)
-        chosen = self.nearest(target, range(len(self.atlases))) if atlases is None else atlases
+        chosen = self.nearest(target.coarse, range(len(self.atlases))) if atlases is None else atlases
         return self._votes_on(case, target, chosen, progress, cancel)
 
-    def nearest(self, target: _Prepared, candidates) -> list[int]:
-        """The max_atlases candidates (atlas indices) whose whole image looks most like the target's (NCC of
-        small thumbnails): registering to all of them would make every case added cost more per image."""
+    def nearest_to(self, case: Case) -> list[int]:
+        """The atlases `votes(case)` registers to (indices)."""
+        require_detectable(case)
+        return self.nearest(_working_image(_grey_image(case), self.settings.global_side), range(len(self.atlases)))
+
+    def nearest(self, coarse: sitk.Image, candidates) -> list[int]:
+        """The max_atlases candidates (atlas indices) whose whole image looks most like `coarse` (NCC of small
+        thumbnails): registering to all of them would make every case added cost more per image."""
         candidates = list(candidates)
         if len(candidates) <= self.settings.max_atlases:
             return candidates
-        mine = _thumbnail(target.coarse)
+        mine = _thumbnail(coarse)
         likeness = [float(np.mean(mine * _thumbnail(self.atlases[i][1].coarse))) for i in candidates]
         best = np.argsort(likeness)[::-1][:self.settings.max_atlases]
         return sorted(candidates[j] for j in best)
@@ -265,7 +274,7 @@ class AtlasDetector:
         for i in each(list(picks), lambda j, total: f"measuring the atlas's error on its cases: {j} of {total}",
                       progress, cancel):
             case, prepared = self.atlases[i]
-            others = self.nearest(prepared, [j for j in range(n) if j != i])
+            others = self.nearest(prepared.coarse, [j for j in range(n) if j != i])
             found, seen = self.fuse_with_evidence(case, *self._votes_on(case, prepared, others, None, cancel))
             evidence.append(seen)
             errors.append(np.linalg.norm((found.points - case.landmarks.subset(self.names).points)

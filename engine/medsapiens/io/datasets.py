@@ -1,7 +1,8 @@
 """Landmark data sets on disk: `landmarks.csv` (image,width,height,spacing_mm,<name>_x,<name>_y,...) for 2D
 images in pixels, or (image,<name>_x,<name>_y,<name>_z,...) for volumes in LPS millimetres.
 
-Empty cells mark missing landmarks. Images are read lazily, relative to the CSV's folder. `spacing_mm` is one
+Empty cells mark missing landmarks. A detector's output adds `<name>_p,<name>_check` after each landmark's
+coordinates: the calibrated P(within 2 mm) and 1 where the point should be checked (empty for a missing one). Images are read lazily, relative to the CSV's folder. `spacing_mm` is one
 number, the size of the row's square pixels: it sets the spacing of plain pictures (PNG, JPEG...), and a file
 that stores non-square pixels (NRRD, NIfTI, MHA, DICOM) cannot be described by it, so such a row is refused when
 read and such a case when written, each with a one-line error.
@@ -141,47 +142,65 @@ def _read_csv(path: Path):
     if header is None or [h.strip() for h in header[:4]] != fixed:
         raise InputError(f"{path}: not a landmarks CSV: the header must start with {','.join(fixed)} (images) or "
                          "image,<name>_x,<name>_y,<name>_z (volumes)")
-    names = _landmark_names(path, header[4:], "xy")
+    names, review = _landmark_names(path, [h.strip() for h in header[4:]], "xy")
     rows = []
     for line_no, cells in _data_rows(path, header, reader):
         try:
             width, height, spacing = int(cells[1]), int(cells[2]), float(cells[3])
-            values = [float(c) if c.strip() else math.nan for c in cells[4:]]
+            landmarks = _landmarks(names, cells[4:], 2, review)
         except ValueError as e:
             raise InputError(f"{path}, line {line_no}: {e}") from None
         if not (math.isfinite(spacing) and spacing > 0):
             raise InputError(f"{path}, line {line_no}: spacing_mm must be a positive number, got {cells[3]}")
-        points = np.array(values).reshape(-1, 2)
-        rows.append(Row(cells[0], width, height, spacing, Landmarks(names, points)))
+        rows.append(Row(cells[0], width, height, spacing, landmarks))
     return names, rows
+
+
+def _landmarks(names: list[str], cells: list[str], dim: int, review: bool) -> Landmarks:
+    """One row's landmarks from its coordinate cells (and P, check cells where the file has them)."""
+    width = dim + 2 if review else dim
+    values = np.array([float(c) if c.strip() else math.nan for c in cells]).reshape(-1, width)
+    points = values[:, :dim]
+    if not review:
+        return Landmarks(names, points)
+    present = np.isfinite(points).all(axis=1)
+    confidence = np.where(np.isfinite(values[:, dim]), values[:, dim], present.astype(float))
+    return Landmarks(names, points, confidence, present, np.nan_to_num(values[:, dim + 1]) > 0)
 
 
 def _read_volume_rows(path: Path, header: list[str], reader):
     """The rows of a 3D landmarks CSV: image,<name>_x,<name>_y,<name>_z,... in LPS millimetres."""
-    names = _landmark_names(path, [h.strip() for h in header[1:]], "xyz", allow_none=True)
+    names, review = _landmark_names(path, [h.strip() for h in header[1:]], "xyz", allow_none=True)
     rows = []
     for line_no, cells in _data_rows(path, header, reader):
         try:
-            values = [float(c) if c.strip() else math.nan for c in cells[1:]]
+            landmarks = _landmarks(names, cells[1:], 3, review)
         except ValueError as e:
             raise InputError(f"{path}, line {line_no}: {e}") from None
-        rows.append(Row(cells[0], None, None, None, Landmarks(names, np.array(values).reshape(-1, 3))))
+        rows.append(Row(cells[0], None, None, None, landmarks))
     return names, rows
 
 
-def _landmark_names(path: Path, coords: list[str], axes: str, allow_none: bool = False) -> list[str]:
-    """Landmark names from coordinate columns grouped as <name>_x,<name>_y(,<name>_z)."""
+def _landmark_names(path: Path, coords: list[str], axes: str, allow_none: bool = False) -> tuple[list[str], bool]:
+    """Landmark names from coordinate columns grouped as <name>_x,<name>_y(,<name>_z), each group optionally
+    followed by <name>_p,<name>_check (all groups or none); and whether they are."""
     n, pattern = len(axes), ",".join(f"<name>_{a}" for a in axes)
     group = {2: "pair", 3: "triple"}[n]
-    if len(coords) % n or not (coords or allow_none):
-        raise InputError(f"{path}: landmark columns must come in {pattern} {group}s")
+    review = len(coords) > n + 1 and coords[n].endswith("_p") and coords[n + 1].endswith("_check")
+    width = n + 2 if review else n
+    if len(coords) % width or not (coords or allow_none):
+        raise InputError(f"{path}: landmark columns must come in {pattern} {group}s"
+                         + (" each followed by <name>_p,<name>_check" if review else ""))
     names = []
-    for i in range(0, len(coords), n):
+    for i in range(0, len(coords), width):
         cols = coords[i:i + n]
         if not all(c.endswith(f"_{a}") for c, a in zip(cols, axes)) or len({c[:-2] for c in cols}) != 1:
             raise InputError(f"{path}: columns {','.join(cols)} are not a {pattern} {group}")
-        names.append(cols[0][:-2])
-    return names
+        name = cols[0][:-2]
+        if review and coords[i + n:i + width] != [f"{name}_p", f"{name}_check"]:
+            raise InputError(f"{path}: columns {','.join(coords[i + n:i + width])} should be {name}_p,{name}_check")
+        names.append(name)
+    return names, review
 
 
 def _data_rows(path: Path, header: list[str], reader):
@@ -198,20 +217,33 @@ def _data_rows(path: Path, header: list[str], reader):
         raise InputError(f"{path}: no data rows")
 
 
-def volume_landmarks_csv(rows: list[tuple[str, Landmarks]]) -> str:
-    """3D CSV text (image,<name>_x,<name>_y,<name>_z,..., LPS mm) for (image, landmarks) rows of one set."""
+def volume_landmarks_csv(rows: list[tuple[str, Landmarks]], review: bool = False) -> str:
+    """3D CSV text (image,<name>_x,<name>_y,<name>_z,..., LPS mm) for (image, landmarks) rows of one set; review:
+    each landmark's P and check flag too (a detector's output)."""
     names = rows[0][1].names
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(["image"] + [f"{n}_{a}" for n in names for a in "xyz"])
+    writer.writerow(["image"] + _header(names, "xyz", review))
     for image, lm in rows:
         if lm.names != names:
             raise ValueError("all rows of a landmarks CSV need the same landmark names")
-        cells = []
-        for p, ok in zip(lm.points, lm.present):
-            cells += [f"{v:.4f}" for v in p] if ok else ["", "", ""]
-        writer.writerow([image] + cells)
+        writer.writerow([image] + _cells(lm, "{:.4f}", review))
     return out.getvalue()
+
+
+def _header(names: list[str], axes: str, review: bool) -> list[str]:
+    more = ("p", "check") if review else ()
+    return [f"{n}_{a}" for n in names for a in (*axes, *more)]
+
+
+def _cells(lm: Landmarks, number: str, review: bool) -> list[str]:
+    """A row's landmark cells: coordinates (and P, check), empty for a missing landmark."""
+    cells = []
+    for i, (p, ok) in enumerate(zip(lm.points, lm.present)):
+        cells += [number.format(v) for v in p] if ok else [""] * lm.dim
+        if review:
+            cells += [f"{lm.confidence[i]:.3f}", "1" if lm.check[i] else "0"] if ok else ["", ""]
+    return cells
 
 
 def square_pixels(spacing) -> bool:
@@ -220,28 +252,26 @@ def square_pixels(spacing) -> bool:
     return abs(sx - sy) <= SQUARE_TOLERANCE * max(sx, sy)
 
 
-def landmarks_csv(rows: list[tuple[str, int, int, tuple[float, float], Landmarks]]) -> str:
+def landmarks_csv(rows: list[tuple[str, int, int, tuple[float, float], Landmarks]], review: bool = False) -> str:
     """CSV text for (image, width, height, (sx, sy) mm, landmarks) rows; all rows must share one landmark set and
-    have square pixels (spacing_mm is one number: InputError otherwise)."""
+    have square pixels (spacing_mm is one number: InputError otherwise); review: each landmark's P and check flag
+    too (a detector's output)."""
     names = rows[0][4].names
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(["image", "width", "height", "spacing_mm"] + [f"{n}_{a}" for n in names for a in "xy"])
+    writer.writerow(["image", "width", "height", "spacing_mm"] + _header(names, "xy", review))
     for image, width, height, spacing, lm in rows:
         if lm.names != names:
             raise ValueError("all rows of a landmarks CSV need the same landmark names")
         if not square_pixels(spacing):
             raise InputError(f"{image}: its pixels are {spacing[0]:g} x {spacing[1]:g} mm, which the one "
                              "spacing_mm of a landmarks CSV cannot describe")
-        cells = []
-        for p, ok in zip(lm.points, lm.present):
-            cells += [f"{p[0]:.3f}", f"{p[1]:.3f}"] if ok else ["", ""]
-        writer.writerow([image, width, height, f"{spacing[0]:.6g}"] + cells)
+        writer.writerow([image, width, height, f"{spacing[0]:.6g}"] + _cells(lm, "{:.3f}", review))
     return out.getvalue()
 
 
-def write_landmarks_csv(path, rows) -> Path:
-    return atomic_write_text(path, landmarks_csv(rows))
+def write_landmarks_csv(path, rows, review: bool = False) -> Path:
+    return atomic_write_text(path, landmarks_csv(rows, review))
 
 
 def landmark_sets(path) -> list[tuple[str, Landmarks, tuple[float, float]]]:
@@ -254,5 +284,5 @@ def landmark_sets(path) -> list[tuple[str, Landmarks, tuple[float, float]]]:
     return [(r.image, r.landmarks, (r.spacing, r.spacing)) for r in Dataset(path).rows]
 
 
-def write_volume_landmarks_csv(path, rows) -> Path:
-    return atomic_write_text(path, volume_landmarks_csv(rows))
+def write_volume_landmarks_csv(path, rows, review: bool = False) -> Path:
+    return atomic_write_text(path, volume_landmarks_csv(rows, review))

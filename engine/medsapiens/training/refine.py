@@ -251,19 +251,21 @@ def _atlas_phase(run: _Run) -> _AtlasErrors:
 
 
 def _pseudo_label_phase(run: _Run) -> list:
-    """Every case's atlas votes on each unannotated image once (at most half the budget goes to it); each fold
+    """The atlas cases most like each unannotated image vote on it once (for at most half of the budget that the
+    atlas phase left); each fold
     fuses only its own training cases' votes later, so that its held-out cases stay unseen. Votes the previous
     adapter stored for the same image and atlas case are reused, not run again."""
     if not run.pool:
         return []
     t0, s = time.monotonic(), run.settings
+    allowed = (run.budget - (t0 - run.t_start)) / 2  # the other half of what is left is training's
     atlas = AtlasDetector(run.cases, s.atlas)
     stored = run.previous["votes"] if run.previous is not None and \
         run.previous["atlas_settings"] == _atlas_meta(s.atlas) else {}
     votes = []  # per labelled image: (atlas cases x K x 2, atlas cases x K)
     for j, image in enumerate(run.pool):
         check(run.cancel, "training cancelled")
-        if time.monotonic() - t0 > run.budget / 2:
+        if j and time.monotonic() - t0 > allowed:  # the first image always: asked for, never silently dropped
             break
         votes.append(_votes(atlas, image, run.image_sums[j], run.case_sums, stored))
         run.report("pseudo-labels", (j + 1) / len(run.pool), _phase_line(
@@ -449,13 +451,10 @@ def pseudo_labels(atlas: AtlasDetector, images: list[Case], votes: list, keep: l
 
 
 def _votes(atlas: AtlasDetector, image: Case, image_sum: str, case_sums: list[str], stored: dict):
-    """atlas.votes(image), with the votes `stored` for this image and an atlas case run again only where missing."""
+    """atlas.votes(image): the votes `stored` for this image, and those of the most similar cases that are not."""
     known = stored.get(image_sum, {})
-    missing = [i for i, sha in enumerate(case_sums) if sha not in known]
-    stack = np.full((len(case_sums), len(atlas.names), 2), np.nan)
-    scores = np.full((len(case_sums), len(atlas.names)), -np.inf)
-    if missing:
-        stack[missing], scores[missing] = atlas.votes(image, missing)
+    missing = [i for i in atlas.nearest_to(image) if case_sums[i] not in known]
+    stack, scores = atlas.votes(image, missing)  # all cases' rows; those not asked hold no vote
     for i, sha in enumerate(case_sums):
         if sha in known:
             stack[i], scores[i] = known[sha]
@@ -497,7 +496,8 @@ def _previous(out, names) -> dict | None:
     votes = {}  # image SHA256 -> {atlas case SHA256 -> (points K x 2, local NCC K)}
     for j, image in enumerate(meta.get("unannotated", [])):
         points, scores = tensors[f"unannotated{j}.points"].numpy(), tensors[f"unannotated{j}.scores"].numpy()
-        votes[image["sha256"]] = {c["sha256"]: (points[i], scores[i]) for i, c in enumerate(meta["cases"])}
+        votes[image["sha256"]] = {c["sha256"]: (points[i], scores[i]) for i, c in enumerate(meta["cases"])
+                                  if np.isfinite(scores[i]).any()}  # a case not asked then (not nearest) may vote later
     return {"config": cfg, "nets": nets, "folds": meta["folds"], "steps": int(meta["steps"]),
             "seconds": float(meta["train_seconds"]), "votes": votes, "atlas_settings": meta["atlas_settings"]}
 
