@@ -25,8 +25,12 @@ def test_detect_writes_markups_and_csv_that_slicer_reads(tmp_path, fitted_file, 
     # the model was fitted on this very case: it must find its landmarks (an untrained one is ~300 px off)
     assert np.median(np.linalg.norm(found.points - truth.points, axis=1)) < 10.0
 
-    names, lps, confidence, present, _ = read_markups(tmp_path / "001.mrk.json")
+    names, lps, confidence, present, check = read_markups(tmp_path / "001.mrk.json")
     assert names == ceph.names and present.all() and ((confidence > 0) & (confidence <= 1)).all()
+    # the CSV carries each point's confidence and review flag, as the .mrk.json does
+    header = (tmp_path / "landmarks.csv").read_text().splitlines()[0].split(",")
+    assert header[4:8] == ["S_x", "S_y", "S_p", "S_check"]
+    assert np.allclose(found.confidence, confidence, atol=1e-3) and np.array_equal(found.check, check)
     assert np.allclose(lps, np.column_stack([found.points * sx, np.zeros(19)]), atol=2e-3)
     assert np.allclose(landmarks_from_markups(tmp_path / "001.mrk.json", case).points, found.points, atol=1e-2)
 

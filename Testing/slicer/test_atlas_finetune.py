@@ -23,7 +23,9 @@ FAST = {"steps": 150, "batch": 16, "patch": 32, "width": 8}
 SUMMARY = re.compile(r"Expected error on unseen cases: adapter (\d+\.\d\d) mm, atlas (\d+\.\d\d) mm "
                      r"\(leave-one-case-out, (\d+) cases\); refined landmarks: (\d+) of 19\. Trained (\d+) steps in "
                      r"\d+ s(, also on (\d+) unannotated images labelled by the atlas)?"
-                     r"(, continued from the previous adapter)?\.")
+                     r"(, continued from the previous adapter)?\."
+                     r"( Points with P\(within 2 mm\) < \d\.\d\d are flagged \"check\": on the held-out cases \d+ % "
+                     r"of the points, with \d+ of \d+ errors over 3 mm among them\.)")
 
 
 def table(scene, ceph_volume, folder, worker, rows=(0, 1, 2)):
