@@ -362,7 +362,8 @@ def can_analyze(names) -> bool:
 
 
 def write_measurements(path, label: str, measurements: list) -> Path:
-    """The ISBI 2015 measurements of one image as a CSV, one row each, written atomically (the panel's export)."""
+    """The measurements of one image (of any analysis) as a CSV, one row each, written atomically (the panel's
+    export)."""
     from .analysis.cephalometry import measurements_csv
     from .io.atomic import atomic_write_text
 

@@ -264,17 +264,18 @@ MEASUREMENT_COLUMNS = ("markups", "measure", "description", "value", "unit", "no
                        "landmarks")
 
 
-def measurements_csv(label: str, measurements: list[Measurement]) -> str:
-    """One row per measurement of one image (the Slicer panel's export): value, unit, normal range, class and
-    the landmarks it reads; empty value and class, and why, where it was not computed."""
+def measurements_csv(label: str, measurements: list) -> str:
+    """One row per measurement of one image (the Slicer panel's export), of this analysis or a named one
+    (results.py): value, unit, normal range, class (none for a named analysis) and class name or reading, the
+    landmarks it reads; empty value and class, and why, where it was not computed."""
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(MEASUREMENT_COLUMNS)
     for m in measurements:
-        verdict = m.band.name if m.band else f"not computed (missing {', '.join(m.missing)})"
-        writer.writerow([label, m.name, m.measure.title, "" if m.band is None else f"{m.value:.6g}", m.measure.unit,
-                         m.normal_range, "" if m.band is None else m.band.number, verdict,
-                         ", ".join(m.measure.landmarks)])
+        number = getattr(m, "class_number", None)
+        writer.writerow([label, m.name, m.title, "" if m.missing else f"{m.value:.6g}", m.measure.unit,
+                         m.normal_range, "" if number is None else number, m.band.name if number else m.reading,
+                         ", ".join(m.landmarks)])
     return out.getvalue()
 
 

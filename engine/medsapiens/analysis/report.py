@@ -50,6 +50,7 @@ def figure(image: np.ndarray, landmarks: Landmarks, by_analysis: dict, title: st
     """The radiograph (grey) with the tracing, the landmarks and, ringed in red, the points flagged for checking."""
     from matplotlib.figure import Figure
 
+    image = image.mean(axis=2) if image.ndim == 3 else image  # grey: RGB copies of raw intensities too
     h, w = image.shape[:2]
     fig = Figure(figsize=(8.0, 8.0 * h / w + 0.4), dpi=100)
     ax = fig.add_axes((0, 0, 1, h / (h + 0.05 * w)))
