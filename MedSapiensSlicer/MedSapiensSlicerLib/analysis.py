@@ -51,11 +51,12 @@ def nodePlane(markupsNode) -> PlaneGeometry | None:
     return PlaneGeometry(matrix, 0.0)
 
 
-def analysisRows(markupsNode, geometry: PlaneGeometry | None = None, analysis: str = "isbi2015"
+def analysisRows(markupsNode, geometry: PlaneGeometry | None = None, analysis: str | None = None
                  ) -> list[AnalysisRow] | None:
     """One analysis (a name of `api.analyses()`) of the node's points (labels = ISBI landmark names) on
     `geometry`'s plane (default: the one recorded on the node). None when the labels lack landmarks the ISBI 2015
     analysis reads, or no plane is known. A named analysis has no class: its reading stands in the last column.
+    analysis None: api.DEFAULT_ANALYSIS.
     """
     from medsapiens import api
 
@@ -63,7 +64,7 @@ def analysisRows(markupsNode, geometry: PlaneGeometry | None = None, analysis: s
     if found is None:
         return None
     rows = []
-    for m in api.analyze(*found, analysis):
+    for m in api.analyze(*found, analysis or api.DEFAULT_ANALYSIS):
         number = getattr(m, "class_number", None)
         rows.append(AnalysisRow(
             m.name, m.title, m.value, m.text(), m.measure.unit, m.normal_range, number,

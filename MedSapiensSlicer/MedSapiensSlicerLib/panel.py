@@ -48,7 +48,7 @@ class PanelState:
     trainingMarkups: object = field(default=None, metadata={"node": "vtkMRMLMarkupsFiducialNode"})
     timeBudget: float = field(default=api.REFINE_DEFAULTS.time_budget, metadata={"range": TIME_BUDGET_RANGE})
     adapterName: str = "my-task"
-    analysis: str = field(default=next(iter(api.analyses())), metadata={"choices": lambda: list(api.analyses())})
+    analysis: str = field(default=api.DEFAULT_ANALYSIS, metadata={"choices": lambda: list(api.analyses())})
     showTracing: bool = True       # the chosen analysis's lines and angles over the result's points
 
 

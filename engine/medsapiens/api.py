@@ -20,14 +20,14 @@ from .case import Case, Landmarks, Volume, shared_landmarks
 from .errors import InputError
 from .io.checksum import case_checksum
 from .progress import Callback, Cancel, check, report, within
-from .settings import DEFAULT_ARCH, LORA_DEFAULTS, REFINE_DEFAULTS, TRAIN_DEFAULTS, override
+from .settings import DEFAULT_ANALYSIS, DEFAULT_ARCH, LORA_DEFAULTS, REFINE_DEFAULTS, TRAIN_DEFAULTS, override
 
-__all__ = ["DEFAULT_ARCH", "LORA_DEFAULTS", "REFINE_DEFAULTS", "TRAIN_DEFAULTS", "adapter_info", "adapters_dir",
-           "add_model", "analyses", "analyze", "analyze_files", "architectures", "cache_dir", "can_analyze",
-           "case_checksum", "catalogue_rows", "check_images", "demo", "detect", "detect_files", "evaluate", "finetune",
-           "landmark_names", "load_cases", "load_detector", "models", "needs_download", "phantom_case", "read_image",
-           "read_images", "read_volume", "resolve_model", "shared_landmarks", "tracing", "train", "write_evaluation",
-           "write_measurements", "write_report"]
+__all__ = ["DEFAULT_ANALYSIS", "DEFAULT_ARCH", "LORA_DEFAULTS", "REFINE_DEFAULTS", "TRAIN_DEFAULTS", "adapter_info",
+           "adapters_dir", "add_model", "analyses", "analyze", "analyze_files", "architectures", "cache_dir",
+           "can_analyze", "case_checksum", "catalogue_rows", "check_images", "demo", "detect", "detect_files",
+           "evaluate", "finetune", "landmark_names", "load_cases", "load_detector", "models", "needs_download",
+           "phantom_case", "read_image", "read_images", "read_volume", "resolve_model", "shared_landmarks", "tracing",
+           "train", "write_evaluation", "write_measurements", "write_report"]
 
 _kept: dict = {"key": None, "detector": None}  # the last model / adapter detector and the files it came from
 
@@ -329,13 +329,13 @@ def _rows(rows: slice | None, n: int, what) -> list[int]:
 
 # -------------------------------------------------------------------------------------------------- analysis
 def analyses() -> dict:
-    """The analyses to choose from: name -> title (isbi2015 first: the default)."""
+    """The analyses to choose from: name -> title (DEFAULT_ANALYSIS is isbi2015, the first)."""
     from .analysis.results import choices
 
     return choices()
 
 
-def analyze(landmarks: Landmarks, spacing, analysis: str = "isbi2015") -> list:
+def analyze(landmarks: Landmarks, spacing, analysis: str = DEFAULT_ANALYSIS) -> list:
     """One analysis (a name of `analyses()`) of one image: its measurements, each with name, title, value (NaN
     when not computed), missing, landmarks, drawn (the tracing's lines and angles), text(), normal_range and
     reading. `landmarks` in pixels with the ISBI 2015 names, spacing (sx, sy) mm."""
@@ -345,7 +345,7 @@ def analyze(landmarks: Landmarks, spacing, analysis: str = "isbi2015") -> list:
     return measure(landmarks, spacing, parse(analysis)[0])
 
 
-def tracing(analysis: str = "isbi2015") -> tuple:
+def tracing(analysis: str = DEFAULT_ANALYSIS) -> tuple:
     """The lines (2 points) and angles (3, vertex in the middle) a tracing of the analysis draws; a point is a
     landmark name or a tuple of names (their midpoint)."""
     from .analysis.results import parse
@@ -370,7 +370,7 @@ def write_measurements(path, label: str, measurements: list) -> Path:
     return atomic_write_text(path, measurements_csv(label, measurements))
 
 
-def write_report(path, title: str, image, landmarks: Landmarks, spacing, analysis="isbi2015",
+def write_report(path, title: str, image, landmarks: Landmarks, spacing, analysis=DEFAULT_ANALYSIS,
                  source: str = "annotated") -> list[Path]:
     """The report of one image: `path` (HTML, the picture embedded) and the PDF beside it, with the radiograph
     (a 2D array), the tracing and tables of the analyses (comma-separated names or a sequence), the landmark
@@ -383,7 +383,7 @@ def write_report(path, title: str, image, landmarks: Landmarks, spacing, analysi
     return write(path, title, image, landmarks, by_analysis, source)
 
 
-def analyze_files(source, out, *, analysis="isbi2015", report=None, warn=None, on_error=None):
+def analyze_files(source, out, *, analysis=DEFAULT_ANALYSIS, report=None, warn=None, on_error=None):
     """The analyses (comma-separated names, or "all") of every image of a landmarks.csv (or a folder with one, or
     with .mrk.json + image pairs) written to the CSV `out`, and with `report` a folder of HTML + PDF reports, one
     per image. warn(line) hears of measures a landmark set or an image cannot give; on_error(line) of an image

@@ -15,6 +15,7 @@ from .io.datasets import square_pixels, write_landmarks_csv, write_volume_landma
 from .io.images import case_id, read_image, read_volume
 from .io.markups import write_markups
 from .progress import Callback, report
+from .settings import DEFAULT_ANALYSIS
 
 
 @dataclass
@@ -120,7 +121,7 @@ def _first_line(error: Exception) -> str:
     return f"{type(error).__name__}: {text.splitlines()[0][:200]}" if text else type(error).__name__
 
 
-def check_cephalometric(names, source, warn, analyses=("isbi2015",)) -> None:
+def check_cephalometric(names, source, warn, analyses=(DEFAULT_ANALYSIS,)) -> None:
     """Refuse a landmark set from which no measure of the analyses can be computed; warn(line) once of the
     measures it cannot give."""
     from .analysis.results import label, measures
@@ -136,7 +137,7 @@ def check_cephalometric(names, source, warn, analyses=("isbi2015",)) -> None:
         warn(f"{source}: no {', '.join(absent)} in the landmark set, so {', '.join(lost)} stay empty")
 
 
-def write_analysis(items, out: Path, warn, analyses=("isbi2015",)) -> tuple[Path, str, list]:
+def write_analysis(items, out: Path, warn, analyses=(DEFAULT_ANALYSIS,)) -> tuple[Path, str, list]:
     """Analyse (image, landmarks, spacing) items into the CSV `out`; (its path, the report: legend + images, the
     rows: (image, {analysis: measurements})). warn(line) hears of each image's missing landmarks (not of the set's
     own gaps: check_cephalometric)."""

@@ -215,9 +215,9 @@ def _analyze_parser(sub) -> None:
     p.add_argument("landmarks", type=Path, metavar="landmarks.csv|DIR",
                    help="a landmarks CSV (as `detect` writes), or a folder with one or with .mrk.json + images")
     p.add_argument("--out", required=True, type=Path, help="analysis CSV to write")
-    p.add_argument("--analysis", default=next(iter(names)), metavar="NAME,...",
+    p.add_argument("--analysis", default=api.DEFAULT_ANALYSIS, metavar="NAME,...",
                    help=f"comma separated: {', '.join(f'{n} ({t})' for n, t in names.items())}, or all "
-                        f"(default {next(iter(names))})")
+                        f"(default {api.DEFAULT_ANALYSIS})")
     p.add_argument("--report", type=Path, metavar="DIR", help="also one HTML + PDF report per image in DIR: the "
                                                               "radiograph with the tracing, the tables, the points "
                                                               "flagged for checking")

@@ -62,11 +62,26 @@ class Result:
     value: float   # NaN when not computed
     missing: tuple  # landmark names it needed but the image lacks
 
-    name = property(lambda self: self.measure.name)
-    title = property(lambda self: self.measure.title)
-    landmarks = property(lambda self: self.measure.landmarks)
-    drawn = property(lambda self: self.measure.drawn)
-    normal_range = property(lambda self: self.measure.norm_text)
+    @property
+    def name(self) -> str:
+        return self.measure.name
+
+    @property
+    def title(self) -> str:
+        return self.measure.title
+
+    @property
+    def landmarks(self) -> tuple:
+        return self.measure.landmarks
+
+    @property
+    def drawn(self) -> tuple:
+        return self.measure.drawn
+
+    @property
+    def normal_range(self) -> str:
+        """The norm, '82 ± 2°'; empty where none is published."""
+        return self.measure.norm_text
 
     def text(self) -> str:
         """'81.23°', '2.95 mm', '64.1%'; empty when not computed."""

@@ -48,7 +48,7 @@ def report(request: dict, progress, cancel) -> dict:
     if case.landmarks is None or isinstance(case, Volume):
         raise InputError(f"{request['case']}: a report needs a 2D case with its landmarks")
     files = api.write_report(request["out"], request.get("title", case.name), case.image, case.landmarks,
-                             case.spacing, request.get("analysis", "isbi2015"), request.get("source", "annotated"))
+                             case.spacing, request.get("analysis", api.DEFAULT_ANALYSIS), request.get("source", "annotated"))
     return {"files": [str(f) for f in files]}
 
 
