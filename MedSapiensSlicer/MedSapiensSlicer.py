@@ -157,7 +157,7 @@ class MedSapiensSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.timer.stop()
         self.job = None
         self.setParameterNode(None)
-        self.logic.onCasesChanged = None  # this panel is going away
+        self.logic.onCasesChanged = self.logic.onAnalysisChanged = None  # this panel is going away
         self.logic.shutdown()
         self.removeObservers()
 

@@ -250,3 +250,23 @@ def test_analyze_report_writes_one_per_image_and_names_an_unreadable_one(tmp_pat
     assert sorted(p.name for p in (tmp_path / "reports").iterdir()) == ["001.html", "001.pdf"]
     assert str(tmp_path / "reports" / "001.html") in captured.out
     assert "annotated in" in (tmp_path / "reports" / "001.html").read_text(encoding="utf-8")
+
+
+@pytest.mark.slow
+def test_a_report_from_markups_files_names_them_and_the_points_to_check(tmp_path, table, data_dir, capsys):
+    from medsapiens.io.markups import write_markups
+
+    row = next(r for r in table if r["image"] == CASES[0])
+    lm, _ = landmarks_of(row)
+    confidence = np.full(len(lm), 0.9)
+    confidence[lm.names.index("B")] = 0.4  # below REVIEW_BELOW: to check
+    folder = tmp_path / "detected"
+    folder.mkdir()
+    (folder / "001.png").symlink_to(data_dir / "ceph_hamedan" / row["image"])
+    case = api.read_image(folder / "001.png", spacing=float(row["spacing_mm"]))
+    write_markups(folder / "001.mrk.json", Landmarks(lm.names, lm.points, confidence), case)
+    assert main(["analyze", str(folder), "--out", str(tmp_path / "a.csv"), "--analysis", "mcnamara", "--report",
+                 str(tmp_path / "reports")]) == 0
+    text = (tmp_path / "reports" / "001.html").read_text(encoding="utf-8")
+    assert "detected, confidences in 001.mrk.json" in text and "B (confidence 0.400)" in text
+    assert "McNamara" in text and "ISBI 2015" not in text
