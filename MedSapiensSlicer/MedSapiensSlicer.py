@@ -27,7 +27,7 @@ from MedSapiensSlicerLib.dependencies import (EngineInstaller, InstallError, add
 
 add_engine_to_path()  # a source checkout: the engine beside the module (the extension ships it on sys.path)
 
-from MedSapiensSlicerLib.analysis import analysisRows, writeAnalysisCSV  # noqa: E402
+from MedSapiensSlicerLib.analysis import writeAnalysisCSV  # noqa: E402
 from MedSapiensSlicerLib.panel import PanelLogic, PanelState  # noqa: E402
 
 POLL_MS = 100
@@ -138,8 +138,9 @@ class MedSapiensSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.addCaseButton.connect("clicked(bool)", self.onAddCase)
         self.ui.removeCaseButton.connect("clicked(bool)", self.onRemoveCase)
         self.ui.casesTable.horizontalHeader().setStretchLastSection(True)
-        self.ui.outputMarkupsSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.showAnalysis)
+        self.logic.onAnalysisChanged = self.showAnalysis  # a traced point moved
         self.ui.exportAnalysisButton.connect("clicked(bool)", self.onExportAnalysis)
+        self.ui.saveReportButton.connect("clicked(bool)", self.onSaveReport)
         self.ui.analysisTable.horizontalHeader().setStretchLastSection(True)
         self.ui.analysisWidget.visible = False
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
@@ -156,7 +157,7 @@ class MedSapiensSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.timer.stop()
         self.job = None
         self.setParameterNode(None)
-        self.logic.onCasesChanged = None  # this panel is going away
+        self.logic.onCasesChanged = self.logic.onAnalysisChanged = None  # this panel is going away
         self.logic.shutdown()
         self.removeObservers()
 
@@ -201,6 +202,9 @@ class MedSapiensSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.adapterEstimateLabel.text = self.logic.adapterSummary(info)
         self.ui.adapterEstimateLabel.toolTip = self.logic.adapterLandmarks(info)  # per landmark
         self._showCases()
+        with slicer.util.tryWithErrorDisplay("Cephalometric tracing failed."):
+            self.logic.showTracing(p)
+        self.showAnalysis()
 
     def _showCases(self) -> None:
         rows = self.logic.caseTable(self._parameterNode) if self._parameterNode else []
@@ -257,15 +261,15 @@ class MedSapiensSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.statusLabel.text = "Cancelling..."
 
     # ------------------------------------------------------------------------------- cephalometric analysis
-    def showAnalysis(self, node=None) -> None:
-        """The analysis table of the result node, shown when its landmarks are the ISBI cephalometric ones.
+    def showAnalysis(self) -> None:
+        """The chosen analysis's table of the result node, shown when its landmarks are the ISBI cephalometric ones.
 
         Needs only numpy and the engine's pure-Python analysis, so it runs before any engine install.
         """
         self.analysisRows = None
-        if node is not None:
+        if self._parameterNode:
             with slicer.util.tryWithErrorDisplay("Cephalometric analysis failed."):
-                self.analysisRows = analysisRows(node)
+                self.analysisRows = self.logic.analysisTable(self._parameterNode)
         rows = self.analysisRows or []
         self.ui.analysisWidget.visible = bool(rows)
         self.ui.analysisTable.setRowCount(len(rows))
@@ -277,7 +281,7 @@ class MedSapiensSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onExportAnalysis(self) -> None:
         node = self._parameterNode.outputMarkups if self._parameterNode else None
-        self.showAnalysis(node)  # the points as they are now
+        self.showAnalysis()  # the points as they are now
         if not self.analysisRows:
             return
         path = qt.QFileDialog.getSaveFileName(slicer.util.mainWindow(), "Export cephalometric analysis",
@@ -286,6 +290,17 @@ class MedSapiensSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             with slicer.util.tryWithErrorDisplay("Could not write the analysis.", waitCursor=True):
                 writeAnalysisCSV(self.analysisRows, node.GetName(), path)
                 self.ui.statusLabel.text = f"Analysis saved to {path}."
+
+    def onSaveReport(self) -> None:
+        """Ask where, then let the engine worker draw the report (HTML and PDF) of the points as they are now."""
+        node = self._parameterNode.outputMarkups if self._parameterNode else None
+        if node is None or self.job or not self._engineReady():
+            return
+        path = qt.QFileDialog.getSaveFileName(slicer.util.mainWindow(), "Save cephalometric report",
+                                              f"{node.GetName()} report.html", "HTML files (*.html)")
+        if path:
+            with slicer.util.tryWithErrorDisplay("Could not make the report.", waitCursor=True):
+                self._start(self.logic.startReportFor(self._parameterNode, path), "Writing the report")
 
     # ---------------------------------------------------------------------------------- engine worker requests
     def _start(self, job, label) -> None:

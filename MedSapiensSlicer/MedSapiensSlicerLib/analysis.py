@@ -51,10 +51,30 @@ def nodePlane(markupsNode) -> PlaneGeometry | None:
     return PlaneGeometry(matrix, 0.0)
 
 
-def analysisRows(markupsNode, geometry: PlaneGeometry | None = None) -> list[AnalysisRow] | None:
-    """The analysis of the node's points (labels = ISBI landmark names) on `geometry`'s plane (default: the one
-    recorded on the node). None when the labels lack landmarks the analysis reads, or no plane is known.
+def analysisRows(markupsNode, geometry: PlaneGeometry | None = None, analysis: str | None = None
+                 ) -> list[AnalysisRow] | None:
+    """One analysis (a name of `api.analyses()`) of the node's points (labels = ISBI landmark names) on
+    `geometry`'s plane (default: the one recorded on the node). None when the labels lack landmarks the ISBI 2015
+    analysis reads, or no plane is known. A named analysis has no class: its reading stands in the last column.
+    analysis None: api.DEFAULT_ANALYSIS.
     """
+    from medsapiens import api
+
+    found = nodeLandmarks(markupsNode, geometry)
+    if found is None:
+        return None
+    rows = []
+    for m in api.analyze(*found, analysis or api.DEFAULT_ANALYSIS):
+        number = getattr(m, "class_number", None)
+        rows.append(AnalysisRow(
+            m.name, m.title, m.value, m.text(), m.measure.unit, m.normal_range, number,
+            m.band.name if number is not None else m.reading, ", ".join(m.landmarks), m))
+    return rows
+
+
+def nodeLandmarks(markupsNode, geometry: PlaneGeometry | None = None):
+    """(Landmarks in pixels of `geometry`'s plane, spacing) of the node's points as they are now, with the
+    confidence and check their descriptions carry, or None (see analysisRows)."""
     from medsapiens import Landmarks, api
 
     geometry = geometry or nodePlane(markupsNode)
@@ -64,19 +84,15 @@ def analysisRows(markupsNode, geometry: PlaneGeometry | None = None) -> list[Ana
     names = [markupsNode.GetNthControlPointLabel(i).strip() for i in range(n)]
     if not api.can_analyze(names) or len(set(names)) != n:
         return None
-    ras, defined = np.zeros((n, 3)), np.zeros(n, bool)
+    ras, defined, confidence, check = np.zeros((n, 3)), np.zeros(n, bool), np.zeros(n), np.zeros(n, bool)
     for i in range(n):
         markupsNode.GetNthControlPointPositionWorld(i, ras[i])
         defined[i] = markupsNode.GetNthControlPointPositionStatus(i) == markupsNode.PositionDefined
+        value, check[i] = Landmarks.read_description(markupsNode.GetNthControlPointDescription(i))
+        confidence[i] = float(defined[i]) if value is None else value
     pixels, _ = geometry.to_pixel(ras)
     pixels[~defined] = np.nan
-    rows = []
-    for m in api.analyze(Landmarks(names, pixels, present=defined), geometry.spacing):
-        rows.append(AnalysisRow(
-            m.name, m.measure.title, m.value, m.text(), m.measure.unit, m.normal_range, m.class_number,
-            m.band.name if m.band else f"not computed (missing {', '.join(m.missing)})",
-            ", ".join(m.measure.landmarks), m))
-    return rows
+    return Landmarks(names, pixels, confidence, defined, check), geometry.spacing
 
 
 def writeAnalysisCSV(rows: list[AnalysisRow], markupsName: str, path):

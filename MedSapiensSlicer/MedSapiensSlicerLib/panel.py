@@ -6,10 +6,13 @@ line says), so that the widget only wires and tests drive the same decisions on 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 
 from medsapiens import api
 
-from .logic import WHOLE_IMAGE, WHOLE_VOLUME, MedSapiensLogic
+from .analysis import analysisRows, nodeLandmarks
+from .logic import SOURCE_ATTRIBUTE, WHOLE_IMAGE, WHOLE_VOLUME, MedSapiensLogic
+from .tracing import Tracing
 
 ATLAS = "Atlas from my annotated cases"
 LOCAL_FILE = "Local file"
@@ -45,6 +48,8 @@ class PanelState:
     trainingMarkups: object = field(default=None, metadata={"node": "vtkMRMLMarkupsFiducialNode"})
     timeBudget: float = field(default=api.REFINE_DEFAULTS.time_budget, metadata={"range": TIME_BUDGET_RANGE})
     adapterName: str = "my-task"
+    analysis: str = field(default=api.DEFAULT_ANALYSIS, metadata={"choices": lambda: list(api.analyses())})
+    showTracing: bool = True       # the chosen analysis's lines and angles over the result's points
 
 
 PANEL_FIELDS = [f.name for f in fields(PanelState)]
@@ -62,6 +67,10 @@ class AtlasOptions:
 
 class PanelLogic(MedSapiensLogic):
     """The panel's decisions on top of MedSapiensLogic; `p` is the parameter node (or a PanelState)."""
+
+    tracing = None            # the Tracing shown over the result node now
+    _traced = None            # (node ID, analysis) it was made for
+    onAnalysisChanged = None  # called when the traced points changed (the panel recomputes its table)
 
     def viewFor(self, view: str):
         """What to analyse, as MedSapiensLogic takes it: None (the whole 2D image), WHOLE_VOLUME, or the slice node
@@ -127,12 +136,61 @@ class PanelLogic(MedSapiensLogic):
         if job.kind == "finetune" and "info" in job.result:  # on the atlas: Detect with the atlas uses it now
             p.atlasAdapter, p.useAtlasAdapter = job.result["adapter"], True
             return f"Adapter saved to {job.result['adapter']}; Detect with the atlas uses it."
+        if job.kind == "report":
+            self._removeFiles(job)
+            return f"Report saved to {' and '.join(job.result['files'])}."
         if job.kind == "finetune":
             p.adapter = job.result["adapter"]
             return f"Adapter saved to {job.result['adapter']} and selected."
         node = self.finishDetect(job)
         p.outputMarkups = node
         return self.placedSummary(node)
+
+    # --------------------------------------------------------------------------------------- analysis, tracing
+    def analysisTable(self, p):
+        """The rows of the chosen analysis of the result node's points as they are now (None: not analysable)."""
+        return analysisRows(p.outputMarkups, analysis=p.analysis)
+
+    def showTracing(self, p) -> None:
+        """The tracing of the chosen analysis over the result node: made once per node and analysis (the old one
+        removed), shown or hidden with showTracing; none for a node the analysis cannot read."""
+        node = p.outputMarkups
+        key = (node.GetID() if node else None, p.analysis)
+        if key != self._traced:
+            if self.tracing:
+                self.tracing.remove()
+            self.tracing, self._traced = None, key
+            if nodeLandmarks(node) is not None:
+                self.tracing = Tracing(node, api.tracing(p.analysis), p.analysis)
+                self.tracing.onChanged = lambda: self.onAnalysisChanged and self.onAnalysisChanged()
+        if self.tracing:
+            self.tracing.setVisible(p.showTracing)
+
+    def landmarkSource(self, p) -> str:
+        """Where the result's points came from, for the report: the detector the node records (with an atlas
+        adapter's held-out error), or annotated by hand."""
+        source = p.outputMarkups.GetAttribute(SOURCE_ATTRIBUTE) or ""
+        if not source:
+            return f"annotated ({p.outputMarkups.GetName()})"
+        info = self.adapterInfo(p.atlasAdapter)
+        if info and source.endswith(f"adapter {Path(info['path']).name}"):
+            source += (f", held-out error {info['adapter_mre_mm']:.2f} mm (atlas {info['atlas_mre_mm']:.2f} mm; "
+                       f"{info['method']}, {info['cases_estimated']} cases)")
+        return f"detected: {source}"
+
+    def startReportFor(self, p, path):
+        """Send the input image on the panel's view and the result's points as they are now to the worker, which
+        writes the report (HTML and PDF) of the chosen analysis to `path`."""
+        from medsapiens import InputError
+
+        case, geometry = self.caseFor(p.inputVolume, self.viewFor(p.view))
+        found = nodeLandmarks(p.outputMarkups, geometry)
+        if found is None:
+            raise InputError("the result's points are not the ISBI cephalometric landmarks")
+        case.landmarks = found[0]
+        image = self._worker().writeCase(case, "report")
+        return self._worker().submit("report", {"files": [image]}, case=image, out=str(path), analysis=p.analysis,
+                                     title=p.outputMarkups.GetName(), source=self.landmarkSource(p))
 
     @staticmethod
     def placedSummary(node) -> str:

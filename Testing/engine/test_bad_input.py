@@ -102,7 +102,8 @@ def test_the_worker_answers_garbage_requests_in_one_line_and_stays_up(tmp_path):
          "finetune request: 'settings' is str, not dict"),
         ('{"id": 5, "kind": "finetune", "cases": [1, 2], "out": "a"}', "finetune request: 'cases' must list file "
                                                                        "paths"),
-        ('{"id": 6, "kind": "segment"}', "unknown request 'segment' (known: detect, finetune)"),
+        ('{"id": 6, "kind": "segment"}', "unknown request 'segment' (known: detect, finetune, report)"),
+        ('{"id": 7, "kind": "report", "out": "a.html"}', "report request without 'case'"),
     ]
     try:
         assert json.loads(worker.stdout.readline())["kind"] == "ready"

@@ -82,7 +82,9 @@ def test_the_worker_answers_requests_and_survives_bad_ones(tmp_path, micro_file,
         assert worker.reply() == {"kind": "error", "id": None, "message": worker_error("not json")}
         worker.send(json.dumps({"id": 1, "kind": "segment"}))
         assert worker.final() == {"id": 1, "kind": "error", "message": "unknown request 'segment' (known: detect, "
-                                                                        "finetune)"}
+                                                                        "finetune, report)"}
+        worker.send(json.dumps({"id": 9, "kind": "report", "case": 3, "out": "x.html"}))
+        assert worker.final() == {"id": 9, "kind": "error", "message": "report request: 'case' is int, not str"}
         case = ceph.case(3)
         image = protocol.write_case(tmp_path / "case.npz", case)
         request = {"kind": "detect", "case": image, "out": str(tmp_path / "found.npz"), "device": "cpu"}

@@ -20,14 +20,14 @@ from .case import Case, Landmarks, Volume, shared_landmarks
 from .errors import InputError
 from .io.checksum import case_checksum
 from .progress import Callback, Cancel, check, report, within
-from .settings import DEFAULT_ARCH, LORA_DEFAULTS, REFINE_DEFAULTS, TRAIN_DEFAULTS, override
+from .settings import DEFAULT_ANALYSIS, DEFAULT_ARCH, LORA_DEFAULTS, REFINE_DEFAULTS, TRAIN_DEFAULTS, override
 
-__all__ = ["DEFAULT_ARCH", "LORA_DEFAULTS", "REFINE_DEFAULTS", "TRAIN_DEFAULTS", "adapter_info", "adapters_dir",
-           "add_model", "analyze", "analyze_files", "architectures", "cache_dir", "can_analyze", "case_checksum",
-           "catalogue_rows", "check_images", "demo", "detect", "detect_files", "evaluate", "finetune",
-           "landmark_names", "load_cases", "load_detector", "models", "needs_download", "phantom_case", "read_image",
-           "read_images", "read_volume", "resolve_model", "shared_landmarks", "train", "write_evaluation",
-           "write_measurements"]
+__all__ = ["DEFAULT_ANALYSIS", "DEFAULT_ARCH", "LORA_DEFAULTS", "REFINE_DEFAULTS", "TRAIN_DEFAULTS", "adapter_info",
+           "adapters_dir", "add_model", "analyses", "analyze", "analyze_files", "architectures", "cache_dir",
+           "can_analyze", "case_checksum", "catalogue_rows", "check_images", "demo", "detect", "detect_files",
+           "evaluate", "finetune", "landmark_names", "load_cases", "load_detector", "models", "needs_download",
+           "phantom_case", "read_image", "read_images", "read_volume", "resolve_model", "shared_landmarks", "tracing",
+           "train", "write_evaluation", "write_measurements", "write_report"]
 
 _kept: dict = {"key": None, "detector": None}  # the last model / adapter detector and the files it came from
 
@@ -336,39 +336,80 @@ def _rows(rows: slice | None, n: int, what) -> list[int]:
 
 
 # -------------------------------------------------------------------------------------------------- analysis
-def analyze(landmarks: Landmarks, spacing) -> list:
-    """The cephalometric measurements of one image (analysis.cephalometry.Measurement each); `landmarks` in
-    pixels with the ISBI 2015 names, spacing (sx, sy) mm. A measure lacking a landmark is left empty."""
-    from .analysis.cephalometry import analyze as measure
+def analyses() -> dict:
+    """The analyses to choose from: name -> title (DEFAULT_ANALYSIS is isbi2015, the first)."""
+    from .analysis.results import choices
 
-    return measure(landmarks, spacing)
+    return choices()
+
+
+def analyze(landmarks: Landmarks, spacing, analysis: str = DEFAULT_ANALYSIS) -> list:
+    """One analysis (a name of `analyses()`) of one image: its measurements, each with name, title, value (NaN
+    when not computed), missing, landmarks, drawn (the tracing's lines and angles), text(), normal_range and
+    reading. `landmarks` in pixels with the ISBI 2015 names, spacing (sx, sy) mm."""
+    from .analysis.results import analyze as measure
+    from .analysis.results import parse
+
+    return measure(landmarks, spacing, parse(analysis)[0])
+
+
+def tracing(analysis: str = DEFAULT_ANALYSIS) -> tuple:
+    """The lines (2 points) and angles (3, vertex in the middle) a tracing of the analysis draws; a point is a
+    landmark name or a tuple of names (their midpoint)."""
+    from .analysis.results import parse
+    from .analysis.results import tracing as drawn
+
+    return drawn(parse(analysis)[0])
 
 
 def can_analyze(names) -> bool:
-    """Whether a landmark set holds every landmark the cephalometric analysis reads (the ISBI 19 do)."""
+    """Whether a landmark set holds every landmark the ISBI 2015 analysis reads (the ISBI 19 do)."""
     from .analysis.cephalometry import covers
 
     return covers(names)
 
 
 def write_measurements(path, label: str, measurements: list) -> Path:
-    """The measurements of one image as a CSV, one row each, written atomically (the panel's export)."""
+    """The measurements of one image (of any analysis) as a CSV, one row each, written atomically (the panel's
+    export)."""
     from .analysis.cephalometry import measurements_csv
     from .io.atomic import atomic_write_text
 
     return atomic_write_text(path, measurements_csv(label, measurements))
 
 
-def analyze_files(source, out, *, warn=None) -> tuple[Path, str]:
-    """The analysis of every image of a landmarks.csv (or a folder with one, or with .mrk.json + image pairs)
-    written to the CSV `out`; returns its path and the report (class legend and one block per image). warn(line)
-    hears of measures a landmark set or an image cannot give."""
+def write_report(path, title: str, image, landmarks: Landmarks, spacing, analysis=DEFAULT_ANALYSIS,
+                 source: str = "annotated") -> list[Path]:
+    """The report of one image: `path` (HTML, the picture embedded) and the PDF beside it, with the radiograph
+    (a 2D array), the tracing and tables of the analyses (comma-separated names or a sequence), the landmark
+    source and the points flagged for checking; written atomically. Returns the files."""
+    from .analysis.report import write_report as write
+    from .analysis.results import analyze as measure
+    from .analysis.results import parse
+
+    by_analysis = {a: measure(landmarks, spacing, a) for a in parse(analysis)}
+    return write(path, title, image, landmarks, by_analysis, source)
+
+
+def analyze_files(source, out, *, analysis=DEFAULT_ANALYSIS, report=None, warn=None, on_error=None):
+    """The analyses (comma-separated names, or "all") of every image of a landmarks.csv (or a folder with one, or
+    with .mrk.json + image pairs) written to the CSV `out`, and with `report` a folder of HTML + PDF reports, one
+    per image. warn(line) hears of measures a landmark set or an image cannot give; on_error(line) of an image
+    whose report cannot be made. Returns batch.Batch: the files, how many images failed, the text report."""
     from . import batch
+    from .analysis.results import parse
     from .io.datasets import landmark_sets
 
+    chosen, source = parse(analysis), Path(source)
     items, warn = landmark_sets(source), warn or _warning
-    batch.check_cephalometric(items[0][1].names, source, warn)
-    return batch.write_analysis(items, Path(out), warn)
+    batch.check_cephalometric(items[0][1].names, source, warn, chosen)
+    path, text, rows = batch.write_analysis(items, Path(out), warn, chosen)
+    done = batch.Batch([path], 0, text)
+    if report is not None:
+        files, done.failed = batch.write_reports(source, rows, {i: lm for i, lm, _ in items}, Path(report),
+                                                 on_error or _stderr)
+        done.written += files
+    return done
 
 
 def _warning(line: str) -> None:

@@ -15,6 +15,7 @@ from .io.datasets import square_pixels, write_landmarks_csv, write_volume_landma
 from .io.images import case_id, read_image, read_volume
 from .io.markups import write_markups
 from .progress import Callback, report
+from .settings import DEFAULT_ANALYSIS
 
 
 @dataclass
@@ -102,8 +103,8 @@ def _tables(batch: Batch, rows: list, out: Path, volumes: bool, analyze_out, war
         return
     batch.written.append(write_landmarks_csv(out / "landmarks.csv", rows, review=True))
     if analyze_out is not None:
-        path, batch.report = write_analysis([(image, lm, spacing) for image, _, _, spacing, lm in rows],
-                                            analyze_out, warn)
+        path, batch.report, _ = write_analysis([(image, lm, spacing) for image, _, _, spacing, lm in rows],
+                                               analyze_out, warn)
         batch.written.append(path)
 
 
@@ -120,30 +121,71 @@ def _first_line(error: Exception) -> str:
     return f"{type(error).__name__}: {text.splitlines()[0][:200]}" if text else type(error).__name__
 
 
-def check_cephalometric(names, source, warn) -> None:
-    """Refuse a landmark set from which no measure can be computed; warn(line) once of the measures it cannot
-    give."""
-    from .analysis.cephalometry import MEASURES, USED_LANDMARKS
+def check_cephalometric(names, source, warn, analyses=(DEFAULT_ANALYSIS,)) -> None:
+    """Refuse a landmark set from which no measure of the analyses can be computed; warn(line) once of the
+    measures it cannot give."""
+    from .analysis.results import label, measures
 
-    absent = [n for n in USED_LANDMARKS if n not in names]
-    if all(set(m.landmarks) & set(absent) for m in MEASURES):
+    chosen = [(a, m) for a in analyses for m in measures(a)]
+    used = tuple(dict.fromkeys(n for _, m in chosen for n in m.landmarks))
+    absent = [n for n in used if n not in names]
+    if all(set(m.landmarks) & set(absent) for _, m in chosen):
         raise InputError(f"{source}: no cephalometric measure can be computed from landmarks {short_list(names)}: "
-                         f"the analysis needs {', '.join(USED_LANDMARKS)} (ISBI 2015 names)")
-    lost = [m.name for m in MEASURES if set(m.landmarks) & set(absent)]
+                         f"the analysis needs {', '.join(used)} (ISBI 2015 names)")
+    lost = [label(a, m.name) for a, m in chosen if set(m.landmarks) & set(absent)]
     if lost:
         warn(f"{source}: no {', '.join(absent)} in the landmark set, so {', '.join(lost)} stay empty")
 
 
-def write_analysis(items, out: Path, warn) -> tuple[Path, str]:
-    """Analyse (image, landmarks, spacing) items into the CSV `out`; (its path, the report: legend + images).
-    warn(line) hears of each image's missing landmarks (not of the set's own gaps: check_cephalometric)."""
-    from .analysis.cephalometry import analyze, class_legend, format_report, write_analysis_csv
+def write_analysis(items, out: Path, warn, analyses=(DEFAULT_ANALYSIS,)) -> tuple[Path, str, list]:
+    """Analyse (image, landmarks, spacing) items into the CSV `out`; (its path, the report: legend + images, the
+    rows: (image, {analysis: measurements})). warn(line) hears of each image's missing landmarks (not of the set's
+    own gaps: check_cephalometric)."""
+    from .analysis.cephalometry import class_legend, format_report
+    from .analysis.results import ISBI, analyze, format_results, image_gaps, results_csv
+    from .io.atomic import atomic_write_text
 
-    rows = [(image, analyze(lm, spacing)) for image, lm, spacing in items]
-    for (image, measurements), (_, lm, _) in zip(rows, items):
-        for r in measurements:
-            lacking = [n for n in r.missing if n in lm.names]  # not the set's own gaps, warned about once
-            if lacking:
-                warn(f"{image}: {r.name} not computed (missing {', '.join(lacking)})")
-    path = write_analysis_csv(out, rows)
-    return path, "\n".join([class_legend(), *(format_report(image, m) for image, m in rows)])
+    rows = [(image, {a: analyze(lm, spacing, a) for a in analyses}) for image, lm, spacing in items]
+    blocks = [class_legend()] if ISBI in analyses else []
+    for (image, by_analysis), (_, lm, _) in zip(rows, items):
+        for line in image_gaps(image, by_analysis, lm.names):
+            warn(line)
+        blocks += [format_report(image, m) if a == ISBI else format_results(image, a, m)
+                   for a, m in by_analysis.items()]
+    path = atomic_write_text(out, results_csv(rows, analyses))
+    return path, "\n".join(blocks), rows
+
+
+def write_reports(source: Path, rows: list, landmarks: dict, out: Path, on_error) -> tuple[list[Path], int]:
+    """`out/<case id>.html` and `.pdf` per analysed image (rows as write_analysis returns them; landmarks: image
+    -> Landmarks); an image that cannot be read is said in one line and the others go on. (files, failures)"""
+    from .analysis.report import write_report
+
+    _make_folder(out)
+    written, failed = [], 0
+    for image, by_analysis in rows:
+        try:
+            pixels, origin = _report_image(source, image, landmarks[image])
+        except InputError as e:
+            on_error(str(e))
+            failed += 1
+            continue
+        written += write_report(out / f"{case_id(Path(image))}.html", image, pixels, landmarks[image], by_analysis,
+                                origin)
+    return written, failed
+
+
+def _report_image(source: Path, image: str, found) -> tuple:
+    """The pixels of an analysed image, and where its landmarks came from (the report's source line)."""
+    import numpy as np
+
+    from .io.datasets import Dataset
+
+    if source.is_dir() and not (source / "landmarks.csv").is_file():  # .mrk.json + image pairs
+        path = next((p for p in sorted(source.iterdir()) if case_id(p) == image and not p.name.endswith(".mrk.json")),
+                    source / image)
+        detected = np.any((found.confidence > 0) & (found.confidence < 1))
+        origin = f"{'detected, confidences' if detected else 'annotated'} in {image}.mrk.json"
+    else:
+        path, origin = Dataset(source).root / image, f"annotated in {source}"
+    return read_image(path).image, origin

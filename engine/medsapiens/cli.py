@@ -204,22 +204,32 @@ def _expected_landmarks(spec: str | None):
 
 # ---------------------------------------------------------------------------------------------- analyze
 def _analyze_parser(sub) -> None:
-    p = sub.add_parser("analyze", help="cephalometric analysis of landmarks: ANB, SNB, SNA, ODI, APDI, FHI, FHA, MW",
-                       description="Cephalometric measurements and classes of the ISBI 2015 challenge (Wang et al., "
-                                   "Medical Image Analysis 2016, Table 2) from landmarks with the ISBI names (S, N, "
-                                   "Or, Po, A, B, Pog, Me, Gn, Go, LIT, UIT, ..., PNS, ANS). Writes one row per "
-                                   "image to --out and prints a report (class names, normal ranges).")
+    names = api.analyses()
+    p = sub.add_parser("analyze", help="cephalometric analyses of landmarks: the ISBI 2015 classes, Steiner, Downs, "
+                                       "Björk-Jarabak, McNamara, Tweed",
+                       description="Cephalometric measurements from landmarks with the ISBI names (S, N, Or, Po, A, "
+                                   "B, Pog, Me, Gn, Go, LIT, UIT, ..., PNS, ANS, Ar): the ISBI 2015 challenge's "
+                                   "classes (Wang et al., Medical Image Analysis 2016, Table 2) and the named "
+                                   "analyses with their norms. Writes one row per image to --out (ISBI 2015 columns "
+                                   "as ANB,ANB_class,...; the others ANALYSIS.MEASURE) and prints a report.")
     p.add_argument("landmarks", type=Path, metavar="landmarks.csv|DIR",
                    help="a landmarks CSV (as `detect` writes), or a folder with one or with .mrk.json + images")
     p.add_argument("--out", required=True, type=Path, help="analysis CSV to write")
+    p.add_argument("--analysis", default=api.DEFAULT_ANALYSIS, metavar="NAME,...",
+                   help=f"comma separated: {', '.join(f'{n} ({t})' for n, t in names.items())}, or all "
+                        f"(default {api.DEFAULT_ANALYSIS})")
+    p.add_argument("--report", type=Path, metavar="DIR", help="also one HTML + PDF report per image in DIR: the "
+                                                              "radiograph with the tracing, the tables, the points "
+                                                              "flagged for checking")
     p.set_defaults(run=_analyze)
 
 
 def _analyze(args) -> int:
-    path, report_text = api.analyze_files(args.landmarks, args.out)
-    print(path)
-    print(report_text)
-    return 0
+    done = api.analyze_files(args.landmarks, args.out, analysis=args.analysis, report=args.report)
+    for path in done.written:
+        print(path)
+    print(done.report)
+    return 1 if done.failed else 0
 
 
 # --------------------------------------------------------------------------------------------- finetune

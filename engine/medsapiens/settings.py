@@ -13,6 +13,7 @@ from .errors import InputError
 SAPIENS_INPUT_HW = (1024, 768)  # (H, W) the Sapiens / MedSapiens models' own input
 TRAIN_INPUT_HW = (256, 192)     # (H, W) what models trained with medsapiens on a CPU default to
 DEFAULT_ARCH = "tiny"           # the architecture `train` builds by default (the best size for a CPU)
+DEFAULT_ANALYSIS = "isbi2015"   # the cephalometric analysis `analyze` and the panel show by default
 MIN_IMAGE_SIDE = 32             # px: a detector needs at least this much image along each side
 REVIEW_BELOW = 0.5              # a point less confident than this is flagged for checking (where its detector
                                 # has no review rule of its own)

@@ -29,13 +29,11 @@ import csv
 import io
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
 from ..case import Landmarks
-from ..io.atomic import atomic_write_text
 
 ISBI_19 = ("S", "N", "Or", "Po", "A", "B", "Pog", "Me", "Gn", "Go", "LIT", "UIT", "UL", "LL", "Sn", "Pog'", "PNS",
            "ANS", "Ar")
@@ -62,6 +60,7 @@ class Measure:
     landmarks: tuple        # the landmarks the measure reads
     compute: Callable       # dict name -> (2,) mm point in the ISBI orientation -> value
     bands: tuple            # Band, in increasing order of value
+    drawn: tuple = ()       # what a tracing draws: 2 names for a line, 3 for an angle (constructions.py)
 
     def classify(self, value: float) -> Band:
         for band in self.bands:
@@ -146,26 +145,30 @@ def _mw(p) -> float:
 
 MEASURES = (
     Measure("ANB", "ANB angle (SNA - SNB)", "deg", ("S", "N", "A", "B"), lambda p: _sna(p) - _snb(p),
-            (Band(3, "Class III", 3.2), Band(1, "Class I (normal)", 5.7, True), Band(2, "Class II"))),
+            (Band(3, "Class III", 3.2), Band(1, "Class I (normal)", 5.7, True), Band(2, "Class II")),
+            (("S", "N", "A"), ("S", "N", "B"))),
     Measure("SNB", "SNB angle", "deg", ("S", "N", "B"), _snb,
             (Band(2, "retrognathic mandible", 74.6), Band(1, "normal mandible", 78.7, True),
-             Band(3, "prognathic mandible"))),
+             Band(3, "prognathic mandible")), (("S", "N", "B"),)),
     Measure("SNA", "SNA angle", "deg", ("S", "N", "A"), _sna,
             (Band(3, "retrognathic maxilla", 79.4), Band(1, "normal maxilla", 83.2, True),
-             Band(2, "prognathic maxilla"))),
+             Band(2, "prognathic maxilla")), (("S", "N", "A"),)),
     Measure("ODI", "overbite depth indicator", "deg", ("A", "B", "Me", "Go", "Or", "Po", "PNS", "ANS"), _odi,
-            (Band(3, "open bite tendency", 68.4), Band(1, "normal", 80.5, True), Band(2, "deep bite tendency"))),
+            (Band(3, "open bite tendency", 68.4), Band(1, "normal", 80.5, True), Band(2, "deep bite tendency")),
+            (("A", "B"), ("Go", "Me"), ("Po", "Or"), ("PNS", "ANS"))),
     Measure("APDI", "anteroposterior dysplasia indicator", "deg",
             ("Or", "Po", "N", "Pog", "A", "B", "PNS", "ANS"), _apdi,
-            (Band(2, "Class II tendency", 77.6), Band(1, "normal", 85.2, True), Band(3, "Class III tendency"))),
+            (Band(2, "Class II tendency", 77.6), Band(1, "normal", 85.2, True), Band(3, "Class III tendency")),
+            (("Po", "Or"), ("N", "Pog"), ("A", "B"), ("PNS", "ANS"))),
     Measure("FHI", "facial height index (S-Go / N-Me)", "", ("S", "Go", "N", "Me"), _fhi,
-            (Band(3, "long face tendency", 0.65), Band(1, "normal", 0.75, True), Band(2, "short face tendency"))),
+            (Band(3, "long face tendency", 0.65), Band(1, "normal", 0.75, True), Band(2, "short face tendency")),
+            (("S", "Go"), ("N", "Me"))),
     Measure("FHA", "SN to mandibular plane (Go-Gn) angle", "deg", ("S", "N", "Go", "Gn"), _fha,
             (Band(3, "mandible low angle tendency", 26.8), Band(1, "normal", 31.4, True),
-             Band(2, "mandible high angle tendency"))),
+             Band(2, "mandible high angle tendency")), (("S", "N"), ("Go", "Gn"))),
     Measure("MW", "modified Wits appraisal (UIT - LIT)", "mm", ("UIT", "LIT"), _mw,
             (Band(3, "anterior cross bite", 0.0), Band(2, "edge to edge", 2.0), Band(1, "normal", 4.5, True),
-             Band(4, "large overjet"))),
+             Band(4, "large overjet")), (("UIT", "LIT"),)),
 )
 MEASURE_NAMES = tuple(m.name for m in MEASURES)
 USED_LANDMARKS = tuple(n for n in ISBI_19 if any(n in m.landmarks for m in MEASURES))
@@ -203,10 +206,39 @@ class Measurement:
         """The value with its unit as a report shows it ('0.71°', '2.95 mm', '0.552'); empty when not computed."""
         return self.formatted_value() + self.measure.symbol if self.band else ""
 
+    @property
+    def title(self) -> str:
+        return self.measure.title
+
+    @property
+    def landmarks(self) -> tuple:
+        return self.measure.landmarks
+
+    @property
+    def drawn(self) -> tuple:
+        return self.measure.drawn
+
+    @property
+    def reading(self) -> str:
+        """'1: Class I (normal)', or why it was not computed (the same words as the named analyses')."""
+        if self.band is None:
+            return f"not computed (missing {', '.join(self.missing)})"
+        return f"{self.band.number}: {self.band.name}"
+
 
 def covers(names) -> bool:
     """Whether a landmark set holds every landmark the analysis reads (the ISBI 19 do)."""
     return set(USED_LANDMARKS) <= set(names)
+
+
+def mm_points(landmarks: Landmarks, spacing) -> dict:
+    """name -> (2,) point in mm of the present landmarks, in the ISBI orientation (an image facing left, N left of
+    S, is mirrored)."""
+    sx, sy = np.broadcast_to(np.asarray(spacing, dtype=np.float64).ravel(), (2,))
+    points = {n: landmarks.points[i] * (sx, sy) for i, n in enumerate(landmarks.names) if landmarks.present[i]}
+    if "S" in points and "N" in points and points["N"][0] < points["S"][0]:
+        points = {n: p * (-1.0, 1.0) for n, p in points.items()}
+    return points
 
 
 def analyze(landmarks: Landmarks, spacing) -> list[Measurement]:
@@ -215,11 +247,7 @@ def analyze(landmarks: Landmarks, spacing) -> list[Measurement]:
     A measure whose landmarks are absent from the set or missing on this image is left empty (NaN, no class);
     its `missing` names them. The others are computed.
     """
-    sx, sy = np.broadcast_to(np.asarray(spacing, dtype=np.float64).ravel(), (2,))
-    index = {n: i for i, n in enumerate(landmarks.names)}
-    points = {n: landmarks.points[i] * (sx, sy) for n, i in index.items() if landmarks.present[i]}
-    if "S" in points and "N" in points and points["N"][0] < points["S"][0]:  # facing left: mirror to ISBI
-        points = {n: p * (-1.0, 1.0) for n, p in points.items()}
+    points = mm_points(landmarks, spacing)
     results = []
     for m in MEASURES:
         missing = tuple(n for n in m.landmarks if n not in points)
@@ -232,38 +260,22 @@ def analyze(landmarks: Landmarks, spacing) -> list[Measurement]:
 
 
 # --------------------------------------------------------------------------------------------- outputs
-def analysis_csv(rows: list[tuple[str, list[Measurement]]]) -> str:
-    """`image,ANB,ANB_class,...` text for (image, measurements) rows; empty cells where a measure is missing."""
-    out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(CSV_COLUMNS)
-    for image, measurements in rows:
-        cells = [image]
-        for r in measurements:
-            cells += [r.formatted_value(digits=3), "" if r.band is None else str(r.band.number)]
-        writer.writerow(cells)
-    return out.getvalue()
-
-
-def write_analysis_csv(path, rows) -> Path:
-    return atomic_write_text(path, analysis_csv(rows))
-
-
 MEASUREMENT_COLUMNS = ("markups", "measure", "description", "value", "unit", "normal_range", "class", "class_name",
                        "landmarks")
 
 
-def measurements_csv(label: str, measurements: list[Measurement]) -> str:
-    """One row per measurement of one image (the Slicer panel's export): value, unit, normal range, class and
-    the landmarks it reads; empty value and class, and why, where it was not computed."""
+def measurements_csv(label: str, measurements: list) -> str:
+    """One row per measurement of one image (the Slicer panel's export), of this analysis or a named one
+    (results.py): value, unit, normal range, class (none for a named analysis) and class name or reading, the
+    landmarks it reads; empty value and class, and why, where it was not computed."""
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(MEASUREMENT_COLUMNS)
     for m in measurements:
-        verdict = m.band.name if m.band else f"not computed (missing {', '.join(m.missing)})"
-        writer.writerow([label, m.name, m.measure.title, "" if m.band is None else f"{m.value:.6g}", m.measure.unit,
-                         m.normal_range, "" if m.band is None else m.band.number, verdict,
-                         ", ".join(m.measure.landmarks)])
+        number = getattr(m, "class_number", None)
+        writer.writerow([label, m.name, m.title, "" if m.missing else f"{m.value:.6g}", m.measure.unit,
+                         m.normal_range, "" if number is None else number, m.band.name if number else m.reading,
+                         ", ".join(m.landmarks)])
     return out.getvalue()
 
 

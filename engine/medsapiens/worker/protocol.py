@@ -6,13 +6,16 @@ Requests (the client numbers them; `cancel` and `shutdown` act at once, even whi
      "adapter": null, "atlas": null, "deformable": false, "device": "auto", "precision": "fp32"}
     {"id": 2, "kind": "finetune", "cases": ["a.npz", "b.npz", "c.npz"], "base": "...", "out": "task.safetensors",
      "device": "auto", "settings": {"time_budget": 300}}       (base null: fine-tune on the atlas of the cases)
+    {"id": 3, "kind": "report", "case": "case-3.npz", "out": "/path/report.html", "analysis": "steiner",
+     "title": "ceph", "source": "atlas"}              (the case file carries the landmarks to report)
     {"kind": "cancel", "id": 2}
     {"kind": "shutdown"}
 
 Replies: {"kind": "ready", "pid": 123} once at start; then per request any number of
 {"id": 2, "kind": "progress", "fraction": 0.4, "message": "step 12, loss 0.8"} and one of
 {"id": 2, "kind": "result", ...}, {"id": 2, "kind": "error", "message": "one line"}, {"id": 2, "kind": "cancelled"}.
-A finetune's result: {"adapter": path}, and on the atlas also {"info": api.adapter_info(path)}.
+A finetune's result: {"adapter": path}, and on the atlas also {"info": api.adapter_info(path)}; a report's:
+{"files": [the HTML, the PDF]}.
 
 Images, volumes and landmarks travel as .npz files (arrays only, read without pickle) in a folder the client
 owns; a `detect` on a volume case with volume atlas cases runs the 3D atlas.
@@ -25,7 +28,7 @@ import numpy as np
 
 from ..case import Case, Landmarks, Volume
 
-DETECT, FINETUNE, CANCEL, SHUTDOWN = "detect", "finetune", "cancel", "shutdown"
+DETECT, FINETUNE, REPORT, CANCEL, SHUTDOWN = "detect", "finetune", "report", "cancel", "shutdown"
 READY, PROGRESS, RESULT, ERROR, CANCELLED = "ready", "progress", "result", "error", "cancelled"
 # the fields of each request: name -> (the JSON types it may have, whether it must be there)
 FIELDS = {
@@ -34,6 +37,8 @@ FIELDS = {
              "deformable": ((bool,), False), "device": ((str, type(None)), False), "precision": ((str,), False)},
     FINETUNE: {"cases": ((list,), True), "out": ((str,), True), "base": ((str, type(None)), False),
                "unannotated": ((list,), False), "device": ((str, type(None)), False), "settings": ((dict,), False)},
+    REPORT: {"case": ((str,), True), "out": ((str,), True), "analysis": ((str,), False), "title": ((str,), False),
+             "source": ((str,), False)},
 }
 
 

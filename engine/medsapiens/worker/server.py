@@ -14,7 +14,7 @@ import sys
 import threading
 import traceback
 
-from .. import api
+from .. import Volume, api
 from ..errors import Cancelled, InputError
 from . import protocol
 
@@ -41,7 +41,18 @@ def finetune(request: dict, progress, cancel) -> dict:
             **({"info": api.adapter_info(result.path)} if request.get("base") is None else {})}
 
 
-HANDLERS = {protocol.DETECT: detect, protocol.FINETUNE: finetune}
+def report(request: dict, progress, cancel) -> dict:
+    """The report of the case's image and landmarks (api.write_report): matplotlib draws it here, not in the
+    application's process."""
+    case = protocol.read_case(request["case"])
+    if case.landmarks is None or isinstance(case, Volume):
+        raise InputError(f"{request['case']}: a report needs a 2D case with its landmarks")
+    files = api.write_report(request["out"], request.get("title", case.name), case.image, case.landmarks,
+                             case.spacing, request.get("analysis", api.DEFAULT_ANALYSIS), request.get("source", "annotated"))
+    return {"files": [str(f) for f in files]}
+
+
+HANDLERS = {protocol.DETECT: detect, protocol.FINETUNE: finetune, protocol.REPORT: report}
 
 
 class Server:
