@@ -14,11 +14,18 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 def _need_web():
-    for module, what in (("trame_slicer", "the web extra (pip install 'medsapiens[web]')"),
-                         ("playwright", "Playwright (pip install 'medsapiens[webtest]')")):
-        pytest.importorskip(module, reason=f"{what} is not installed")
+    """Skip (fail where MEDSAPIENS_REQUIRE_WEB=1, as in CI) without the web extra, Playwright or chromium."""
+    import importlib.util
+
+    absent = [what for module, what in (("trame_slicer", "the web extra (pip install 'medsapiens[web]')"),
+                                        ("playwright", "Playwright (pip install 'medsapiens[webtest]')"))
+              if importlib.util.find_spec(module) is None]
     if CHROMIUM is None:
-        pytest.skip("no chromium on PATH (apt-get install chromium)")
+        absent.append("chromium (apt-get install chromium)")
+    if absent:
+        reason = f"not installed: {', '.join(absent)}"
+        pytest.fail(f"{reason} (MEDSAPIENS_REQUIRE_WEB is set)") if os.environ.get("MEDSAPIENS_REQUIRE_WEB", "") \
+            not in ("", "0") else pytest.skip(reason)
 
 
 @pytest.fixture(scope="session")
