@@ -199,6 +199,16 @@ class PanelLogic(MedSapiensLogic):
         notFound = f" Not found: {', '.join(missing)}." if missing else ""
         return f"{len(names) - len(missing)} of {len(names)} landmarks placed in '{node.GetName()}'.{notFound}"
 
+    @staticmethod
+    def setPointsLocked(node, locked: bool) -> None:
+        """Lock or unlock every point of a result node (Detect locks the points it trusts; unlocking lets the user
+        drag them), leaving the node itself unlocked."""
+        wasModifying = node.StartModify()
+        node.SetLocked(False)
+        for i in range(node.GetNumberOfControlPoints()):
+            node.SetNthControlPointLocked(i, locked)
+        node.EndModify(wasModifying)
+
     def atlasOptions(self, p) -> AtlasOptions:
         """The B-spline stage, the fine-tuned adapter and learning from unannotated images apply to the 2D atlas."""
         atlas2D = p.model == ATLAS and p.view != WHOLE_VOLUME

@@ -143,3 +143,16 @@ def test_the_logic_stops_watching_the_scene_on_shutdown(scene, ceph, tmp_path, c
     for logic in (watching, closed):
         scene.RemoveNode(scene.GetNodeByID(logic.cases[0].volumeID))
     assert watching.cases == [] and len(closed.cases) == 1
+
+
+def test_unlocking_a_result_lets_every_point_be_dragged_and_locking_holds_them_again(logic, scene):
+    import numpy as np
+    from medsapiens import Landmarks
+
+    found = Landmarks(["a", "b"], np.array([[3.0, 4.0, 1.0], [5.0, 6.0, 2.0]]), confidence=np.array([0.9, 0.1]))
+    node = logic.writeLandmarks(found, None)
+    assert [node.GetNthControlPointLocked(i) for i in range(2)] == [True, False]  # Detect locks what it trusts
+    PanelLogic.setPointsLocked(node, False)
+    assert not node.GetLocked() and not any(node.GetNthControlPointLocked(i) for i in range(2))
+    PanelLogic.setPointsLocked(node, True)
+    assert all(node.GetNthControlPointLocked(i) for i in range(2))

@@ -20,14 +20,15 @@ from .case import Case, Landmarks, Volume, shared_landmarks
 from .errors import InputError
 from .io.checksum import case_checksum
 from .progress import Callback, Cancel, check, report, within
-from .settings import DEFAULT_ANALYSIS, DEFAULT_ARCH, LORA_DEFAULTS, REFINE_DEFAULTS, TRAIN_DEFAULTS, override
+from .settings import (DEFAULT_ANALYSIS, DEFAULT_ARCH, LORA_DEFAULTS, REFINE_DEFAULTS, TRAIN_DEFAULTS, WEB_DEFAULTS,
+                       override)
 
-__all__ = ["DEFAULT_ANALYSIS", "DEFAULT_ARCH", "LORA_DEFAULTS", "REFINE_DEFAULTS", "TRAIN_DEFAULTS", "adapter_info",
-           "adapters_dir", "add_model", "analyses", "analyze", "analyze_files", "architectures", "cache_dir",
-           "can_analyze", "case_checksum", "catalogue_rows", "check_images", "demo", "detect", "detect_files",
-           "evaluate", "finetune", "landmark_names", "load_cases", "load_detector", "models", "needs_download",
-           "phantom_case", "read_image", "read_images", "read_volume", "resolve_model", "shared_landmarks", "tracing",
-           "train", "write_evaluation", "write_measurements", "write_report"]
+__all__ = ["DEFAULT_ANALYSIS", "DEFAULT_ARCH", "LORA_DEFAULTS", "REFINE_DEFAULTS", "TRAIN_DEFAULTS", "WEB_DEFAULTS",
+           "adapter_info", "adapters_dir", "add_model", "analyses", "analyze", "analyze_files", "architectures",
+           "cache_dir", "can_analyze", "case_checksum", "catalogue_rows", "check_images", "demo", "detect",
+           "detect_files", "evaluate", "finetune", "landmark_names", "load_cases", "load_detector", "models",
+           "needs_download", "phantom_case", "read_image", "read_images", "read_volume", "resolve_model",
+           "shared_landmarks", "tracing", "train", "write_evaluation", "write_measurements", "write_report"]
 
 _kept: dict = {"key": None, "detector": None}  # the last model / adapter detector and the files it came from
 

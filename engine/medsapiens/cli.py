@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_IntermixedParser)
     for add in (_detect_parser, _analyze_parser, _finetune_parser, _train_parser, _evaluate_parser, _models_parser,
-                _demo_parser):
+                _demo_parser, _web_parser):
         add(sub)
     return parser
 
@@ -428,6 +428,27 @@ def _demo_parser(sub) -> None:
 
 def _demo(args) -> int:
     return api.demo(args.data, args.out, n_atlases=args.atlases, n_cases=args.cases)
+
+
+# -------------------------------------------------------------------------------------------------- web
+def _web_parser(sub) -> None:
+    p = sub.add_parser("web", help="the Slicer panel's session in a web browser (the `web` extra)",
+                       description="Serve the panel's session to web browsers (trame-slicer): upload images and "
+                                   "points, add cases, fine-tune, detect, drag the points, download them. Each "
+                                   "browser gets its own scene, cases and engine worker. Needs "
+                                   "pip install 'medsapiens[web]'.")
+    p.add_argument("--data", type=Path, help="a server folder whose images the page may open by name")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1: this machine only; any other lets anyone who can "
+                        "reach the port use it)")
+    p.add_argument("--port", type=int, default=8080, help="port (default 8080)")
+    p.set_defaults(run=_web)
+
+
+def _web(args) -> int:
+    from .web.server import serve
+
+    return serve(args.host, args.port, args.data)
 
 
 def _version() -> str:

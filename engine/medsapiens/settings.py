@@ -161,9 +161,20 @@ class LoraSettings:
     head_channels: int | None = None  # width of a head the base does not bring (None: planned, or the arch's)
 
 
+@dataclass(frozen=True)
+class WebSettings:
+    """`medsapiens web`, the browser front end (medsapiens/web): its limits on what one client can make it do."""
+
+    upload_mb: float = 200.0    # largest file accepted by an upload, in MB (a CT series comes as several files)
+    max_sessions: int = 4       # browser sessions at once: each is a process with its own scene and engine worker
+    idle_seconds: int = 60      # a session's process ends this long after its last page closed
+    poll_seconds: float = 0.1   # how often a session applies the engine worker's replies to its page
+
+
 REFINE_DEFAULTS = RefineSettings()
 LORA_DEFAULTS = LoraSettings()
 TRAIN_DEFAULTS = TrainSettings()
+WEB_DEFAULTS = WebSettings()
 
 
 def override(defaults, what: str | None = None, /, **changes):

@@ -1,0 +1,90 @@
+"""The web front end's fixtures: phantom cases as the files a user uploads, `medsapiens web` running as its own
+process, and a headless Chromium (Debian's `chromium`, driven by Playwright; no browser is downloaded)."""
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def _need_web():
+    """Skip (fail where MEDSAPIENS_REQUIRE_WEB=1, as in CI) without the web extra, Playwright or chromium."""
+    import importlib.util
+
+    absent = [what for module, what in (("trame_slicer", "the web extra (pip install 'medsapiens[web]')"),
+                                        ("playwright", "Playwright (pip install 'medsapiens[webtest]')"))
+              if importlib.util.find_spec(module) is None]
+    if CHROMIUM is None:
+        absent.append("chromium (apt-get install chromium)")
+    if absent:
+        reason = f"not installed: {', '.join(absent)}"
+        pytest.fail(f"{reason} (MEDSAPIENS_REQUIRE_WEB is set)") if os.environ.get("MEDSAPIENS_REQUIRE_WEB", "") \
+            not in ("", "0") else pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def phantom_files(tmp_path_factory):
+    """files(seed) -> (image.nrrd, image.mrk.json): a phantom radiograph (0.5 mm pixels) and its true points."""
+    import numpy as np
+    import SimpleITK as sitk
+    from medsapiens import api
+    from medsapiens.io.markups import write_markups
+
+    folder = tmp_path_factory.mktemp("phantoms")
+
+    def files(seed):
+        case = api.phantom_case(seed)
+        image = sitk.GetImageFromArray(np.asarray(case.image))
+        image.SetSpacing(tuple(float(s) for s in case.spacing))
+        paths = folder / f"phantom{seed}.nrrd", folder / f"phantom{seed}.mrk.json"
+        if not paths[0].exists():
+            sitk.WriteImage(image, str(paths[0]))
+            write_markups(paths[1], case.landmarks, case)
+        return paths
+
+    return files
+
+
+@pytest.fixture(scope="module")
+def web_server(tmp_path_factory):
+    """`medsapiens web` on a free port of 127.0.0.1: (its URL, its process). The engine workers of its sessions
+    run on one torch thread (the shared 2-core test machine)."""
+    _need_web()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = tmp_path_factory.mktemp("web") / "server.log"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with open(log, "wb") as out:
+        server = subprocess.Popen([sys.executable, "-m", "medsapiens.cli", "web", "--port", str(port)], env=env,
+                                  stdout=out, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/nothing", timeout=5)
+        except urllib.error.HTTPError:
+            break  # it answers (404 for a page it does not serve)
+        except OSError:
+            if server.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"medsapiens web did not start: {log.read_text()[-2000:]}")
+            time.sleep(0.3)
+    yield f"http://127.0.0.1:{port}/", server
+    server.terminate()
+    server.wait(30)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    _need_web()
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        yield chromium
+        chromium.close()
