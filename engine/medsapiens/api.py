@@ -466,13 +466,14 @@ def landmark_sets() -> dict:
     return {name: s.title for name, s in shipped().items()}
 
 
-def landmark_set(source):
+def landmark_set(source, title: str | None = None):
     """A landmark_sets.LandmarkSet (ordered names, a one-line description each, an optional picture) from a
     shipped set's name, a catalogue model's name, a file (CSV name,description; JSON; the names of a .mrk.json,
-    of a landmarks.csv or of a .safetensors model or adapter) or a sequence of names (an annotated case's)."""
+    of a landmarks.csv or of a .safetensors model or adapter) or a sequence of names (an annotated case's;
+    `title` says whose in messages)."""
     from .landmark_sets import load
 
-    return load(source)
+    return load(source, title)
 
 
 def check_landmark_names(names, what: str, landmark_set=None) -> None:

@@ -45,11 +45,12 @@ def shipped() -> dict[str, LandmarkSet]:
     return {s["name"]: _from_document(s, Path(str(source)), s["name"]) for s in data["sets"]}
 
 
-def load(source) -> LandmarkSet:
+def load(source, title: str | None = None) -> LandmarkSet:
     """A set from a shipped set's name, a catalogue model's name (`NAME` or `NAME:SET`), a file (see
-    SET_FILE_KINDS) or a sequence of names. One line naming the source and the problem when it cannot be read."""
+    SET_FILE_KINDS) or a sequence of names (called `title`). One line naming the source and the problem when it
+    cannot be read."""
     if not isinstance(source, (str, Path)):
-        return from_names(source, "these points")
+        return from_names(source, title or "these points")
     text = str(source).strip()
     if text in shipped():
         return shipped()[text]
