@@ -46,9 +46,10 @@ def reviewRows(node) -> list[ReviewRow]:
 
 
 def _positions(node) -> np.ndarray:
+    """The points in the node's own coordinates: a transform placed over the node moves none of them."""
     ras = np.zeros((node.GetNumberOfControlPoints(), 3))
     for i in range(len(ras)):
-        node.GetNthControlPointPositionWorld(i, ras[i])
+        node.GetNthControlPointPosition(i, ras[i])
     return ras
 
 

@@ -172,8 +172,13 @@ def test_review_lists_flagged_points_jumps_to_them_and_add_as_case_keeps_the_det
     logic.jumpToPoint(p, worst.index)
     assert np.allclose(centre(red), point, atol=1e-9) and node.GetDisplayNode().GetActiveControlPoint() == worst.index
     red.SetFieldOfView(40.0, 40.0, 1.0)  # and the user zooms in to look closely
+    matrix = vtk.vtkMatrix4x4()
+    matrix.SetElement(0, 3, 0.5)
+    shift = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    shift.SetMatrixTransformToParent(matrix)
+    node.SetAndObserveTransformNodeID(shift.GetID())  # a transform over the node moves no point by hand
     truth = scenario.truth[target.GetID()][worst.name]
-    node.SetNthControlPointPositionWorld(worst.index, *truth)
+    node.SetNthControlPointPositionWorld(worst.index, *truth)  # the user drags the point where it belongs
     after = {r.index: r for r in logic.reviewRows(p)}
     assert after[worst.index].cells() == (worst.name, f"{worst.probability:.2f}", "corrected")
     assert node.GetNthControlPointDescription(worst.index) == f"confidence {worst.probability:.3f}; corrected"
