@@ -238,6 +238,7 @@ class MedSapiensSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.landmarkPictureLabel.setPixmap(qt.QPixmap(picture).scaledToWidth(240, qt.Qt.SmoothTransformation))
         self.reviewRows = self.logic.reviewRows(p)
         self.ui.reviewWidget.visible = p.outputMarkups is not None
+        self.ui.reviewLabel.text = self.logic.reviewLine(self.reviewRows)
         self.ui.reviewTable.setRowCount(len(self.reviewRows))
         for r, row in enumerate(self.reviewRows):
             for c, text in enumerate(row.cells()):

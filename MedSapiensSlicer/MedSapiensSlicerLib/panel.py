@@ -286,6 +286,13 @@ class PanelLogic(MedSapiensLogic):
         """The result's points to check (and those corrected), the least probable first (review.ReviewRow)."""
         return reviewRows(p.outputMarkups)
 
+    @staticmethod
+    def reviewLine(rows) -> str:
+        """What the review list's heading says for these rows."""
+        if not rows:
+            return "No point of this result is flagged for checking."
+        return "Points to check, least probable first: click one to go to it, and drag it where it belongs."
+
     def jumpToPoint(self, p, index: int) -> None:
         """Centre the slice views on point `index` of the result (Slicer's markups logic jumps them) and make it
         the node's active point."""

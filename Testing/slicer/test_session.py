@@ -160,6 +160,8 @@ def test_review_lists_flagged_points_jumps_to_them_and_add_as_case_keeps_the_det
     node, rows = p.outputMarkups, logic.reviewRows(p)
     detected = [Landmarks.read_description(node.GetNthControlPointDescription(i)) for i in range(9)]
     assert [r.index for r in rows] == sorted((i for i in range(9) if detected[i][1]), key=lambda i: detected[i][0])
+    assert logic.reviewLine(rows).startswith("Points to check, least probable first")
+    assert logic.reviewLine([]) == "No point of this result is flagged for checking."
     assert rows and [r.cells() for r in rows] == [(labels(node)[r.index], f"{detected[r.index][0]:.2f}", "check")
                                                   for r in rows]
     detection = logic.detections[node.GetID()]
