@@ -111,7 +111,10 @@ class SessionScenario:
         while nextToPlace(node) >= 0:
             name = labels(node)[nextToPlace(node)]
             expect(logic.placementLine(p).startswith(f"Place {name} "), logic.placementLine(p))
-            logic.skipLandmark(p) if name == skip else place(node, truth[name])
+            if name == skip:
+                logic.skipLandmark(p)
+            else:
+                place(node, truth[name])
         expect(node.GetNumberOfControlPoints() == len(truth), "no stray point")
         self.out.cases.append(node)
         self.log(logic.addCaseFor(p))
