@@ -53,7 +53,7 @@ def test_the_hand_descriptions_say_what_the_radiographs_show(data_dir):
 
 def test_a_set_from_a_user_csv_or_json(tmp_path):
     (tmp_path / "plain.csv").write_text("Tip,\"the tip, of the nose\"\nChin\n")
-    (tmp_path / "headed.csv").write_text("\ufeffname,description\nA,first\n\nB,second\n")
+    (tmp_path / "headed.csv").write_text("\ufeffname,description\nA,first\n\nB,second\n", encoding="utf-8")
     picture = tmp_path / "ref.png"
     picture.write_bytes(b"\x89PNG")
     (tmp_path / "set.json").write_text(json.dumps({"title": "Mine", "picture": "ref.png",
