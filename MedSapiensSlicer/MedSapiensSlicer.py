@@ -1,5 +1,5 @@
-"""MedSapiens: detect named anatomical landmarks on the current slice, a 2D radiograph or a whole 3D volume, and
-fine-tune adapters.
+"""MedSapiens: annotate cases from a landmark set, detect named anatomical landmarks on the current slice, a 2D
+radiograph or a whole 3D volume, review the points flagged for checking, and fine-tune adapters.
 
 The widget only wires the panel (Resources/UI/MedSapiensSlicer.ui) to MedSapiensSlicerLogic: the panel's state is
 MedSapiensSlicerLib.panel.PanelState as a parameter node (every field bound to its widget), its decisions are
@@ -9,7 +9,9 @@ applies its replies on the main thread (progress, result, Cancel).
 """
 import dataclasses
 import logging
+import tempfile
 import unittest
+from pathlib import Path
 from typing import Annotated, Optional
 
 import ctk
@@ -28,7 +30,7 @@ from MedSapiensSlicerLib.dependencies import (EngineInstaller, InstallError, add
 add_engine_to_path()  # a source checkout: the engine beside the module (the extension ships it on sys.path)
 
 from MedSapiensSlicerLib.analysis import writeAnalysisCSV  # noqa: E402
-from MedSapiensSlicerLib.panel import PanelLogic, PanelState  # noqa: E402
+from MedSapiensSlicerLib.panel import FROM_FILE, PanelLogic, PanelState  # noqa: E402
 
 POLL_MS = 100
 
@@ -41,11 +43,12 @@ class MedSapiensSlicer(ScriptedLoadableModule):
         self.parent.dependencies = []
         self.parent.contributors = ["MedSapiens for 3D Slicer developers"]
         self.parent.helpText = (
-            "Detect named anatomical landmarks on a radiograph, on the current slice of any view (including "
-            "oblique reformats) or in a whole 3D volume (the atlas of a few annotated volumes), and fine-tune an "
-            "adapter from a few annotated 2D cases: on the atlas of those cases (with its error measured on "
-            "held-out cases), or a LoRA adapter on a model. Results go to a new markups node; low-confidence "
-            "points are left unlocked for review.")
+            "Annotate a few cases from a landmark set (each click places the landmark the panel names), detect "
+            "named anatomical landmarks on a radiograph, on the current slice of any view (including oblique "
+            "reformats) or in a whole 3D volume (the atlas of a few annotated volumes), and fine-tune an adapter "
+            "from a few annotated 2D cases: on the atlas of those cases (with its error measured on held-out "
+            "cases), or a LoRA adapter on a model. Results go to a new markups node; the points flagged for checking "
+            "are listed, least probable first, and a reviewed result can be added as a case.")
         self.parent.acknowledgementText = (
             "Method: MedSapiens (Sapiens ViT + LoRA + heatmap head). Sapiens models by Meta.")
 
@@ -118,6 +121,7 @@ class MedSapiensSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.job = None  # the engine request running now (MedSapiensSlicerLib.worker_client.Job)
         self._label = ""
         self.analysisRows = None  # the analysis table's rows (MedSapiensSlicerLib.analysis.AnalysisRow)
+        self.reviewRows = []  # the review list's rows (MedSapiensSlicerLib.review.ReviewRow)
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -127,6 +131,7 @@ class MedSapiensSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = MedSapiensSlicerLogic()
         self.logic.onCasesChanged = self._showCases
+        self.logic.onPointsChanged = self._showPoints  # a landmark placed, a result point moved
         self.timer = qt.QTimer()
         self.timer.setInterval(POLL_MS)
         self.timer.connect("timeout()", self.onPoll)
@@ -135,7 +140,12 @@ class MedSapiensSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.detectButton.connect("clicked(bool)", self.onDetect)
         self.ui.finetuneButton.connect("clicked(bool)", self.onFinetune)
         self.ui.cancelButton.connect("clicked(bool)", self.onCancel)
+        self.ui.annotateButton.connect("clicked(bool)", self.onAnnotate)
+        self.ui.skipLandmarkButton.connect("clicked(bool)", self.onSkipLandmark)
         self.ui.addCaseButton.connect("clicked(bool)", self.onAddCase)
+        self.ui.reviewTable.connect("cellClicked(int,int)", self.onReviewPointClicked)
+        self.ui.reviewTable.horizontalHeader().setStretchLastSection(True)
+        self.ui.addReviewedCaseButton.connect("clicked(bool)", self.onAddReviewedCase)
         self.ui.removeCaseButton.connect("clicked(bool)", self.onRemoveCase)
         self.ui.casesTable.horizontalHeader().setStretchLastSection(True)
         self.logic.onAnalysisChanged = self.showAnalysis  # a traced point moved
@@ -157,7 +167,7 @@ class MedSapiensSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.timer.stop()
         self.job = None
         self.setParameterNode(None)
-        self.logic.onCasesChanged = self.logic.onAnalysisChanged = None  # this panel is going away
+        self.logic.onCasesChanged = self.logic.onAnalysisChanged = self.logic.onPointsChanged = None  # going away
         self.logic.shutdown()
         self.removeObservers()
 
@@ -201,7 +211,10 @@ class MedSapiensSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         info = self.logic.adapterInfo(p.atlasAdapter)
         self.ui.adapterEstimateLabel.text = self.logic.adapterSummary(info)
         self.ui.adapterEstimateLabel.toolTip = self.logic.adapterLandmarks(info)  # per landmark
+        self.ui.landmarkSetPathLineEdit.enabled = p.landmarkSet == FROM_FILE
         self._showCases()
+        self.logic.followPoints(p)
+        self._showPoints()
         with slicer.util.tryWithErrorDisplay("Cephalometric tracing failed."):
             self.logic.showTracing(p)
         self.showAnalysis()
@@ -212,6 +225,24 @@ class MedSapiensSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         for r, cells in enumerate(rows):
             for c, text in enumerate(cells):
                 self.ui.casesTable.setItem(r, c, qt.QTableWidgetItem(text))
+
+    def _showPoints(self) -> None:
+        """The landmark to place next (and the set's picture), and the result's points to check."""
+        p = self._parameterNode
+        if not p:
+            return
+        self.ui.nextLandmarkLabel.text = self.logic.placementLine(p)
+        picture = self.logic.templatePicture(p)
+        self.ui.landmarkPictureLabel.visible = bool(picture)
+        if picture:
+            self.ui.landmarkPictureLabel.setPixmap(qt.QPixmap(picture).scaledToWidth(240, qt.Qt.SmoothTransformation))
+        self.reviewRows = self.logic.reviewRows(p)
+        self.ui.reviewWidget.visible = p.outputMarkups is not None
+        self.ui.reviewLabel.text = self.logic.reviewLine(self.reviewRows)
+        self.ui.reviewTable.setRowCount(len(self.reviewRows))
+        for r, row in enumerate(self.reviewRows):
+            for c, text in enumerate(row.cells()):
+                self.ui.reviewTable.setItem(r, c, qt.QTableWidgetItem(text))
 
     def _engineReady(self) -> bool:
         """True when the engine's packages are installed; otherwise asks once and installs them (one at a time)."""
@@ -247,10 +278,27 @@ class MedSapiensSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 return
             self._start(start(self._parameterNode), label)
 
-    def onAddCase(self) -> None:
+    def onAnnotate(self) -> None:
         p = self._parameterNode
+        with slicer.util.tryWithErrorDisplay("Cannot annotate this image.", waitCursor=True):
+            self.logic.annotate(p)
+            slicer.util.setSliceViewerLayers(background=p.inputVolume, fit=True)
+            self._showPoints()
+
+    def onSkipLandmark(self) -> None:
+        self.ui.nextLandmarkLabel.text = self.logic.skipLandmark(self._parameterNode)
+
+    def onAddCase(self) -> None:
         with slicer.util.tryWithErrorDisplay("Cannot add this case.", waitCursor=True):
-            self.logic.addCase(p.inputVolume, p.trainingMarkups, self.logic.viewFor(p.view))
+            self.ui.statusLabel.text = self.logic.addCaseFor(self._parameterNode)
+
+    def onReviewPointClicked(self, row: int, column: int) -> None:
+        if 0 <= row < len(self.reviewRows):
+            self.logic.jumpToPoint(self._parameterNode, self.reviewRows[row].index)
+
+    def onAddReviewedCase(self) -> None:
+        with slicer.util.tryWithErrorDisplay("Cannot add this result as a case.", waitCursor=True):
+            self.ui.statusLabel.text = self.logic.addReviewedCase(self._parameterNode)
 
     def onRemoveCase(self) -> None:
         self.logic.removeCases({i.row() for i in self.ui.casesTable.selectedIndexes()})
@@ -339,15 +387,15 @@ class MedSapiensSlicerLogic(ScriptedLoadableModuleLogic, PanelLogic):
 
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
-        PanelLogic.__init__(self, slicer.mrmlScene)
+        PanelLogic.__init__(self, slicer.mrmlScene, markupsLogic=slicer.modules.markups.logic())
 
     def getParameterNode(self):
         return MedSapiensSlicerParameterNode(super().getParameterNode())
 
 
 class MedSapiensSlicerTest(ScriptedLoadableModuleTest):
-    """The logic scenarios inside Slicer: exact geometry on an oblique reformat, and an atlas detection in the
-    engine worker.
+    """The logic scenarios inside Slicer: exact geometry on an oblique reformat, an atlas detection in the engine
+    worker, and the clinician's session (MedSapiensSlicerLib/scenario.py, which pytest runs on slicer-core too).
 
     Installs nothing: a scenario that needs the engine's Python packages is skipped, with a message, where they
     are missing. Run by "Reload and Test" (runTest) or by slicer.testing.runUnitTest (each test_ method).
@@ -357,7 +405,8 @@ class MedSapiensSlicerTest(ScriptedLoadableModuleTest):
         slicer.mrmlScene.Clear()
 
     def runTest(self):
-        for test in (self.test_oblique_slice_geometry, self.test_atlas_detection_writes_new_node):
+        for test in (self.test_oblique_slice_geometry, self.test_atlas_detection_writes_new_node,
+                     self.test_clinicians_session):
             self.setUp()
             try:
                 test()
@@ -440,3 +489,23 @@ class MedSapiensSlicerTest(ScriptedLoadableModuleTest):
         truth = target.landmarks.points * target.spacing
         self.assertLess(np.median(np.linalg.norm(-ras[:, :2] - truth, axis=1)), 5.0)
         self.delayDisplay("Atlas detection in the engine worker OK")
+
+    def test_clinicians_session(self):
+        """Template annotation of 3 phantoms, Fine-tune (a few seconds of training), Detect on a 4th, the worst
+        flagged point reviewed (the slice views jump to it) and corrected, Add as case, Fine-tune again, warm; each
+        long step cancelled midway first. The adapter it trains is removed at the end."""
+        self._needEngine()
+        from MedSapiensSlicerLib.scenario import SessionScenario
+
+        logic = MedSapiensSlicerLogic()
+        p = logic.getParameterNode()
+        p.adapterName = "medsapiens-self-test"
+        try:
+            with tempfile.TemporaryDirectory() as folder:
+                out = SessionScenario(logic, p, folder, log=self.delayDisplay).run()
+        finally:
+            adapter = p.atlasAdapter
+            logic.shutdown()
+            if adapter:
+                Path(adapter).unlink(missing_ok=True)
+        self.delayDisplay("The clinician's session OK: " + ", ".join(f"{k} {v:.1f} s" for k, v in out.seconds.items()))

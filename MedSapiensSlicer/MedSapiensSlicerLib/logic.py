@@ -44,12 +44,24 @@ class CaseRow:
     geometry: PlaneGeometry | None  # None for a whole volume (its points are LPS mm)
 
 
+@dataclass(frozen=True)
+class Detection:
+    """What a result node was detected on: the image as sent to the engine, so that "Add as case" makes the
+    reviewed node a case on exactly that image and geometry, however the views moved since."""
+
+    volumeID: str
+    plane: str
+    case: object
+    geometry: PlaneGeometry | None
+
+
 class MedSapiensLogic:
     def __init__(self, scene, worker=None):
         """worker: an EngineWorker to share (tests); by default one is started with the first request."""
         self.scene = scene
         self.worker = worker
         self.cases: list[CaseRow] = []
+        self.detections: dict[str, Detection] = {}  # result node ID -> what it was detected on
         self.onCasesChanged = None  # called after rows were added or removed (the panel redraws its table)
         self._observers = [scene.AddObserver(event, self._dropDeletedCases)
                            for event in (scene.NodeRemovedEvent, scene.EndCloseEvent)]
@@ -135,8 +147,21 @@ class MedSapiensLogic:
         if volumeNode is None or markupsNode is None:
             raise InputError("choose the input volume and your annotated points first")
         case, geometry = self.caseFor(volumeNode, view)
-        plane = WHOLE_IMAGE if view is None else WHOLE_VOLUME if view == WHOLE_VOLUME else \
-            _describe_plane(view, geometry, case.size)
+        return self._addRow(volumeNode, markupsNode, _planeText(view, geometry, case), case, geometry)
+
+    def addDetectedCase(self, markupsNode) -> CaseRow:
+        """A result of Detect (reviewed and corrected where needed) as a case: its points on the image they were
+        detected on, with that image's geometry; refused like addCase when it does not fit the table."""
+        from medsapiens import InputError
+
+        detection = self.detections.get(markupsNode.GetID()) if markupsNode is not None else None
+        volumeNode = self.scene.GetNodeByID(detection.volumeID) if detection else None
+        if volumeNode is None:
+            raise InputError(f"{markupsNode.GetName() if markupsNode else 'result'}: not the result of a Detect on an "
+                             "image still open; choose its image and points and Add case")
+        return self._addRow(volumeNode, markupsNode, detection.plane, detection.case, detection.geometry)
+
+    def _addRow(self, volumeNode, markupsNode, plane: str, case, geometry) -> CaseRow:
         row = CaseRow(volumeNode.GetID(), markupsNode.GetID(), plane,
                       replace(case, name=f"{volumeNode.GetName()} ({plane})"), geometry)
         self.trainingCases([*self.cases, row])
@@ -203,6 +228,7 @@ class MedSapiensLogic:
         return replace(row.case, landmarks=Landmarks(names, pixels, present=on_plane))
 
     def _dropDeletedCases(self, caller=None, event=None) -> None:
+        self.detections = {k: d for k, d in self.detections.items() if self.scene.GetNodeByID(k) is not None}
         kept = [r for r in self.cases
                 if self.scene.GetNodeByID(r.volumeID) is not None and self.scene.GetNodeByID(r.markupsID) is not None]
         if len(kept) != len(self.cases):
@@ -270,16 +296,20 @@ class MedSapiensLogic:
         out = str(self._worker().newFile("found"))
         source = "atlas" if atlas else str(model) if model else f"atlas + adapter {Path(adapter or '').name}"
         context = {"geometry": geometry, "name": f"{volumeNode.GetName()} landmarks", "source": source,
-                   "files": [image, out, *(atlasFiles or [])]}
+                   "files": [image, out, *(atlasFiles or [])],
+                   "detection": Detection(volumeNode.GetID(), _planeText(view, geometry, case), case, geometry)}
         return self._worker().submit("detect", context, case=image, out=out, model=None if atlas else model,
                                      adapter=adapter or None, atlas=atlasFiles, deformable=bool(deformable),
                                      device=device, precision=precision)
 
     def finishDetect(self, job):
-        """The landmarks of a finished detection as a NEW markups node (see writeLandmarks)."""
+        """The landmarks of a finished detection as a NEW markups node (see writeLandmarks); the logic remembers
+        what it was detected on (addDetectedCase)."""
         found = self._worker().readLandmarks(job.result["landmarks"])
         self._removeFiles(job)
-        return self.writeLandmarks(found, job.context["geometry"], job.context["name"], job.context["source"])
+        node = self.writeLandmarks(found, job.context["geometry"], job.context["name"], job.context["source"])
+        self.detections[node.GetID()] = job.context["detection"]
+        return node
 
     def unannotatedImages(self) -> list:
         """The scene's other 2D images (single-slice volumes, not label maps, not in the case table) as engine
@@ -492,6 +522,13 @@ def ijk_to_world(volumeNode) -> np.ndarray:
         raise InputError(f"{volumeNode.GetName()}: it lies under a non-linear transform ({parent.GetName()}); "
                          "harden the transform first")
     return _matrix(parent.GetMatrixTransformToWorld) @ ijk_to_ras
+
+
+def _planeText(view, geometry: PlaneGeometry | None, case) -> str:
+    """What was analysed, as the case table shows it (see caseFor for `view`)."""
+    if view is None or view == WHOLE_VOLUME:
+        return WHOLE_IMAGE if view is None else WHOLE_VOLUME
+    return _describe_plane(view, geometry, case.size)
 
 
 def _describe_plane(sliceNode, geometry: PlaneGeometry, size) -> str:

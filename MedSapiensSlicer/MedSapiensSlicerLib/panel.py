@@ -1,7 +1,8 @@
 """The panel as data and decisions: its state (`PanelState`, one definition that MedSapiensSlicer.py turns into
 its parameter node, each field bound to the widget whose SlicerParameterName it is) and every choice the panel
-makes (`PanelLogic`: which detector a click runs, what Fine-tune trains, which options apply, what the status
-line says), so that the widget only wires and tests drive the same decisions on slicer-core.
+makes (`PanelLogic`: which landmark set an annotation follows, which detector a click runs, what Fine-tune trains,
+which points a review lists, which options apply, what the status line says), so that the widget only wires and
+tests drive the same decisions on slicer-core.
 """
 from __future__ import annotations
 
@@ -11,11 +12,16 @@ from pathlib import Path
 from medsapiens import api
 
 from .analysis import analysisRows, nodeLandmarks
+from .annotation import PICTURE_ATTRIBUTE, labels, nextToPlace, placementLine, skipNext, templateNode
 from .logic import SOURCE_ATTRIBUTE, WHOLE_IMAGE, WHOLE_VOLUME, MedSapiensLogic
+from .observers import PointsObserver
+from .review import Review, reviewRows
 from .tracing import Tracing
 
 ATLAS = "Atlas from my annotated cases"
 LOCAL_FILE = "Local file"
+FROM_MODEL = "Those of the model (the atlas: of my cases)"
+FROM_FILE = "From a file (CSV or JSON)"
 SLICE_VIEWS = ("Red", "Green", "Yellow")
 VIEWS = (WHOLE_IMAGE, WHOLE_VOLUME, *SLICE_VIEWS)
 DEVICES = ("auto", "cpu", "cuda")
@@ -26,6 +32,11 @@ TIME_BUDGET_RANGE = (30.0, 3600.0)  # s, what the panel lets a user ask for
 def modelChoices() -> list[str]:
     """The model box's entries: the atlas, a local file, then the catalogue (read from its JSON, no torch)."""
     return [ATLAS, LOCAL_FILE, *api.models()]
+
+
+def landmarkSetChoices() -> list[str]:
+    """The landmark set box's entries: the chosen model's landmarks, the shipped sets (by title), a file."""
+    return [FROM_MODEL, *api.landmark_sets().values(), FROM_FILE]
 
 
 @dataclass
@@ -50,6 +61,8 @@ class PanelState:
     adapterName: str = "my-task"
     analysis: str = field(default=api.DEFAULT_ANALYSIS, metadata={"choices": lambda: list(api.analyses())})
     showTracing: bool = True       # the chosen analysis's lines and angles over the result's points
+    landmarkSet: str = field(default=FROM_MODEL, metadata={"choices": landmarkSetChoices})  # what Annotate
+    landmarkSetFile: str = ""      # places and Add case checks; the file for FROM_FILE (CSV or JSON)
 
 
 PANEL_FIELDS = [f.name for f in fields(PanelState)]
@@ -71,6 +84,16 @@ class PanelLogic(MedSapiensLogic):
     tracing = None            # the Tracing shown over the result node now
     _traced = None            # (node ID, analysis) it was made for
     onAnalysisChanged = None  # called when the traced points changed (the panel recomputes its table)
+    review = None             # the Review of the result node
+    placing = None            # a PointsObserver of the annotated points node
+    onPointsChanged = None    # called when the annotated or the reviewed points changed (the panel redraws the
+                              # landmark to place next and the review list)
+
+    def __init__(self, scene, worker=None, markupsLogic=None):
+        """markupsLogic: the application's vtkSlicerMarkupsLogic (its place mode and jumps); without it Annotate
+        makes the node without starting place mode, and a review cannot jump."""
+        super().__init__(scene, worker)
+        self.markupsLogic = markupsLogic
 
     def viewFor(self, view: str):
         """What to analyse, as MedSapiensLogic takes it: None (the whole 2D image), WHOLE_VOLUME, or the slice node
@@ -144,7 +167,161 @@ class PanelLogic(MedSapiensLogic):
             return f"Adapter saved to {job.result['adapter']} and selected."
         node = self.finishDetect(job)
         p.outputMarkups = node
+        self.followPoints(p)
         return self.placedSummary(node)
+
+    # ---------------------------------------------------------------------------------- annotate, add cases
+    def landmarkSetFor(self, p):
+        """The landmark set chosen in the panel (medsapiens.landmark_sets.LandmarkSet): a shipped one, a file's, or
+        the chosen model's (modelLandmarkSet; None where it is not known)."""
+        from medsapiens import InputError
+
+        if p.landmarkSet == FROM_FILE:
+            if not p.landmarkSetFile:
+                raise InputError("choose the landmark set's file (CSV name,description, or JSON)")
+            return api.landmark_set(p.landmarkSetFile)
+        if p.landmarkSet != FROM_MODEL:
+            return api.landmark_set(next(n for n, title in api.landmark_sets().items() if title == p.landmarkSet))
+        return self.modelLandmarkSet(p)
+
+    def modelLandmarkSet(self, p):
+        """The chosen model's landmarks: with the atlas, the adapter's in use, else those of the table's cases (None
+        while it is empty); a model file's or a catalogue model's (None where only loading it would tell)."""
+        from medsapiens import InputError
+
+        options = self.detectOptions(p)
+        if options.get("atlas"):
+            names = dict.fromkeys(n for row in self.cases for n in labels(self.scene.GetNodeByID(row.markupsID)))
+            return api.landmark_set(list(names), "my cases") if names else None
+        try:
+            return api.landmark_set(options["model"] or options["adapter"])
+        except InputError:
+            return None  # e.g. a checkpoint that names its landmarks only once loaded
+
+    def annotate(self, p):
+        """Annotate this image: a NEW markups node holding the chosen set's landmarks unplaced, in order (see
+        annotation.py), chosen as the annotated points, with Slicer's place mode started on it."""
+        from medsapiens import InputError
+
+        if p.inputVolume is None:
+            raise InputError("choose the image to annotate as the input volume first")
+        landmarkSet = self.landmarkSetFor(p)
+        if landmarkSet is None:
+            raise InputError("the chosen model's landmarks are not known yet (the atlas has no cases, or the model "
+                             "names them only once loaded): choose a landmark set or a file")
+        node = templateNode(self.scene, landmarkSet, f"{p.inputVolume.GetName()} points")
+        p.trainingMarkups = node
+        self.followPoints(p)
+        if self.markupsLogic is not None:
+            self.markupsLogic.SetActiveList(node)
+            self.markupsLogic.StartPlaceMode(True)
+        return node
+
+    def placementLine(self, p) -> str:
+        """The landmark to place next in the annotated points and its description, or what is placed."""
+        return placementLine(p.trainingMarkups)
+
+    def skipLandmark(self, p) -> str:
+        """Leave the landmark to place next unplaced (missing) and go on to the next one; the placement line."""
+        if p.trainingMarkups is not None:
+            skipNext(p.trainingMarkups)
+        return self.placementLine(p)
+
+    @staticmethod
+    def templatePicture(p) -> str:
+        """The reference picture of the set the annotated points follow, or ""."""
+        node = p.trainingMarkups
+        return (node.GetAttribute(PICTURE_ATTRIBUTE) or "") if node is not None else ""
+
+    def addCaseFor(self, p) -> str:
+        """Add case: the annotated points on the input volume as the panel's view shows it, checked first against
+        the chosen landmark set (checkLandmarks). Returns the status line."""
+        self.checkLandmarks(p, p.trainingMarkups)
+        row = self.addCase(p.inputVolume, p.trainingMarkups, self.viewFor(p.view))
+        return f"Case added: {row.case.name}, {len(self.cases)} in the table."
+
+    def checkLandmarks(self, p, node) -> None:
+        """One line when the node's labels repeat a landmark, name one the chosen set lacks, or are fewer than its
+        landmarks (an unplaced or skipped point counts: it is a missing landmark). With the model's landmarks
+        chosen and none known (the first case of the atlas), only repeats are refused."""
+        from medsapiens import InputError
+
+        if node is None:
+            return  # addCase says what to choose
+        try:
+            expected = self.landmarkSetFor(p)
+        except InputError:
+            if p.landmarkSet != FROM_MODEL:
+                raise
+            expected = None  # no model file chosen yet: nothing to check against
+        api.check_landmark_names(labels(node), node.GetName(), expected)
+
+    # ------------------------------------------------------------------------------------------------ review
+    def followPoints(self, p) -> None:
+        """Watch the annotated points (the landmark to place next) and review the result node (review.py), each
+        made once per node; onPointsChanged hears of every change of their points."""
+        self.placing = self._follow(self.placing, p.trainingMarkups, PointsObserver)
+        self.review = self._follow(self.review, p.outputMarkups, Review)
+
+    def _follow(self, current, node, kind):
+        if current is not None and node is not None and current.node.GetID() == node.GetID():
+            return current
+        if current is not None:
+            current.stop()
+        return kind(node, self._pointsChanged) if node is not None else None
+
+    def _pointsChanged(self) -> None:
+        """Leave place mode once the annotated points are all placed or skipped; tell the panel."""
+        node = self.placing.node if self.placing else None
+        interaction = self.scene.GetNodeByID("vtkMRMLInteractionNodeSingleton")
+        if (node is not None and interaction is not None and nextToPlace(node) < 0 and self.markupsLogic is not None
+                and self.markupsLogic.GetActiveListID() == node.GetID()
+                and interaction.GetCurrentInteractionMode() == interaction.Place):
+            interaction.SwitchToViewTransformMode()
+        if self.onPointsChanged:
+            self.onPointsChanged()
+
+    @staticmethod
+    def reviewRows(p) -> list:
+        """The result's points to check (and those corrected), the least probable first (review.ReviewRow)."""
+        return reviewRows(p.outputMarkups)
+
+    @staticmethod
+    def reviewLine(rows) -> str:
+        """What the review list's heading says for these rows."""
+        if not rows:
+            return "No point of this result is flagged for checking."
+        return "Points to check, least probable first: click one to go to it, and drag it where it belongs."
+
+    def jumpToPoint(self, p, index: int) -> None:
+        """Centre the slice views on point `index` of the result (Slicer's markups logic jumps them) and make it
+        the node's active point."""
+        node = p.outputMarkups
+        self.markupsLogic.JumpSlicesToNthPointInMarkup(node.GetID(), index, True)
+        if node.GetDisplayNode() is not None:
+            node.GetDisplayNode().SetActiveControlPoint(index)
+
+    def addReviewedCase(self, p) -> str:
+        """Add as case: the result node as reviewed, a case on the image it was detected on with that image's
+        geometry (addDetectedCase), checked like Add case. The status line names the flagged points left as they
+        were detected."""
+        from medsapiens import InputError
+
+        node = p.outputMarkups
+        if node is None:
+            raise InputError("no result to add yet: Detect first")
+        self.checkLandmarks(p, node)
+        row = self.addDetectedCase(node)
+        kept = [r.name for r in reviewRows(node) if not r.corrected]
+        kept = f" Flagged and not moved (kept as detected): {', '.join(kept)}." if kept else ""
+        return f"Case added: {row.case.name}, {len(self.cases)} in the table.{kept}"
+
+    def shutdown(self) -> None:
+        for watch in (self.placing, self.review):
+            if watch is not None:
+                watch.stop()
+        self.placing = self.review = None
+        super().shutdown()
 
     # --------------------------------------------------------------------------------------- analysis, tracing
     def analysisTable(self, p):

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from .observers import PointsObserver
+
 TRACING_ATTRIBUTE = "MedSapiens.TracingOf"  # on each tracing node: the ID of the landmarks node it follows
-POINT_EVENTS = ("PointModifiedEvent", "PointPositionDefinedEvent", "PointPositionUndefinedEvent",
-                "PointPositionMissingEvent", "PointPositionNonMissingEvent", "PointAddedEvent", "PointRemovedEvent")
 
 
 def _names(spec) -> tuple:
@@ -50,7 +50,7 @@ class Tracing:
             self._intoFolder(node)
             self.items.append((item, node))
         self._visible = True
-        self._observers = [markupsNode.AddObserver(getattr(markupsNode, e), self._follow) for e in POINT_EVENTS]
+        self._observer = PointsObserver(markupsNode, self._follow)
         self.update()
 
     def _intoFolder(self, node) -> None:
@@ -97,16 +97,14 @@ class Tracing:
         self._visible = bool(visible)
         self.update()
 
-    def _follow(self, caller=None, event=None) -> None:
+    def _follow(self) -> None:
         self.update()
         if self.onChanged:
             self.onChanged()
 
     def remove(self) -> None:
         """Stop following the landmarks and take the tracing's nodes and folder out of the scene."""
-        for tag in self._observers:
-            self.markupsNode.RemoveObserver(tag)
-        self._observers = []
+        self._observer.stop()
         scene = self.markupsNode.GetScene()
         for _, node in self.items:
             if scene is not None and scene.IsNodePresent(node):

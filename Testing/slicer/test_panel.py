@@ -53,7 +53,9 @@ def test_widget_kinds_fit_their_use(panel):
              "viewComboBox": QComboBox, "modelComboBox": QComboBox, "adapterNameLineEdit": QLineEdit,
              "inputVolumeSelector": QComboBox, "modelPathLineEdit": QLineEdit,
              "useAtlasAdapterCheckBox": QCheckBox, "adapterEstimateLabel": QLabel,
-             "learnUnannotatedCheckBox": QCheckBox}
+             "learnUnannotatedCheckBox": QCheckBox, "landmarkSetComboBox": QComboBox,
+             "landmarkSetPathLineEdit": QLineEdit, "annotateButton": QPushButton, "skipLandmarkButton": QPushButton,
+             "nextLandmarkLabel": QLabel, "reviewTable": QTableWidget, "addReviewedCaseButton": QPushButton}
     for name, kind in kinds.items():
         assert isinstance(w[name], kind), name
     assert views_of(panel) == ["Whole 2D image", "Whole volume (3D)", "Red", "Green", "Yellow"]
@@ -62,6 +64,8 @@ def test_widget_kinds_fit_their_use(panel):
     table = w["casesTable"]
     assert [table.horizontalHeaderItem(i).text() for i in range(table.columnCount())] == \
         ["Volume", "Points", "Plane", "Adapter"]  # Adapter: "seen" for the cases the atlas adapter was trained on
+    review = w["reviewTable"]
+    assert [review.horizontalHeaderItem(i).text() for i in range(review.columnCount())] == ["Landmark", "P", "State"]
 
 
 def test_the_panel_defaults_are_the_engines_and_the_ui_holds_no_copy_of_them():

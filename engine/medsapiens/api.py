@@ -25,10 +25,11 @@ from .settings import (DEFAULT_ANALYSIS, DEFAULT_ARCH, LORA_DEFAULTS, REFINE_DEF
 
 __all__ = ["DEFAULT_ANALYSIS", "DEFAULT_ARCH", "LORA_DEFAULTS", "REFINE_DEFAULTS", "TRAIN_DEFAULTS", "WEB_DEFAULTS",
            "adapter_info", "adapters_dir", "add_model", "analyses", "analyze", "analyze_files", "architectures",
-           "cache_dir", "can_analyze", "case_checksum", "catalogue_rows", "check_images", "demo", "detect",
-           "detect_files", "evaluate", "finetune", "landmark_names", "load_cases", "load_detector", "models",
-           "needs_download", "phantom_case", "read_image", "read_images", "read_volume", "resolve_model",
-           "shared_landmarks", "tracing", "train", "write_evaluation", "write_measurements", "write_report"]
+           "cache_dir", "can_analyze", "case_checksum", "catalogue_rows", "check_images", "check_landmark_names",
+           "demo", "detect", "detect_files", "evaluate", "finetune", "landmark_names", "landmark_set", "landmark_sets",
+           "load_cases", "load_detector", "models", "needs_download", "phantom_case", "read_image", "read_images",
+           "read_volume", "resolve_model", "shared_landmarks", "tracing", "train", "write_evaluation",
+           "write_measurements", "write_report"]
 
 _kept: dict = {"key": None, "detector": None}  # the last model / adapter detector and the files it came from
 
@@ -456,6 +457,31 @@ def landmark_names(path) -> list[str]:
     from .io.datasets import Dataset
 
     return list(Dataset(path).names)
+
+
+def landmark_sets() -> dict:
+    """The landmark sets shipped with the engine: name -> title (isbi2015, hand37)."""
+    from .landmark_sets import shipped
+
+    return {name: s.title for name, s in shipped().items()}
+
+
+def landmark_set(source, title: str | None = None):
+    """A landmark_sets.LandmarkSet (ordered names, a one-line description each, an optional picture) from a
+    shipped set's name, a catalogue model's name, a file (CSV name,description; JSON; the names of a .mrk.json,
+    of a landmarks.csv or of a .safetensors model or adapter) or a sequence of names (an annotated case's;
+    `title` says whose in messages)."""
+    from .landmark_sets import load
+
+    return load(source, title)
+
+
+def check_landmark_names(names, what: str, landmark_set=None) -> None:
+    """One line (InputError) about `what` when names repeat, or do not match `landmark_set`: a name it lacks, or
+    fewer than its landmarks."""
+    from .landmark_sets import check_names
+
+    check_names(names, what, landmark_set)
 
 
 def architectures() -> list[str]:

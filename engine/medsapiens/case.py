@@ -17,6 +17,7 @@ from .settings import MIN_IMAGE_SIDE, REVIEW_BELOW
 
 _CONFIDENCE = re.compile(r"confidence\s+([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)")
 _CHECK = re.compile(r";\s*check\b")
+_CORRECTED = re.compile(r"(?:^|;)\s*corrected\b")
 
 
 @dataclass
@@ -62,6 +63,20 @@ class Landmarks:
         """(confidence or None, check) from a point's description as `description` writes it."""
         found = _CONFIDENCE.search(text or "")
         return (float(found.group(1)) if found else None), _CHECK.search(text or "") is not None
+
+    @staticmethod
+    def is_corrected(text: str) -> bool:
+        """Whether a point's description says a person moved it (see corrected_description)."""
+        return _CORRECTED.search(text or "") is not None
+
+    @staticmethod
+    def corrected_description(text: str) -> str:
+        """The description of a point a person moved after detection: "confidence 0.410; corrected" (its
+        confidence kept as it was detected, no longer "check")."""
+        if Landmarks.is_corrected(text):
+            return text
+        kept = _CHECK.sub("", text or "").strip()
+        return f"{kept}; corrected" if kept else "corrected"
 
     def __len__(self) -> int:
         return len(self.names)

@@ -41,7 +41,9 @@ class WebSession:
         """slicer_app: trame-slicer's SlicerApp (this session's scene, readers and views); folder: this session's
         own temporary folder; data_dir: a server folder whose images the page may open by name."""
         self.app, self.scene = slicer_app, slicer_app.scene
-        self.logic = PanelLogic(self.scene)  # its engine worker process starts with the first request
+        # its engine worker process starts with the first request; the markups logic places and jumps (PanelLogic's
+        # annotate, jumpToPoint), for the template and the review list of issue 21 when the page gets them
+        self.logic = PanelLogic(self.scene, markupsLogic=slicer_app.markups_logic)
         self.p = PanelState()
         self.uploads = UploadFolder(Path(folder) / "uploads", settings.upload_mb)
         self.data_dir = Path(data_dir) if data_dir else None
