@@ -203,18 +203,19 @@ def detect_files(detector, paths, out, *, spacing: float | None = None, analyze_
                               on_image=on_image)
 
 
-def detect_many(detector, cases: list, *, on_found, on_error, progress: Callback = None,
+def detect_many(detector, cases: list, *, read=None, on_found, on_error, progress: Callback = None,
                 cancel: Cancel = None) -> int:
-    """Detect on each of `cases` (Cases or Volumes, e.g. an application's open images) with the loop of
-    detect_files: on_found(n, case, landmarks) for each, on_error(n, line) for one that fails (the others go on);
-    progress per case, Cancel between cases. Returns how many failed."""
+    """Detect on each of `cases` with the loop of detect_files: Cases or Volumes (e.g. an application's open
+    images), or anything read(item) makes one of, read one at a time. on_found(n, case, landmarks) hears of each,
+    on_error(n, line) of one that fails (the others go on); progress per case, Cancel between cases. Returns how
+    many failed."""
     from . import batch
 
     def found(n, item, case, landmarks):
         on_found(n, case, landmarks)
         return True
 
-    return batch.detect_each(detector, list(enumerate(cases)), lambda item: item[1], lambda item: item[1].label,
+    return batch.detect_each(detector, list(enumerate(cases)), lambda item: read(item[1]) if read else item[1],
                              found, lambda item, line: on_error(item[0], line), progress, cancel)
 
 

@@ -119,8 +119,8 @@ def detect_files(detector, paths, out: Path, *, spacing=None, analyze_out=None, 
             on_image(item, written[n])
         return rows[n] is not None
 
-    errors = detect_each(detector, inputs[rank::world], lambda item: read_input(item, volumes, spacing),
-                         lambda item: item.id, found, lambda item, line: on_error(line), progress, cancel)
+    errors = detect_each(detector, inputs[rank::world], lambda item: read_input(item, volumes, spacing), found,
+                         lambda item, line: on_error(line), progress, cancel)
     if world > 1:  # every process hears of every other's files and rows; rank 0 writes the table of them all
         parts = distributed.gather((written, rows, errors))
         written = {n: path for part in parts for n, path in part[0].items()}
@@ -135,26 +135,26 @@ def detect_files(detector, paths, out: Path, *, spacing=None, analyze_out=None, 
     return batch
 
 
-def detect_each(detector, items: list, read, name, on_found, on_error, progress: Callback = None,
+def detect_each(detector, items: list, read, on_found, on_error, progress: Callback = None,
                 cancel: Cancel = None) -> int:
-    """Detect on each item in turn, the one loop of every batch (files, the cases an application sends): read(item)
-    makes its Case or Volume, on_found(n, item, case, landmarks) takes the result (False: it failed after all);
-    an item that cannot be read or detected on goes to on_error(item, line) and the others go on. Progress per
-    item (name(item) says which); Cancel between items and between the detector's stages. Returns how many
-    failed."""
+    """Detect on each item in turn, the one loop of every batch (files, the images an application sends):
+    read(item) makes its Case or Volume, on_found(n, item, case, landmarks) takes the result (False: it failed
+    after all); an item that cannot be read or detected on goes to on_error(item, line) and the others go on.
+    Progress per item, Cancel between items and between the detector's stages. Returns how many failed."""
     failures = 0
     for n, item in enumerate(items):
         check(cancel)
-        report(progress, n / len(items), f"detecting on {name(item)}: {n + 1} of {len(items)}", step=n,
-               total=len(items))
         case = None
         try:
-            case = read(item)
+            case = read(item)  # one at a time: a batch of thousands is never all in memory
+            report(progress, n / len(items), f"detecting on {case.label}: {n + 1} of {len(items)}", step=n,
+                   total=len(items))
             check_kind(detector, case)
             landmarks = detector.detect(case, cancel=cancel)
         except (InputError, RuntimeError) as e:  # RuntimeError: ITK or torch failing on this image's content
-            on_error(item, _naming(getattr(item, "label", name(item)), case, e) if isinstance(e, InputError) else
-                     f"{getattr(item, 'label', name(item))}: detection failed ({_first_line(e)})")
+            label = getattr(item, "label", case.label if case is not None else str(item))
+            on_error(item, _naming(label, case, e) if isinstance(e, InputError) else
+                     f"{label}: detection failed ({_first_line(e)})")
             failures += 1
             continue
         failures += not on_found(n, item, case, landmarks)

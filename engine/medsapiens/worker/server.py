@@ -34,24 +34,24 @@ def detect_batch(request: dict, progress, cancel) -> dict:
     """One detector on many images, each image's outcome an item reply as soon as it is done (see protocol):
     the application's images ("cases"), or files and folders ("files") through api.detect_files as the command
     line runs it."""
+    inputs = api.check_images(request["files"], out=request["out"]) if "files" in request else None  # before loading
     detector = api.load_detector(request.get("model"), adapter=request.get("adapter"), atlas=_atlas(request),
                                  atlas_deformable=bool(request.get("deformable")), device=request.get("device"),
                                  precision=request.get("precision", "auto"), progress=within(progress, 0.0, 0.05),
                                  cancel=cancel)
     out, images = Path(request["out"]), within(progress, 0.05, 1.0)
-    if "files" in request:
-        done = api.detect_files(detector, request["files"], out, progress=images, cancel=cancel,
+    if inputs is not None:
+        done = api.detect_files(detector, inputs, out, progress=images, cancel=cancel,
                                 on_error=lambda line: progress.item(error=line),
                                 on_image=lambda item, path: progress.item(name=item.id, file=str(path)))
         return {"images": done.images, "failed": done.failed, "written": [str(p) for p in done.written]}
     out.mkdir(parents=True, exist_ok=True)
-    cases = [protocol.read_case(p) for p in request["cases"]]
     failed = api.detect_many(
-        detector, cases, progress=images, cancel=cancel,
+        detector, request["cases"], read=protocol.read_case, progress=images, cancel=cancel,
         on_found=lambda n, case, found: progress.item(index=n, landmarks=protocol.write_landmarks(out / f"{n}.npz",
                                                                                                    found)),
         on_error=lambda n, line: progress.item(index=n, error=line))
-    return {"images": len(cases), "failed": failed}
+    return {"images": len(request["cases"]), "failed": failed}
 
 
 def _atlas(request: dict):
