@@ -180,7 +180,7 @@ class PanelLogic(MedSapiensLogic):
         """A finished, failed or cancelled batch: the result shows its first new node; the status line says what
         was made, then names each image that failed, a line each. What was done before a Cancel is kept."""
         context = job.context
-        nodes = [self.scene.GetNodeByID(i) for i in context["nodes"]]
+        nodes = [n for n in map(self.scene.GetNodeByID, context["nodes"]) if n is not None]  # (not deleted since)
         if nodes:
             p.outputMarkups = nodes[0]
         if "images" in context:  # the open images: a new node each
@@ -196,7 +196,7 @@ class PanelLogic(MedSapiensLogic):
             status = f"Cancelled after {_count(done, 'image')}; kept: {kept}." if done else \
                 "Cancelled; nothing was changed."
         elif job.error:
-            status = f"Error: {job.error}"
+            status = f"Error: {job.error}" + (f"; kept: {kept}." if done else "")
         else:
             status = f"Detected on {done} of {_count(job.result['images'] + context['unsent'], 'image')}: {made}."
         return "\n".join([status, *(f"Not detected: {line}" for line in context["errors"])])

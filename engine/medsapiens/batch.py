@@ -17,7 +17,7 @@ from . import distributed
 from .detectors.factory import check_kind
 from .errors import InputError, short_list
 from .io.datasets import square_pixels, write_landmarks_csv, write_volume_landmarks_csv
-from .io.images import FORMAT_SUFFIXES, case_id, dicom_series, is_dicom, read_dicom_volume, read_image, read_volume
+from .io.images import FORMAT_SUFFIXES, case_id, dicom_series, read_dicom_volume, read_image, read_volume
 from .io.markups import write_markups
 from .progress import Callback, Cancel, check, report
 from .settings import DEFAULT_ANALYSIS
@@ -25,7 +25,8 @@ from .settings import DEFAULT_ANALYSIS
 # how long the processes of a torchrun batch wait for the slowest one to finish its share (torchrun ends them
 # all at once if one fails, so a long wait cannot hang)
 GATHER_TIMEOUT = timedelta(hours=24)
-_NOT_DICOM = tuple(s for s in FORMAT_SUFFIXES if s not in (".dcm", ".dicom", ".mrk.json"))  # DICOM: by content
+# the image and volume files of a folder, by name (not its .mrk.json files); its DICOM files go by their content
+_NOT_DICOM = tuple(s for s in FORMAT_SUFFIXES if s not in (".dcm", ".dicom", ".mrk.json"))
 
 
 @dataclass
@@ -83,8 +84,8 @@ def _folder_inputs(folder: Path) -> list[Input]:
     """A folder's image and volume files, then its DICOM series: a series of one file (a radiograph) named by
     the file's path below the folder, a series of slices by its folder's (the folder's own name at the top),
     with its UID where that folder holds several series."""
-    inputs = [Input(p, case_id(p)) for p in sorted(folder.iterdir()) if p.is_file() and not is_dicom(p)
-              and p.name.lower().endswith(_NOT_DICOM) and not p.name.lower().endswith(".mrk.json")]
+    inputs = [Input(p, case_id(p)) for p in sorted(folder.iterdir())
+              if p.is_file() and p.name.lower().endswith(_NOT_DICOM)]
     series = dicom_series(folder)
     per_folder = Counter(where for where, _, _ in series)
     for where, uid, files in series:

@@ -20,11 +20,14 @@ def local_rank() -> int:
 
 def setup(device, timeout: timedelta | None = None) -> tuple[int, int]:
     """(rank, world size), joining torchrun's process group on the first call: NCCL when `device` is a GPU one
-    and CUDA is there (each process on its own GPU), gloo otherwise. timeout: how long a collective waits for the
-    slowest process (torch's default, 30 min, where None)."""
+    and CUDA is there (each process on its own GPU), gloo otherwise. ITK (the atlas's registration) then takes as
+    many threads as torch (torchrun's OMP_NUM_THREADS, 1 by default), so N processes share the cores instead of
+    each taking all of them. timeout: how long a collective waits for the slowest process (torch's default,
+    30 min, where None)."""
     world = world_size()
     if world == 1:
         return 0, 1
+    import SimpleITK as sitk
     import torch
 
     if not torch.distributed.is_initialized():
@@ -32,6 +35,7 @@ def setup(device, timeout: timedelta | None = None) -> tuple[int, int]:
         if gpu:
             torch.cuda.set_device(local_rank())
         torch.distributed.init_process_group("nccl" if gpu else "gloo", **({"timeout": timeout} if timeout else {}))
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(torch.get_num_threads())
     return torch.distributed.get_rank(), world
 
 
