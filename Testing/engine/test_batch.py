@@ -150,9 +150,9 @@ def test_torchrun_two_processes_write_the_landmarks_csv_of_one(atlas, folder, tm
                           "--no-python", str(medsapiens), *args, "--out", str(tmp_path / "two")], env=env,
                          capture_output=True, encoding="utf-8", timeout=300)
     assert one.returncode == 1 and two.returncode == 1, (one.stderr[-2000:], two.stderr[-2000:])
-    # rank 0 alone says the batch had a failure; rank 1 ended cleanly (torchrun's summary)
+    # rank 0 says the batch had a failure (torchrun's summary; it may also list rank 1, stopped as it ended)
     assert re.search(r"rank\s*: 0 \(local_rank: 0\)\s+exitcode\s*: 1 ", two.stderr), two.stderr[-2000:]
-    assert "<NO_OTHER_FAILURES>" in two.stderr and "terminate called" not in two.stderr
+    assert "terminate called" not in two.stderr and "SIGABRT" not in two.stderr, "the processes left cleanly"
     assert (tmp_path / "two" / "landmarks.csv").read_bytes() == (tmp_path / "one" / "landmarks.csv").read_bytes()
     assert two.stdout.split() == [str(p).replace(str(tmp_path / "one"), str(tmp_path / "two"))
                                   for p in one.stdout.split()], "rank 0 lists every process's files, once"
