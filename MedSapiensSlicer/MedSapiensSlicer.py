@@ -48,7 +48,8 @@ class MedSapiensSlicer(ScriptedLoadableModule):
             "reformats) or in a whole 3D volume (the atlas of a few annotated volumes), and fine-tune an adapter "
             "from a few annotated 2D cases: on the atlas of those cases (with its error measured on held-out "
             "cases), or a LoRA adapter on a model. Results go to a new markups node; the points flagged for checking "
-            "are listed, least probable first, and a reviewed result can be added as a case.")
+            "are listed, least probable first, and a reviewed result can be added as a case. \"Detect on many "
+            "images\" runs on every open image (a node each) or on a folder (a .mrk.json each and landmarks.csv).")
         self.parent.acknowledgementText = (
             "Method: MedSapiens (Sapiens ViT + LoRA + heatmap head). Sapiens models by Meta.")
 
@@ -138,6 +139,8 @@ class MedSapiensSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.installer = EngineInstaller()
         self.ui.learnUnannotatedCheckBox.toolTip = self.logic.learnUnannotatedTip()
         self.ui.detectButton.connect("clicked(bool)", self.onDetect)
+        self.ui.detectAllButton.connect("clicked(bool)", self.onDetectAll)
+        self.ui.detectFolderButton.connect("clicked(bool)", self.onDetectFolder)
         self.ui.finetuneButton.connect("clicked(bool)", self.onFinetune)
         self.ui.cancelButton.connect("clicked(bool)", self.onCancel)
         self.ui.annotateButton.connect("clicked(bool)", self.onAnnotate)
@@ -265,6 +268,12 @@ class MedSapiensSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onDetect(self) -> None:
         self._run("Detecting", self.logic.startDetectFor)
 
+    def onDetectAll(self) -> None:
+        self._run("Detecting on all open images", self.logic.startDetectAllFor)
+
+    def onDetectFolder(self) -> None:
+        self._run("Detecting on the folder", self.logic.startDetectFolderFor)
+
     def onFinetune(self) -> None:
         self._run("Fine-tuning", self.logic.startFinetuneFor)
 
@@ -355,10 +364,16 @@ class MedSapiensSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.job, self._label = job, label
         self.ui.progressBar.setValue(0)
         self.ui.cancelButton.enabled = True
-        self.ui.detectButton.enabled = self.ui.finetuneButton.enabled = False
+        self._enableActions(False)
         self.ui.statusLabel.text = f"{label}..."
         self.timer.start()
         self.onPoll()  # a request the worker refused at once (it could not start) ends here
+
+    def _enableActions(self, enabled: bool) -> None:
+        """The buttons that start engine work: one job at a time."""
+        for button in (self.ui.detectButton, self.ui.detectAllButton, self.ui.detectFolderButton,
+                       self.ui.finetuneButton):
+            button.enabled = enabled
 
     def onPoll(self) -> None:
         self.logic.poll()
@@ -372,7 +387,7 @@ class MedSapiensSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.timer.stop()
         self.job = None
         self.ui.cancelButton.enabled = False
-        self.ui.detectButton.enabled = self.ui.finetuneButton.enabled = True
+        self._enableActions(True)
         if job.error:
             logging.error(f"MedSapiens: {job.error}")
         if job.error or job.cancelled:

@@ -111,6 +111,29 @@ def micro_file(tmp_path_factory, ceph):
                         (256, 192), 3.0)
 
 
+@pytest.fixture(scope="session")
+def phantom_files(tmp_path_factory):
+    """files(seed) -> (image.nrrd, image.mrk.json): a phantom radiograph (0.5 mm pixels) and its true points."""
+    import numpy as np
+    import SimpleITK as sitk
+    from medsapiens import api
+    from medsapiens.io.markups import write_markups
+
+    folder = tmp_path_factory.mktemp("phantoms")
+
+    def files(seed):
+        case = api.phantom_case(seed)
+        image = sitk.GetImageFromArray(np.asarray(case.image))
+        image.SetSpacing(tuple(float(s) for s in case.spacing))
+        paths = folder / f"phantom{seed}.nrrd", folder / f"phantom{seed}.mrk.json"
+        if not paths[0].exists():
+            sitk.WriteImage(image, str(paths[0]))
+            write_markups(paths[1], case.landmarks, case)
+        return paths
+
+    return files
+
+
 def new_scene():
     """A real MRML scene from slicer-core (Slicer's libraries, no application), with the logics Slicer sets up."""
     slicer = pytest.importorskip("slicer", reason="slicer-core (Slicer's MRML on PyPI) is needed")

@@ -51,7 +51,7 @@ class Detection:
 
     volumeID: str
     plane: str
-    case: object
+    case: object  # None for a whole image or volume of a batch: read again from its node when it is added
     geometry: PlaneGeometry | None
 
 
@@ -159,7 +159,8 @@ class MedSapiensLogic:
         if volumeNode is None:
             raise InputError(f"{markupsNode.GetName() if markupsNode else 'result'}: not the result of a Detect on an "
                              "image still open; choose its image and points and Add case")
-        return self._addRow(volumeNode, markupsNode, detection.plane, detection.case, detection.geometry)
+        case = detection.case or self.caseFor(volumeNode, WHOLE_VOLUME if detection.plane == WHOLE_VOLUME else None)[0]
+        return self._addRow(volumeNode, markupsNode, detection.plane, case, detection.geometry)
 
     def _addRow(self, volumeNode, markupsNode, plane: str, case, geometry) -> CaseRow:
         row = CaseRow(volumeNode.GetID(), markupsNode.GetID(), plane,
@@ -279,28 +280,15 @@ class MedSapiensLogic:
         weight-free atlas of the table's cases instead (`deformable`: with its B-spline stage). A whole volume
         (WHOLE_VOLUME) is detected by the 3D atlas of the table's whole-volume cases.
         """
-        from medsapiens import InputError
-
         case, geometry = self.caseFor(volumeNode, view)
-        if view == WHOLE_VOLUME and not atlas:
-            raise InputError("a whole volume is detected by the atlas of your annotated volumes; choose the atlas")
-        atlasFiles = None
-        if atlas:
-            atlasCases = self.trainingCases()
-            if type(atlasCases[0]) is not type(case):
-                held, wanted = ("2D cases", "whole volumes (3D)") if geometry is None else \
-                    ("whole volumes (3D)", "2D cases (a slice or a 2D image)")
-                raise InputError(f"the table holds {held}; to detect on {case.name}, add annotated {wanted}")
-            atlasFiles = self._writeCases(atlasCases)
+        fields, files, source = self._detector(view == WHOLE_VOLUME, case.name, model=model, adapter=adapter,
+                                               atlas=atlas, deformable=deformable, device=device, precision=precision)
         image = self._worker().writeCase(case, "image")
         out = str(self._worker().newFile("found"))
-        source = "atlas" if atlas else str(model) if model else f"atlas + adapter {Path(adapter or '').name}"
         context = {"geometry": geometry, "name": f"{volumeNode.GetName()} landmarks", "source": source,
-                   "files": [image, out, *(atlasFiles or [])],
+                   "files": [image, out, *files],
                    "detection": Detection(volumeNode.GetID(), _planeText(view, geometry, case), case, geometry)}
-        return self._worker().submit("detect", context, case=image, out=out, model=None if atlas else model,
-                                     adapter=adapter or None, atlas=atlasFiles, deformable=bool(deformable),
-                                     device=device, precision=precision)
+        return self._worker().submit("detect", context, case=image, out=out, **fields)
 
     def finishDetect(self, job):
         """The landmarks of a finished detection as a NEW markups node (see writeLandmarks); the logic remembers
@@ -311,21 +299,107 @@ class MedSapiensLogic:
         self.detections[node.GetID()] = job.context["detection"]
         return node
 
+    # ------------------------------------------------------------------------------------------------ batches
+    def batchImages(self, wholeVolumes: bool = False) -> list:
+        """The open images a batch detects on, in scene order: every 2D image (a single-slice scalar volume), or
+        with wholeVolumes every 3D volume; not label maps, not the table's annotated images."""
+        in_table = {row.volumeID for row in self.cases}
+        nodes = []
+        for node in self.scene.GetNodesByClass("vtkMRMLScalarVolumeNode"):
+            data = node.GetImageData()
+            if node.GetID() in in_table or node.IsA("vtkMRMLLabelMapVolumeNode") or data is None:
+                continue
+            if (data.GetDimensions()[2] > 1) == wholeVolumes:
+                nodes.append(node)
+        return nodes
+
+    def startDetectBatch(self, volumeNodes, wholeVolumes: bool = False, **options):
+        """Detect on each of `volumeNodes` (its whole 2D image, or with wholeVolumes its whole volume) in one
+        request to the engine worker: one progress bar, Cancel between images. Each image's result becomes a NEW
+        markups node named after it as soon as it arrives (poll calls takeBatchResults); an image that cannot be
+        sent or detected on adds its line to job.context["errors"] and the others go on. options: startDetect's
+        (model, adapter, atlas, deformable, device, precision)."""
+        from medsapiens import InputError
+
+        fields, files, source = self._detector(wholeVolumes, "these images", **options)
+        images, errors = [], []
+        for node in volumeNodes:  # each copied out of the scene at once, so that only one is in memory here
+            try:
+                case, geometry = self.caseFor(node, WHOLE_VOLUME if wholeVolumes else None)
+            except InputError as e:
+                errors.append(str(e))
+                continue
+            images.append({"name": node.GetName(), "geometry": geometry, "id": node.GetID(),
+                           "file": self._worker().writeCase(case, "image")})
+        if not images:
+            _unlink(files)
+            raise InputError("; ".join(errors) or "no images to detect on")
+        scratch = self._worker().newFile("found", suffix="")  # the worker writes each image's landmarks there
+        context = {"images": images, "errors": errors, "unsent": len(errors), "nodes": [], "written": [],
+                   "taken": 0, "source": source, "files": [i["file"] for i in images] + files, "scratch": str(scratch)}
+        return self._worker().submit("detect_batch", context, cases=[i["file"] for i in images],
+                                     out=str(scratch), **fields)
+
+    def startDetectFolder(self, inputs, out, **options):
+        """Detect on image files and folders (a folder: its images and every DICOM series below it) in the engine
+        worker, as `medsapiens detect` does: `<case id>.mrk.json` per image and one landmarks.csv into the folder
+        `out`; one progress bar, Cancel between images, a line per image that fails (job.context["errors"]).
+        options: startDetect's; with the atlas, the table's kind (2D cases or whole volumes) decides."""
+        fields, files, source = self._detector(None, "these images", **options)
+        context = {"errors": [], "unsent": 0, "nodes": [], "written": [], "taken": 0, "source": source,
+                   "files": files, "out": str(out)}
+        return self._worker().submit("detect_batch", context, files=[str(p) for p in inputs], out=str(out), **fields)
+
+    def takeBatchResults(self, job) -> list:
+        """What a batch finished since the last call: each image's landmarks as a NEW markups node named after
+        it, the .mrk.json files written, the lines of the images that failed (in job.context). Returns the new
+        nodes."""
+        context, made = job.context, []
+        for item in job.items[context["taken"]:]:
+            if "error" in item:
+                context["errors"].append(item["error"])
+            elif "file" in item:
+                context["written"].append(item["file"])
+            else:
+                image = context["images"][item["index"]]
+                found = self._worker().readLandmarks(item["landmarks"])
+                Path(item["landmarks"]).unlink(missing_ok=True)
+                made.append(self.writeLandmarks(found, image["geometry"], f"{image['name']} landmarks",
+                                                context["source"]))
+                plane = WHOLE_IMAGE if image["geometry"] is not None else WHOLE_VOLUME
+                self.detections[made[-1].GetID()] = Detection(image["id"], plane, None, image["geometry"])
+                context["nodes"].append(made[-1].GetID())
+        context["taken"] = len(job.items)
+        return made
+
+    def _detector(self, volumes, what: str, *, model=None, adapter=None, atlas=False, deformable=False,
+                  device="auto", precision="auto"):
+        """(the request fields that choose the detector, the files they add, the source a result records) for
+        startDetect's options; `volumes`: whether `what` is whole volumes (None: the detector decides)."""
+        from medsapiens import InputError, Volume
+
+        if volumes and not atlas:
+            raise InputError("a whole volume is detected by the atlas of your annotated volumes; choose the atlas")
+        atlasFiles = None
+        if atlas:
+            atlasCases = self.trainingCases()
+            if volumes is not None and isinstance(atlasCases[0], Volume) != volumes:
+                held, wanted = ("2D cases", "whole volumes (3D)") if volumes else \
+                    ("whole volumes (3D)", "2D cases (a slice or a 2D image)")
+                raise InputError(f"the table holds {held}; to detect on {what}, add annotated {wanted}")
+            atlasFiles = self._writeCases(atlasCases)
+        source = "atlas" if atlas else str(model) if model else f"atlas + adapter {Path(adapter or '').name}"
+        fields = {"model": None if atlas else model, "adapter": adapter or None, "atlas": atlasFiles,
+                  "deformable": bool(deformable), "device": device, "precision": precision}
+        return fields, atlasFiles or [], source
+
     def unannotatedImages(self) -> list:
         """The scene's other 2D images (single-slice volumes, not label maps, not in the case table) as engine
         cases, when every case of the table is a whole 2D image: fine-tuning on the atlas labels them with the
         atlas and learns from them too."""
         if not self.cases or any(row.plane != WHOLE_IMAGE for row in self.cases):
             return []
-        in_table = {row.volumeID for row in self.cases}
-        images = []
-        for node in self.scene.GetNodesByClass("vtkMRMLScalarVolumeNode"):
-            data = node.GetImageData()
-            if (node.GetID() in in_table or node.IsA("vtkMRMLLabelMapVolumeNode") or data is None
-                    or data.GetDimensions()[2] != 1):
-                continue
-            images.append(self.caseFromVolume2D(node)[0])
-        return images
+        return [self.caseFromVolume2D(node)[0] for node in self.batchImages()]
 
     def startFinetune(self, base, out, device="auto", unannotated=(), **settings):
         """Train an adapter on the table's cases in the engine worker; the Job's result names the adapter file.
@@ -450,6 +524,8 @@ class MedSapiensLogic:
             return []
         changed = self.worker.poll()
         for job in changed:
+            if job.kind == "detect_batch":
+                self.takeBatchResults(job)
             if job.done and not (job.kind == "detect" and job.result):  # finishDetect still reads a detection's
                 self._removeFiles(job)
         return changed
@@ -494,10 +570,12 @@ class MedSapiensLogic:
 
     @staticmethod
     def _removeFiles(job) -> None:
-        from pathlib import Path
+        """The copies a job sent to the worker, and the folder it answered in (never a folder the user chose)."""
+        import shutil
 
-        for f in (job.context or {}).get("files", []):
-            Path(f).unlink(missing_ok=True)
+        _unlink((job.context or {}).get("files", []))
+        if (job.context or {}).get("scratch"):
+            shutil.rmtree(job.context["scratch"], ignore_errors=True)
 
     # --------------------------------------------------------------------------------------------- internals
     @staticmethod
@@ -529,6 +607,11 @@ def _planeText(view, geometry: PlaneGeometry | None, case) -> str:
     if view is None or view == WHOLE_VOLUME:
         return WHOLE_IMAGE if view is None else WHOLE_VOLUME
     return _describe_plane(view, geometry, case.size)
+
+
+def _unlink(files) -> None:
+    for f in files:
+        Path(f).unlink(missing_ok=True)
 
 
 def _describe_plane(sliceNode, geometry: PlaneGeometry, size) -> str:

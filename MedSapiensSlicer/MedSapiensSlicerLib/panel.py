@@ -63,6 +63,8 @@ class PanelState:
     showTracing: bool = True       # the chosen analysis's lines and angles over the result's points
     landmarkSet: str = field(default=FROM_MODEL, metadata={"choices": landmarkSetChoices})  # what Annotate
     landmarkSetFile: str = ""      # places and Add case checks; the file for FROM_FILE (CSV or JSON)
+    batchFolder: str = ""          # Detect on a folder: its images (and every DICOM series below it) ...
+    batchOutput: str = ""          # ... into this folder: <case id>.mrk.json each and landmarks.csv
 
 
 PANEL_FIELDS = [f.name for f in fields(PanelState)]
@@ -138,6 +140,32 @@ class PanelLogic(MedSapiensLogic):
         """Detect with the panel's choices on its input volume and view."""
         return self.startDetect(p.inputVolume, self.viewFor(p.view), **self.detectOptions(p))
 
+    def startDetectAllFor(self, p):
+        """Detect with the panel's choices on every open image (batchImages): each whole 2D image, or with
+        "Whole volume (3D)" each whole volume; a new markups node per image."""
+        from medsapiens import InputError
+
+        if p.view not in (WHOLE_IMAGE, WHOLE_VOLUME):
+            raise InputError(f"Detect on all open images takes whole images: choose \"{WHOLE_IMAGE}\" or "
+                             f"\"{WHOLE_VOLUME}\" under Analyse")
+        volumes = p.view == WHOLE_VOLUME
+        nodes = self.batchImages(volumes)
+        if not nodes:
+            raise InputError(f"no open {'3D volumes' if volumes else '2D images'} to detect on besides the "
+                             "table's annotated ones")
+        return self.startDetectBatch(nodes, volumes, **self.detectOptions(p))
+
+    def startDetectFolderFor(self, p):
+        """Detect with the panel's choices on the images of a folder, into an output folder (.mrk.json files and
+        landmarks.csv, as the command line writes them)."""
+        from medsapiens import InputError
+
+        if not p.batchFolder:
+            raise InputError("choose the folder of images to detect on")
+        if not p.batchOutput:
+            raise InputError("choose an output folder for the .mrk.json files and landmarks.csv")
+        return self.startDetectFolder([p.batchFolder], p.batchOutput, **self.detectOptions(p))
+
     def startFinetuneFor(self, p, **settings):
         """Fine-tune on the table's cases: with the atlas chosen, a refiner on top of the atlas of the cases
         (learning from the scene's other 2D images where asked); with a model, LoRA on it. settings: more engine
@@ -152,6 +180,8 @@ class PanelLogic(MedSapiensLogic):
 
     def finishJob(self, job, p) -> str:
         """Take a finished job's result into the scene and the panel state; the status line to show."""
+        if job.kind == "detect_batch":
+            return self.finishBatch(job, p)
         if job.cancelled:
             return "Cancelled; nothing was changed."
         if job.error:
@@ -169,6 +199,32 @@ class PanelLogic(MedSapiensLogic):
         p.outputMarkups = node
         self.followPoints(p)
         return self.placedSummary(node)
+
+    def finishBatch(self, job, p) -> str:
+        """A finished, failed or cancelled batch: the result shows its first new node; the status line says what
+        was made, then names each image that failed, a line each. What was done before a Cancel is kept."""
+        context = job.context
+        nodes = [n for n in map(self.scene.GetNodeByID, context["nodes"]) if n is not None]  # (not deleted since)
+        if nodes:
+            p.outputMarkups = nodes[0]
+            self.followPoints(p)
+        if "images" in context:  # the open images: a new node each
+            done = len(nodes)
+            made = kept = f"{_count(done, 'new markups node')} ({', '.join(n.GetName() for n in nodes[:3])}" \
+                          f"{', ...' * (done > 3)})"
+        else:  # a folder: .mrk.json files, and landmarks.csv at the end
+            done = len(context["written"])
+            made = f"{_count(done, '.mrk.json file')} and landmarks.csv in {context['out']}" if done else \
+                "nothing written"
+            kept = f"the .mrk.json {'file' if done == 1 else 'files'} in {context['out']} (no landmarks.csv)"
+        if job.cancelled:
+            status = f"Cancelled after {_count(done, 'image')}; kept: {kept}." if done else \
+                "Cancelled; nothing was changed."
+        elif job.error:
+            status = f"Error: {job.error}" + (f"; kept: {kept}." if done else "")
+        else:
+            status = f"Detected on {done} of {_count(job.result['images'] + context['unsent'], 'image')}: {made}."
+        return "\n".join([status, *(f"Not detected: {line}" for line in context["errors"])])
 
     # ---------------------------------------------------------------------------------- annotate, add cases
     def landmarkSetFor(self, p):
@@ -409,3 +465,7 @@ class PanelLogic(MedSapiensLogic):
         most = api.REFINE_DEFAULTS.max_unannotated
         return (f"Atlas only: the atlas of your cases labels every other open 2D image (about 2.5 s each, at most "
                 f"{most}), and the refiner learns from those labels too. It does not change your images or points.")
+
+
+def _count(n: int, thing: str) -> str:
+    return f"{n} {thing}{'' if n == 1 else 's'}"

@@ -39,6 +39,7 @@ class Job:
         self.id, self.kind, self.context = id, kind, context  # context: what the caller needs to finish the job
         self.started = time.monotonic()
         self.fraction, self.message = 0.0, ""
+        self.items: list[dict] = []  # a batch's outcome per image, in the order they came (protocol "item")
         self.done = self.cancelled = False
         self.result: dict | None = None
         self.error: str | None = None
@@ -128,8 +129,10 @@ class EngineWorker:
             changed[job.id] = job
             if reply["kind"] == "progress":
                 job.fraction, job.message = reply.get("fraction", job.fraction), reply.get("message", "")
+            elif reply["kind"] == "item":
+                job.items.append(_fields(reply))
             elif reply["kind"] == "result":
-                self._finish(job, result={k: v for k, v in reply.items() if k not in ("id", "kind")})
+                self._finish(job, result=_fields(reply))
             elif reply["kind"] == "cancelled":
                 self._finish(job, cancelled=True)
             else:
@@ -196,6 +199,11 @@ class EngineWorker:
             lines = (self.folder / LOG_NAME).read_text(errors="replace").strip().splitlines()
             last = f": {lines[-1].strip()}" if lines else ""
         return f"the engine worker stopped unexpectedly (exit code {code}){last}; it restarts with the next request"
+
+
+def _fields(reply: dict) -> dict:
+    """A reply's content, without its id and kind."""
+    return {k: v for k, v in reply.items() if k not in ("id", "kind")}
 
 
 def _read_replies(process: subprocess.Popen, replies: queue.Queue) -> None:

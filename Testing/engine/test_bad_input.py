@@ -102,8 +102,14 @@ def test_the_worker_answers_garbage_requests_in_one_line_and_stays_up(tmp_path):
          "finetune request: 'settings' is str, not dict"),
         ('{"id": 5, "kind": "finetune", "cases": [1, 2], "out": "a"}', "finetune request: 'cases' must list file "
                                                                        "paths"),
-        ('{"id": 6, "kind": "segment"}', "unknown request 'segment' (known: detect, finetune, report)"),
+        ('{"id": 6, "kind": "segment"}', "unknown request 'segment' (known: detect, detect_batch, finetune, "
+                                         "report)"),
         ('{"id": 7, "kind": "report", "out": "a.html"}', "report request without 'case'"),
+        ('{"id": 8, "kind": "detect_batch", "out": "o"}', "detect_batch request: give either 'cases' or 'files'"),
+        ('{"id": 9, "kind": "detect_batch", "files": ["a"], "cases": [], "out": "o"}',
+         "detect_batch request: give either 'cases' or 'files'"),
+        ('{"id": 10, "kind": "detect_batch", "files": [3], "out": "o"}', "detect_batch request: 'files' must list "
+                                                                         "file paths"),
     ]
     try:
         assert json.loads(worker.stdout.readline())["kind"] == "ready"

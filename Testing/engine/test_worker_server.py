@@ -73,6 +73,13 @@ class Worker:
             assert 0.0 <= r["fraction"] <= 1.0 and isinstance(r["message"], str)
         return r
 
+    def replies_until_final(self) -> list:
+        """Every reply to the request running now, its result, error or cancelled last."""
+        replies = [self.reply()]
+        while replies[-1]["kind"] in ("progress", "item"):
+            replies.append(self.reply())
+        return replies
+
 
 @pytest.mark.slow
 def test_the_worker_answers_requests_and_survives_bad_ones(tmp_path, micro_file, ceph):
@@ -82,7 +89,7 @@ def test_the_worker_answers_requests_and_survives_bad_ones(tmp_path, micro_file,
         assert worker.reply() == {"kind": "error", "id": None, "message": worker_error("not json")}
         worker.send(json.dumps({"id": 1, "kind": "segment"}))
         assert worker.final() == {"id": 1, "kind": "error", "message": "unknown request 'segment' (known: detect, "
-                                                                        "finetune, report)"}
+                                                                        "detect_batch, finetune, report)"}
         worker.send(json.dumps({"id": 9, "kind": "report", "case": 3, "out": "x.html"}))
         assert worker.final() == {"id": 9, "kind": "error", "message": "report request: 'case' is int, not str"}
         case = ceph.case(3)
@@ -225,3 +232,57 @@ def test_api_detect_with_an_atlas_adapter_alone(atlas_adapter, ceph, micro_file,
     with pytest.raises(InputError, match="unknown settings for fine-tuning on the atlas: colour"):
         api.finetune(None, [ceph.case(0), ceph.case(1)], tmp_path / "a.safetensors", colour="red")
     assert issubclass(NotBetter, InputError)  # the worker and the CLI report it in one line
+
+
+@pytest.mark.slow
+def test_a_batch_answers_image_by_image_goes_on_after_a_bad_one_and_cancels_between_images(tmp_path, phantom_files):
+    """Open images (case files): an item per image as it is done, the bad one its line; files and folders: the
+    command line's .mrk.json files and landmarks.csv; Cancel after the first image: no more images."""
+    atlas = [protocol.write_case(tmp_path / f"atlas{s}.npz", api.phantom_case(s)) for s in (0, 1)]
+    images = [api.phantom_case(10), Case(np.zeros((20, 20), np.uint8), name="tiny"), api.phantom_case(12)]
+    cases = [protocol.write_case(tmp_path / f"image{n}.npz", c) for n, c in enumerate(images)]
+    worker = Worker()
+    try:
+        worker.send(json.dumps({"id": 1, "kind": "detect_batch", "cases": cases, "out": str(tmp_path / "found"),
+                                "atlas": atlas}))
+        replies = worker.replies_until_final()
+        assert replies[-1] == {"id": 1, "kind": "result", "images": 3, "failed": 1}
+        items = [r for r in replies if r["kind"] == "item"]
+        assert items == [{"id": 1, "kind": "item", "index": 0, "landmarks": str(tmp_path / "found" / "0.npz")},
+                         {"id": 1, "kind": "item", "index": 1, "error": "tiny: the image is 20 x 20 px; finding "
+                                                                        "landmarks needs at least 32 px along each "
+                                                                        "side"},
+                         {"id": 1, "kind": "item", "index": 2, "landmarks": str(tmp_path / "found" / "2.npz")}]
+        progress = [(r["fraction"], r["message"]) for r in replies if r["kind"] == "progress"]
+        assert [f for f, _ in progress] == sorted(f for f, _ in progress), "one bar, only forward"
+        assert [m for _, m in progress if m.startswith("detecting")] == [
+            "detecting on phantom010: 1 of 3", "detecting on tiny: 2 of 3", "detecting on phantom012: 3 of 3"]
+        assert replies.index(items[0]) < [r.get("message") for r in replies].index("detecting on tiny: 2 of 3"), \
+            "each image's item comes as soon as it is done"
+        engine = api.load_detector(atlas=[api.phantom_case(s) for s in (0, 1)]).detect(images[2])
+        distance = np.linalg.norm(protocol.read_landmarks(items[2]["landmarks"]).points - engine.points, axis=1)
+        assert np.median(distance) < 0.5, distance  # the atlas's multi-threaded registration varies a little
+
+        folder = tmp_path / "folder"
+        folder.mkdir()
+        for seed in (10, 12):
+            shutil.copy(phantom_files(seed)[0], folder)
+        worker.send(json.dumps({"id": 2, "kind": "detect_batch", "files": [str(folder)], "out": str(tmp_path / "o"),
+                                "atlas": atlas}))
+        replies = worker.replies_until_final()
+        found = [str(tmp_path / "o" / f"phantom{s}.mrk.json") for s in (10, 12)]
+        assert [r for r in replies if r["kind"] == "item"] == [
+            {"id": 2, "kind": "item", "name": f"phantom{s}", "file": f} for s, f in zip((10, 12), found)]
+        assert replies[-1] == {"id": 2, "kind": "result", "images": 2, "failed": 0,
+                               "written": [*found, str(tmp_path / "o" / "landmarks.csv")]}
+
+        worker.send(json.dumps({"id": 3, "kind": "detect_batch", "cases": [cases[0], cases[2], cases[0]],
+                                "out": str(tmp_path / "again"), "atlas": atlas}))
+        while (r := worker.reply())["kind"] != "item":
+            assert r["kind"] == "progress"
+        worker.send(json.dumps({"kind": "cancel", "id": 3}))
+        replies = worker.replies_until_final()
+        assert replies[-1] == {"id": 3, "kind": "cancelled"}
+        assert not [r for r in replies if r["kind"] == "item" and r["index"] == 2], "stopped before the last image"
+    finally:
+        worker.process.kill()

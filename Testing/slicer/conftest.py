@@ -1,5 +1,5 @@
-"""The Slicer module's folder (and the panel screenshot helper) on sys.path, one engine worker process shared by
-the tests (as the module keeps one warm); the `scene` fixture is in ../conftest.py."""
+"""The Slicer module's folder (and the .ui loader, panel_screenshot) on sys.path, one engine worker process
+shared by the tests (as the module keeps one warm); the `scene` fixture is in ../conftest.py."""
 import sys
 from pathlib import Path
 

@@ -1,14 +1,12 @@
-"""Render the module panel (Resources/UI/MedSapiensSlicer.ui) offscreen with PySide6 and save it as a PNG.
+"""Load the module panel (Resources/UI/MedSapiensSlicer.ui) offscreen with PySide6, for the tests of the .ui.
 
-    python Testing/slicer/panel_screenshot.py build/panel.png
-
-Slicer's own widgets (node selectors, collapsible sections, path fields) are drawn by plain Qt stand-ins of the
-same kind (Slicer's Qt libraries are not on PyPI); the layout, labels and controls are the real .ui.
+Slicer's own widgets (node selectors, collapsible sections, path fields) are plain Qt stand-ins of the same kind
+(Slicer's Qt libraries are not on PyPI); the layout, labels and controls are the real .ui. (The Extensions Index
+picture is drawn by Slicer's own slice view instead: Screenshots/make_screenshot.py.)
 """
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 UI = Path(__file__).resolve().parents[2] / "MedSapiensSlicer" / "Resources" / "UI" / "MedSapiensSlicer.ui"
@@ -55,28 +53,3 @@ def load_panel(ui_path: Path = UI):
     if panel is None:
         raise RuntimeError(f"{ui_path}: {loader.errorString()}")
     return app, panel
-
-
-def model_choices() -> list[str]:
-    """The model box's entries as the module's parameter node fills them: atlas, local file, catalogue."""
-    from MedSapiensSlicerLib.panel import modelChoices
-
-    return modelChoices()
-
-
-def screenshot(out: Path, width: int = 420) -> Path:
-    from PySide6.QtWidgets import QComboBox
-
-    _, panel = load_panel()
-    panel.findChild(QComboBox, "modelComboBox").addItems(model_choices())
-    panel.resize(width, panel.sizeHint().height() + 40)
-    panel.show()
-    image = panel.grab().toImage()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if not image.save(str(out)):
-        raise OSError(f"{out}: could not write the PNG")
-    return out
-
-
-if __name__ == "__main__":
-    print(screenshot(Path(sys.argv[1] if len(sys.argv) > 1 else "build/panel.png")))

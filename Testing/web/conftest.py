@@ -1,5 +1,5 @@
-"""The web front end's fixtures: phantom cases as the files a user uploads, `medsapiens web` running as its own
-process, and a headless Chromium (Debian's `chromium`, driven by Playwright; no browser is downloaded)."""
+"""The web front end's fixtures: `medsapiens web` running as its own process, and a headless Chromium (Debian's
+`chromium`, driven by Playwright; no browser is downloaded). Phantom cases as files: ../conftest.py."""
 import os
 import shutil
 import socket
@@ -26,29 +26,6 @@ def _need_web():
         reason = f"not installed: {', '.join(absent)}"
         pytest.fail(f"{reason} (MEDSAPIENS_REQUIRE_WEB is set)") if os.environ.get("MEDSAPIENS_REQUIRE_WEB", "") \
             not in ("", "0") else pytest.skip(reason)
-
-
-@pytest.fixture(scope="session")
-def phantom_files(tmp_path_factory):
-    """files(seed) -> (image.nrrd, image.mrk.json): a phantom radiograph (0.5 mm pixels) and its true points."""
-    import numpy as np
-    import SimpleITK as sitk
-    from medsapiens import api
-    from medsapiens.io.markups import write_markups
-
-    folder = tmp_path_factory.mktemp("phantoms")
-
-    def files(seed):
-        case = api.phantom_case(seed)
-        image = sitk.GetImageFromArray(np.asarray(case.image))
-        image.SetSpacing(tuple(float(s) for s in case.spacing))
-        paths = folder / f"phantom{seed}.nrrd", folder / f"phantom{seed}.mrk.json"
-        if not paths[0].exists():
-            sitk.WriteImage(image, str(paths[0]))
-            write_markups(paths[1], case.landmarks, case)
-        return paths
-
-    return files
 
 
 @pytest.fixture(scope="module")

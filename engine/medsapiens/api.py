@@ -12,10 +12,10 @@ catalogue name is resolved, and its downloaded file hashed, once per process.
 """
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
+from . import distributed
 from .case import Case, Landmarks, Volume, shared_landmarks
 from .errors import InputError
 from .io.checksum import case_checksum
@@ -26,9 +26,9 @@ from .settings import (DEFAULT_ANALYSIS, DEFAULT_ARCH, LORA_DEFAULTS, REFINE_DEF
 __all__ = ["DEFAULT_ANALYSIS", "DEFAULT_ARCH", "LORA_DEFAULTS", "REFINE_DEFAULTS", "TRAIN_DEFAULTS", "WEB_DEFAULTS",
            "adapter_info", "adapters_dir", "add_model", "analyses", "analyze", "analyze_files", "architectures",
            "cache_dir", "can_analyze", "case_checksum", "catalogue_rows", "check_images", "check_landmark_names",
-           "demo", "detect", "detect_files", "evaluate", "finetune", "landmark_names", "landmark_set", "landmark_sets",
-           "load_cases", "load_detector", "models", "needs_download", "phantom_case", "read_image", "read_images",
-           "read_volume", "resolve_model", "shared_landmarks", "tracing", "train", "write_evaluation",
+           "demo", "detect", "detect_files", "detect_many", "evaluate", "finetune", "landmark_names", "landmark_set",
+           "landmark_sets", "load_cases", "load_detector", "models", "needs_download", "phantom_case", "read_image",
+           "read_images", "read_volume", "resolve_model", "shared_landmarks", "tracing", "train", "write_evaluation",
            "write_measurements", "write_report"]
 
 _kept: dict = {"key": None, "detector": None}  # the last model / adapter detector and the files it came from
@@ -120,7 +120,8 @@ def load_detector(model=None, *, adapter=None, base=None, atlas=None, atlas_case
         detector = factory.atlas_detector(cases, atlas_deformable,
                                           atlas if isinstance(atlas, (str, Path)) else "the atlas")
     else:
-        detector = _kept_detector(model, adapter, base, device, precision, input_size, flip_test, progress, cancel)
+        detector = _kept_detector(model, adapter, base, distributed.process_device(device), precision, input_size,
+                                  flip_test, progress, cancel)
     factory.check_landmarks(detector, landmarks)
     return detector
 
@@ -186,24 +187,49 @@ def detect(case: Case | Volume, model: str | None = None, *, adapter: str | None
 
 
 def detect_files(detector, paths, out, *, spacing: float | None = None, analyze_out=None, on_error=None,
-                 warn=None, progress: Callback = None):
+                 warn=None, progress: Callback = None, cancel: Cancel = None, on_image=None):
     """Detect on image or volume files and write `out/<case id>.mrk.json` each and one `out/landmarks.csv`
-    (and with `analyze_out` the cephalometric analysis CSV there). An image that cannot be read or detected on
-    is reported through on_error(line) and the others go on; warn(line) hears of measures the analysis cannot
-    give. Returns batch.Batch: the files written, how many images failed, the analysis report."""
+    (and with `analyze_out` the cephalometric analysis CSV there). A folder stands for its image (or volume)
+    files and for every DICOM series in it and its subfolders. An image that cannot be read or detected on is
+    reported through on_error(line) and the others go on; on_image(input, its .mrk.json) hears of each image as
+    it is written; warn(line) of measures the analysis cannot give. Cancel stops
+    between images (the .mrk.json files written stay; no landmarks.csv). Under torchrun each process detects on
+    its share of the images and rank 0 writes landmarks.csv. Returns batch.Batch: the files written (all
+    processes'), how many images failed (all processes'), how many there were, the analysis report."""
     from . import batch
 
-    return batch.detect_files(detector, [Path(p) for p in paths], Path(out), spacing=spacing,
+    return batch.detect_files(detector, paths, Path(out), spacing=spacing,
                               analyze_out=None if analyze_out is None else Path(analyze_out),
-                              on_error=on_error or _stderr, warn=warn or _warning, progress=progress)
+                              on_error=on_error or _stderr, warn=warn or _warning, progress=progress, cancel=cancel,
+                              on_image=on_image)
 
 
-def check_images(paths, spacing: float | None = None) -> None:
-    """One line, before anything loads, for a batch that cannot work: none of the files is there, a spacing that
-    is not a positive number, two images whose outputs would share a name (detect_files checks it too)."""
+def detect_many(detector, cases: list, *, read=None, on_found, on_error, progress: Callback = None,
+                cancel: Cancel = None) -> int:
+    """Detect on each of `cases` with the loop of detect_files: Cases or Volumes (e.g. an application's open
+    images), or anything read(item) makes one of, read one at a time. on_found(n, case, landmarks) hears of each,
+    on_error(n, line) of one that fails (the others go on); progress per case, Cancel between cases. Returns how
+    many failed."""
     from . import batch
 
-    batch.check_inputs([Path(p) for p in paths], spacing)
+    def found(n, item, case, landmarks):
+        on_found(n, case, landmarks)
+        return True
+
+    return batch.detect_each(detector, list(enumerate(cases)), lambda item: read(item[1]) if read else item[1],
+                             found, lambda item, line: on_error(item[0], line), progress, cancel)
+
+
+def check_images(paths, spacing: float | None = None, out=None) -> list:
+    """The images of a batch (folders expanded as detect_files does), or one line, before anything loads, for a
+    batch that cannot work: none of the files is there, a spacing that is not a positive number, two images
+    whose outputs would share a name, an output folder where an image's own points would be overwritten
+    (detect_files checks it too)."""
+    from . import batch
+
+    inputs = batch.batch_inputs(paths)
+    batch.check_inputs(inputs, spacing, None if out is None else Path(out))
+    return inputs
 
 
 def _stderr(line: str) -> None:
@@ -303,7 +329,7 @@ def train(data: list, out, *, rows: slice | None = None, arch: str = DEFAULT_ARC
     names = union_names([d.names for d in sets])
     cases = [d.case(i) for d in sets for i in _rows(rows, len(d), d.path)]
     s = override(TRAIN_DEFAULTS, "training settings", **settings)
-    world = int(os.environ.get("WORLD_SIZE", 1))
+    world = distributed.world_size()
     if epochs is not None:
         s = override(s, steps=max(1, round(epochs * len(cases) / (s.batch * world))))
     return train_model(cases, names, out, arch=arch, settings=s, resume=resume, device=device, precision=precision,

@@ -144,10 +144,13 @@ def _detect_parser(sub) -> None:
                                    "is a weight file or a catalogue name (see `medsapiens models`; NAME:SET picks one "
                                    "landmark set of the generalist); with --atlas no MODEL is given. A LoRA file "
                                    "needs its base: `detect LORA --base BASE IMAGE...` or `detect BASE --adapter "
-                                   "LORA IMAGE...`.")
+                                   "LORA IMAGE...`. A folder stands for its images and every DICOM series in it "
+                                   "and its subfolders. Under `torchrun --nproc_per_node N medsapiens detect ...` "
+                                   "each process detects on its share of the images and one landmarks.csv is "
+                                   "written.")
     p.add_argument("inputs", nargs="+", metavar="[MODEL] IMAGE",
-                   help="model (unless --atlas), then images; with a 3D atlas, volumes (NIfTI, NRRD, MHA, DICOM "
-                        "file or series folder)")
+                   help="model (unless --atlas), then images or folders; with a 3D atlas, volumes (NIfTI, NRRD, MHA, "
+                        "DICOM file or series folder)")
     p.add_argument("--out", required=True, type=Path, help="output folder")
     _atlas_options(p, "detect with")
     p.add_argument("--spacing", type=float, metavar="MM", help="pixel size for images whose file has none "
@@ -169,23 +172,35 @@ def _detect(args) -> int:
         raise InputError("detect needs MODEL and at least one IMAGE (or --atlas and images)")
     else:
         model, images = args.inputs[0], args.inputs[1:]
-    api.check_images(images, args.spacing)  # before the model or the atlas loads
-    bar = _Bar()
+    inputs = api.check_images(images, args.spacing, args.out)  # before the model or the atlas loads
+    rank0 = _rank() == 0  # under torchrun, one bar and one list of files: rank 0's
+    bar = _Bar() if rank0 else None
     detector = _with_bar(bar, lambda: api.load_detector(
         model, adapter=args.adapter, base=args.base, atlas=args.atlas, atlas_cases=_ids(args.atlas_cases),
         atlas_deformable=args.atlas_deformable, device=args.device, precision=args.precision,
         input_size=args.input_size,
         flip_test=args.flip_test, landmarks=_expected_landmarks(args.landmarks), progress=bar))
-    bar = _Bar()
+    bar = _Bar() if rank0 and len(inputs) > 1 else None
     batch = _with_bar(bar, lambda: api.detect_files(
-        detector, images, args.out, spacing=args.spacing, analyze_out=args.out / "analysis.csv" if args.analyze
-        else None, on_error=lambda line: _tqdm_write(f"medsapiens: error: {line}"), progress=bar if len(images) > 1
-        else None))
+        detector, inputs, args.out, spacing=args.spacing, analyze_out=args.out / "analysis.csv" if args.analyze
+        else None, on_error=lambda line: _tqdm_write(f"medsapiens: error: {line}"), progress=bar))
+    if not rank0:
+        return 0  # rank 0 gives the status of the whole batch
     for path in batch.written:
         print(path)
     if batch.report:
         print(batch.report)
+    if batch.failed and batch.images > 1:
+        print(f"medsapiens: {batch.failed} of {batch.images} images failed (each named above); the others were "
+              "written", file=sys.stderr)
     return 1 if batch.failed else 0
+
+
+def _rank() -> int:
+    """This process's rank under torchrun (0 without it)."""
+    import os
+
+    return int(os.environ.get("RANK", 0))
 
 
 def _tqdm_write(line: str) -> None:
@@ -334,12 +349,10 @@ def _train_parser(sub) -> None:
 
 
 def _train(args) -> int:
-    import os
-
     if args.epochs is None and args.time_budget is None:
         raise InputError("give --epochs, --time-budget or both")
     _positive(epochs=args.epochs, time_budget=args.time_budget, batch=args.batch)
-    rank0 = int(os.environ.get("RANK", 0)) == 0
+    rank0 = _rank() == 0
     bar = _Bar() if rank0 else None
     out = _with_bar(bar, lambda: api.train(
         args.data, args.out, rows=_rows(args.rows), arch=args.arch, epochs=args.epochs, resume=args.resume,

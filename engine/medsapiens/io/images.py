@@ -8,6 +8,7 @@ Slicer.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -90,6 +91,10 @@ def read_volume(path) -> Volume:
         array, geometry = _read_nrrd(path)
     else:
         array, geometry = _read_sitk(path)
+    return _volume(path, array, geometry, case_id(path))
+
+
+def _volume(path: Path, array: np.ndarray, geometry: np.ndarray, name: str) -> Volume:
     comps, depth, height, width = array.shape
     if depth == 1:
         raise InputError(f"{path}: a 2D image ({width} x {height}), not a volume; this detector works on volumes")
@@ -102,20 +107,76 @@ def read_volume(path) -> Volume:
         raise InputError(f"{path}: the volume holds NaN or infinite values")
     if voxels.max() <= voxels.min():
         raise InputError(f"{path}: the volume is empty (every voxel is {voxels.flat[0]})")
-    return Volume(voxels, geometry, name=case_id(path))
+    return Volume(voxels, geometry, name=name)
 
 
-def _read_dicom_series(folder: Path):
+def _read_dicom_series(folder: Path, files=None):
+    """The pixels and geometry of the one DICOM series in `folder`, or of the series made of `files` (in slice
+    order, as dicom_series gives them)."""
     import SimpleITK as sitk
 
-    series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
-    if not series:
-        raise InputError(f"{folder}: no DICOM series in this folder")
-    if len(series) > 1:
-        raise InputError(f"{folder}: {len(series)} DICOM series in one folder; give a folder per series")
+    if files is None:
+        series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+        if not series:
+            raise InputError(f"{folder}: no DICOM series in this folder")
+        if len(series) > 1:
+            raise InputError(f"{folder}: {len(series)} DICOM series in one folder; give a folder per series")
+        files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series[0])
     reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series[0]))
+    reader.SetFileNames([str(f) for f in files])
     return _read_sitk(folder, reader)
+
+
+def is_dicom(path: Path) -> bool:
+    """A DICOM file (Part 10: "DICM" after its 128-byte preamble), whatever its name."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(128)
+            return f.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def dicom_series(folder: Path) -> list[tuple[Path, str, list[Path]]]:
+    """Every DICOM series in `folder` and its subfolders (a PACS export: a folder per study or series, or all in
+    one): (its folder, its Series Instance UID, its files in slice order), folders in name order. Files that are
+    not DICOM images (a DICOMDIR, notes) are passed over."""
+    import SimpleITK as sitk
+
+    found = []
+    for root, dirs, names in os.walk(folder):
+        dirs.sort()
+        by_uid: dict[str, list[Path]] = {}
+        for name in sorted(names):
+            uid = _series_uid(Path(root) / name)
+            if uid is not None:
+                by_uid.setdefault(uid, []).append(Path(root) / name)
+        for uid, files in by_uid.items():
+            if len(files) > 1:  # slices: GDCM orders them along the normal
+                files = [Path(f) for f in sitk.ImageSeriesReader.GetGDCMSeriesFileNames(root, uid)] or files
+            found.append((Path(root), uid, files))
+    return found
+
+
+def _series_uid(path: Path) -> str | None:
+    """The Series Instance UID of a DICOM image file ("" where it has none), None for anything else."""
+    import SimpleITK as sitk
+
+    if not is_dicom(path):
+        return None
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:  # a DICOMDIR or another DICOM file without an image
+        return None
+    return reader.GetMetaData("0020|000e").strip() if reader.HasMetaDataKey("0020|000e") else ""
+
+
+def read_dicom_volume(folder: Path, files: list[Path], name: str) -> Volume:
+    """One DICOM series of dicom_series as a Volume named `name`."""
+    array, geometry = _read_dicom_series(folder, files)
+    return _volume(folder, array, geometry, name)
 
 
 def _read_sitk(path: Path, reader=None):

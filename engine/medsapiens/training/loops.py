@@ -12,7 +12,6 @@ per view and their tokens are cached.
 """
 from __future__ import annotations
 
-import os
 import time
 import warnings
 from dataclasses import asdict, dataclass, replace
@@ -23,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .. import distributed
 from ..case import Case, Volume
 from ..detectors.heatmap import PRECISIONS, image_tensor, normalise, pick_device, pick_precision
 from ..errors import Cancelled, InputError, short_list
@@ -422,9 +422,8 @@ def train(cases: list[Case], names: list[str], out, *, arch=DEFAULT_ARCH, settin
     Under torchrun each process trains on its own random views with DDP; rank 0 writes `out` (and every
     `checkpoint_every` seconds, with the optimizer state beside it in `<out>.state`, for `resume`).
     """
-    rank, world = _distributed_setup(device)
-    dev = pick_device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if device != "cpu" and torch.cuda.is_available()
-                      and world > 1 else device)
+    rank, world = distributed.setup(device)
+    dev = pick_device(distributed.process_device(device))
     s = settings
     torch.manual_seed(s.seed)  # identical initial weights on every rank
     start_step, optimizer_state = 0, None
@@ -453,18 +452,8 @@ def train(cases: list[Case], names: list[str], out, *, arch=DEFAULT_ARCH, settin
                  progress if rank == 0 else None, cancel, start_step, optimizer_state, save, checkpoint_every)
     save(result["steps"], result["optimizer"])
     if world > 1:
-        torch.distributed.barrier()
+        distributed.barrier()
     return Path(out)
-
-
-def _distributed_setup(device) -> tuple[int, int]:
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    if world > 1 and not torch.distributed.is_initialized():
-        gpu = device != "cpu" and torch.cuda.is_available()
-        if gpu:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        torch.distributed.init_process_group("nccl" if gpu else "gloo")
-    return (torch.distributed.get_rank() if world > 1 else 0), world
 
 
 def state_path(out) -> Path:

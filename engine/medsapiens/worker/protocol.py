@@ -8,6 +8,9 @@ Requests (the client numbers them; `cancel` and `shutdown` act at once, even whi
      "device": "auto", "settings": {"time_budget": 300}}       (base null: fine-tune on the atlas of the cases)
     {"id": 3, "kind": "report", "case": "case-3.npz", "out": "/path/report.html", "analysis": "steiner",
      "title": "ceph", "source": "atlas"}              (the case file carries the landmarks to report)
+    {"id": 4, "kind": "detect_batch", "cases": ["a.npz", "b.npz"], "out": "found-4", "model": null,
+     "adapter": "task.safetensors", "atlas": null, ...}              (the detector chosen as for detect)
+    {"id": 5, "kind": "detect_batch", "files": ["/data/cephs"], "out": "/data/found", ...}
     {"kind": "cancel", "id": 2}
     {"kind": "shutdown"}
 
@@ -16,6 +19,14 @@ Replies: {"kind": "ready", "pid": 123} once at start; then per request any numbe
 {"id": 2, "kind": "result", ...}, {"id": 2, "kind": "error", "message": "one line"}, {"id": 2, "kind": "cancelled"}.
 A finetune's result: {"adapter": path}, and on the atlas also {"info": api.adapter_info(path)}; a report's:
 {"files": [the HTML, the PDF]}.
+
+A detect_batch detects on each image in turn with one detector, on the application's images ("cases": case
+files) or on files and folders ("files": as `medsapiens detect` takes them, writing its .mrk.json files and
+landmarks.csv into "out"). Each image's outcome is an "item" reply as soon as it is done, before the next image
+starts: {"id": 4, "kind": "item", "index": 0, "landmarks": "found-4/0.npz"} (cases) or {..., "name": "001",
+"file": "/data/found/001.mrk.json"} (files), or {..., "error": "one line"} for an image that failed (the
+others go on). The result: {"images": N, "failed": k} (and for files "written": every file). Cancel stops
+between images; the items already sent stand.
 
 Images, volumes and landmarks travel as .npz files (arrays only, read without pickle) in a folder the client
 owns; a `detect` on a volume case with volume atlas cases runs the 3D atlas.
@@ -28,13 +39,16 @@ import numpy as np
 
 from ..case import Case, Landmarks, Volume
 
-DETECT, FINETUNE, REPORT, CANCEL, SHUTDOWN = "detect", "finetune", "report", "cancel", "shutdown"
-READY, PROGRESS, RESULT, ERROR, CANCELLED = "ready", "progress", "result", "error", "cancelled"
+DETECT, DETECT_BATCH, FINETUNE, REPORT = "detect", "detect_batch", "finetune", "report"
+CANCEL, SHUTDOWN = "cancel", "shutdown"
+READY, PROGRESS, ITEM, RESULT, ERROR, CANCELLED = "ready", "progress", "item", "result", "error", "cancelled"
+_DETECTOR = {"model": ((str, type(None)), False), "adapter": ((str, type(None)), False),
+             "atlas": ((list, type(None)), False), "deformable": ((bool,), False),
+             "device": ((str, type(None)), False), "precision": ((str,), False)}  # which detector, as detect says
 # the fields of each request: name -> (the JSON types it may have, whether it must be there)
 FIELDS = {
-    DETECT: {"case": ((str,), True), "out": ((str,), True), "model": ((str, type(None)), False),
-             "adapter": ((str, type(None)), False), "atlas": ((list, type(None)), False),
-             "deformable": ((bool,), False), "device": ((str, type(None)), False), "precision": ((str,), False)},
+    DETECT: {"case": ((str,), True), "out": ((str,), True), **_DETECTOR},
+    DETECT_BATCH: {"cases": ((list,), False), "files": ((list,), False), "out": ((str,), True), **_DETECTOR},
     FINETUNE: {"cases": ((list,), True), "out": ((str,), True), "base": ((str, type(None)), False),
                "unannotated": ((list,), False), "device": ((str, type(None)), False), "settings": ((dict,), False)},
     REPORT: {"case": ((str,), True), "out": ((str,), True), "analysis": ((str,), False), "title": ((str,), False),
@@ -72,9 +86,11 @@ def check_request(message: dict) -> None:
         if not isinstance(message[name], types) or isinstance(message[name], bool) and bool not in types:
             raise InputError(f"{kind} request: {name!r} is {type(message[name]).__name__}, not "
                              f"{' or '.join('null' if t is type(None) else t.__name__ for t in types)}")
-    for name in ("cases", "unannotated", "atlas"):
+    for name in ("cases", "unannotated", "atlas", "files"):
         if isinstance(message.get(name), list) and not all(isinstance(p, str) for p in message[name]):
             raise InputError(f"{kind} request: {name!r} must list file paths")
+    if kind == DETECT_BATCH and ("cases" in message) == ("files" in message):
+        raise InputError(f"{kind} request: give either 'cases' or 'files'")
 
 
 def one_line(error: BaseException) -> str:

@@ -3,7 +3,8 @@
 A reader thread reads stdin all the time, so `cancel` reaches a running request at once (the engine checks the
 flag every training step and between stages), and `shutdown` or the end of stdin (the application closed or
 died) stops the worker. The protocol owns the real stdout; whatever the engine or a library prints goes to
-stderr. A new request kind is one more entry in HANDLERS: fn(request, progress, cancel) -> result fields.
+stderr. A new request kind is one more entry in HANDLERS: fn(request, progress, cancel) -> result fields, where
+progress(Progress) reports and progress.item(**fields) sends one image's outcome of a batch.
 """
 from __future__ import annotations
 
@@ -13,19 +14,49 @@ import queue
 import sys
 import threading
 import traceback
+from pathlib import Path
 
 from .. import Volume, api
 from ..errors import Cancelled, InputError
+from ..progress import within
 from . import protocol
 
 
 def detect(request: dict, progress, cancel) -> dict:
     case = protocol.read_case(request["case"])
-    atlas = [protocol.read_case(p) for p in request["atlas"]] if request.get("atlas") else None
-    found = api.detect(case, request.get("model"), adapter=request.get("adapter"), atlas=atlas,
+    found = api.detect(case, request.get("model"), adapter=request.get("adapter"), atlas=_atlas(request),
                        deformable=bool(request.get("deformable")), device=request.get("device"),
                        precision=request.get("precision", "auto"), progress=progress, cancel=cancel)
     return {"landmarks": protocol.write_landmarks(request["out"], found)}
+
+
+def detect_batch(request: dict, progress, cancel) -> dict:
+    """One detector on many images, each image's outcome an item reply as soon as it is done (see protocol):
+    the application's images ("cases"), or files and folders ("files") through api.detect_files as the command
+    line runs it."""
+    inputs = api.check_images(request["files"], out=request["out"]) if "files" in request else None  # before loading
+    detector = api.load_detector(request.get("model"), adapter=request.get("adapter"), atlas=_atlas(request),
+                                 atlas_deformable=bool(request.get("deformable")), device=request.get("device"),
+                                 precision=request.get("precision", "auto"), progress=within(progress, 0.0, 0.05),
+                                 cancel=cancel)
+    out, images = Path(request["out"]), within(progress, 0.05, 1.0)
+    if inputs is not None:
+        done = api.detect_files(detector, inputs, out, progress=images, cancel=cancel,
+                                on_error=lambda line: progress.item(error=line),
+                                on_image=lambda item, path: progress.item(name=item.id, file=str(path)))
+        return {"images": done.images, "failed": done.failed, "written": [str(p) for p in done.written]}
+    out.mkdir(parents=True, exist_ok=True)
+    failed = api.detect_many(
+        detector, request["cases"], read=protocol.read_case, progress=images, cancel=cancel,
+        on_found=lambda n, case, found: progress.item(index=n, landmarks=protocol.write_landmarks(out / f"{n}.npz",
+                                                                                                   found)),
+        on_error=lambda n, line: progress.item(index=n, error=line))
+    return {"images": len(request["cases"]), "failed": failed}
+
+
+def _atlas(request: dict):
+    """The atlas cases a detect request sends (None: a model or an adapter detects)."""
+    return [protocol.read_case(p) for p in request["atlas"]] if request.get("atlas") else None
 
 
 def finetune(request: dict, progress, cancel) -> dict:
@@ -52,7 +83,23 @@ def report(request: dict, progress, cancel) -> dict:
     return {"files": [str(f) for f in files]}
 
 
-HANDLERS = {protocol.DETECT: detect, protocol.FINETUNE: finetune, protocol.REPORT: report}
+HANDLERS = {protocol.DETECT: detect, protocol.DETECT_BATCH: detect_batch, protocol.FINETUNE: finetune,
+            protocol.REPORT: report}
+
+
+class Replies:
+    """What a running request says: called with a Progress, a progress reply; item(**fields), one image's
+    outcome of a batch."""
+
+    def __init__(self, server, rid):
+        self._server, self._id = server, rid
+
+    def __call__(self, p) -> None:
+        self._server.send(id=self._id, kind=protocol.PROGRESS, fraction=round(float(p.fraction), 4),
+                          message=p.message)
+
+    def item(self, **fields) -> None:
+        self._server.send(id=self._id, kind=protocol.ITEM, **fields)
 
 
 class Server:
@@ -103,16 +150,12 @@ class Server:
     def _run(self, request: dict) -> None:
         rid = request.get("id")
         cancelled = self._cancel[rid]
-
-        def progress(p) -> None:
-            self.send(id=rid, kind=protocol.PROGRESS, fraction=round(float(p.fraction), 4), message=p.message)
-
         try:
             protocol.check_request(request)
             handler = HANDLERS[request["kind"]]
             if cancelled.is_set():
                 raise Cancelled("cancelled before it started")
-            self.send(id=rid, kind=protocol.RESULT, **handler(request, progress, cancelled.is_set))
+            self.send(id=rid, kind=protocol.RESULT, **handler(request, Replies(self, rid), cancelled.is_set))
         except Cancelled:
             self.send(id=rid, kind=protocol.CANCELLED)
         except Exception as e:  # the worker stays up for the next request; the trace goes to its log
