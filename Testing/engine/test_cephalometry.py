@@ -9,18 +9,20 @@ from medsapiens.analysis.cephalometry import ISBI_19, analyze
 from medsapiens.case import Landmarks
 from medsapiens.cli import main
 
-CEPH = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "ceph_hamedan"
 COLUMNS = ("image,ANB,ANB_class,SNB,SNB_class,SNA,SNA_class,ODI,ODI_class,APDI,APDI_class,FHI,FHI_class,"
            "FHA,FHA_class,MW,MW_class")
 CASES = ("images/001.png", "images/003.png", "images/005.png")
 
 
 @pytest.fixture(scope="module")
-def table():
+def ceph_dir(data_dir) -> Path:
+    return data_dir / "ceph_hamedan"
+
+
+@pytest.fixture(scope="module")
+def table(ceph_dir):
     """The annotator-1 CSV as plain rows: {column: text}."""
-    if not (CEPH / "landmarks.csv").is_file():
-        pytest.skip(f"the shared cephalograms are expected at {CEPH}")
-    with open(CEPH / "landmarks.csv", newline="") as f:
+    with open(ceph_dir / "landmarks.csv", newline="") as f:
         return list(csv.DictReader(f))
 
 
@@ -87,11 +89,11 @@ def read_output(path):
     return text.splitlines()[0], {r["image"]: r for r in csv.DictReader(text.splitlines())}
 
 
-def test_analyze_reproduces_hand_computed_measures_on_three_cases(tmp_path, table, capsys):
+def test_analyze_reproduces_hand_computed_measures_on_three_cases(tmp_path, table, ceph_dir, capsys):
     rows = [r for r in table if r["image"] in CASES]
     assert len(rows) == 3
     out = tmp_path / "analysis.csv"
-    assert main(["analyze", str(CEPH / "landmarks.csv"), "--out", str(out)]) == 0
+    assert main(["analyze", str(ceph_dir / "landmarks.csv"), "--out", str(out)]) == 0
     header, result = read_output(out)
     assert header == COLUMNS
     assert len(result) == len(table)
@@ -166,10 +168,8 @@ def test_bad_input_is_one_line(tmp_path, capsys):
     assert "none.csv: cannot read" in capsys.readouterr().err
 
 
-def test_detect_analyze_refuses_a_model_for_other_landmarks(tmp_path, capsys):
-    hands = CEPH.parent / "hand_dha"
-    if not (hands / "landmarks.csv").is_file():
-        pytest.skip(f"the shared hand radiographs are expected at {hands}")
+def test_detect_analyze_refuses_a_model_for_other_landmarks(tmp_path, data_dir, capsys):
+    hands = data_dir / "hand_dha"
     first = next(csv.DictReader(open(hands / "landmarks.csv", newline="")))
     assert main(["detect", "--atlas", str(hands / "landmarks.csv"), "--atlas-cases", Path(first["image"]).stem,
                  str(hands / first["image"]), "--out", str(tmp_path / "out"), "--analyze"]) == 2
@@ -179,9 +179,9 @@ def test_detect_analyze_refuses_a_model_for_other_landmarks(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_detect_analyze_writes_the_analysis_of_its_detections(tmp_path, table, capsys):
-    image = CEPH / "images" / "051.png"
-    assert main(["detect", "--atlas", str(CEPH / "landmarks.csv"), "--atlas-cases", "001", str(image),
+def test_detect_analyze_writes_the_analysis_of_its_detections(tmp_path, table, ceph_dir, capsys):
+    image = ceph_dir / "images" / "051.png"
+    assert main(["detect", "--atlas", str(ceph_dir / "landmarks.csv"), "--atlas-cases", "001", str(image),
                  "--out", str(tmp_path), "--analyze"]) == 0
     out = capsys.readouterr().out
     assert str(tmp_path / "analysis.csv") in out and "051.png:" in out
