@@ -51,6 +51,29 @@ def test_the_probability_matches_a_known_truth_on_unseen_points():
     assert np.allclose(again.probability(fresh.select(slice(0, 19))), p[:19])
 
 
+def test_the_rule_flags_at_most_its_share_of_the_points_the_detector_will_see():
+    """Held-out cases are detected by an atlas of one case fewer and one network, new images by all of them, so
+    their evidence differs: where the rule chosen on the held-out cases would flag more than MOST_FLAGGED of the
+    unannotated images' points, it flags that share."""
+    rng = np.random.default_rng(2)
+    evidence, error, _, case, landmark = synthetic(rng, cases=12)
+    alone = fit_calibration(evidence, error, case, landmark, 19)
+    harder, *_ = synthetic(rng, cases=40)
+    harder = Evidence.of_atlas(harder.spread_mm * 1.5, harder.ncc)  # the votes spread wider there
+    seen = {}
+
+    def on_unlabelled(model):  # P of each image's 19 points
+        seen["p"] = np.concatenate([model.probability(harder.select(slice(i, i + 19))) for i in range(0, 760, 19)])
+        return seen["p"]
+
+    capped = fit_calibration(evidence, error, case, landmark, 19, on_unlabelled)
+    assert capped.coef == alone.coef, "the model is the same; only the rule's threshold may fall"
+    assert capped.review_below == pytest.approx(min(alone.review_below, np.quantile(seen["p"], MOST_FLAGGED)))
+    assert (seen["p"] < capped.review_below).mean() <= MOST_FLAGGED + 1e-9
+    assert (seen["p"] < alone.review_below).mean() > MOST_FLAGGED, "the cap changed something here"
+    assert capped.held_out["flagged"] <= alone.held_out["flagged"]
+
+
 def test_without_gross_errors_the_rule_falls_back_to_review_below():
     rng = np.random.default_rng(1)
     evidence, error, _, case, landmark = synthetic(rng, cases=4)

@@ -69,12 +69,24 @@ def test_patch_refiner_learns_a_landmark_from_real_patches(ceph):
         opt.step()
     truth = case.landmarks.points
     start = truth + np.random.default_rng(1).normal(0, 5.0, truth.shape).clip(-8, 8)
-    refined, mass = Refiner([net], cfg, np.ones(len(names), bool)).refine(grey(case), start,
-                                                                          case.landmarks.present, radius_px=3.0)
+    refiner = Refiner([net], cfg, np.ones(len(names), bool))
+    out = refiner.refine(grey(case), start, case.landmarks.present, radius_px=3.0)
     before = np.linalg.norm(start - truth, axis=1).mean()
-    after = np.linalg.norm(refined - truth, axis=1).mean()
+    after = np.linalg.norm(out.points - truth, axis=1).mean()
     assert after < 0.6 * before, (before, after)
-    assert ((mass > 0) & (mass <= 1)).all()  # the posterior within 3 px of each refined point
+    assert ((out.mass > 0) & (out.mass <= 1)).all()  # the posterior within 3 px of each refined point
+    assert (out.disagree == 0).all()  # one start: nothing to disagree with
+    # more starts (the atlases' votes): the answer is the median of the refinements from each; a start that is
+    # no vote (NaN) starts from the fused estimate
+    votes = np.stack([truth + np.random.default_rng(s).normal(0, 5.0, truth.shape).clip(-8, 8) for s in (2, 3)])
+    votes[1, 0] = np.nan
+    several = refiner.refine(grey(case), start, case.landmarks.present, 3.0, starts=votes)
+    alone = [refiner.refine(grey(case), np.where(np.isfinite(v), v, start), case.landmarks.present, 3.0).points
+             for v in (start, *votes)]
+    assert np.allclose(several.points, np.median(alone, axis=0), atol=1e-4)
+    assert np.allclose(several.mass, out.mass, atol=1e-5), "the mass is the fused start's"
+    spread = np.sqrt(np.mean(np.sum((np.stack(alone) - several.points) ** 2, axis=2), axis=0))
+    assert np.allclose(several.disagree, spread, atol=1e-4) and (several.disagree > 0).any()
 
 
 @pytest.mark.slow

@@ -2,8 +2,9 @@
 the review rule that flags the points worth checking.
 
 A detector's raw evidence about a point (how far its atlases' votes spread, how well the best atlas matched the
-neighbourhood, how far the refiner moved the point and how much of its posterior lies within 2 mm, and how hard
-the landmark was on held-out cases) is not a probability. A small logistic model turns it into one; it is fitted
+neighbourhood, how far the refiner moved the point, how much of its posterior lies within 2 mm and how far its
+refinements from the several votes disagree, and how hard the landmark was on held-out cases) is not a
+probability. A small logistic model turns it into one; it is fitted
 on points whose truth the detector did not see: the leave-one-case-out predictions on its own annotated cases.
 With a handful of cases that is some 50-100 points, so the model is kept small (standardised features, a ridge
 penalty) and its own figures (flagged share, gross errors caught, AUC) are measured leaving each case's points out
@@ -13,7 +14,7 @@ from it falls back to P < REVIEW_BELOW.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, astuple, dataclass, replace
 
 import numpy as np
 
@@ -23,7 +24,7 @@ from ..settings import REVIEW_BELOW
 WITHIN_MM = 2.0    # P is the probability of lying within this distance of the expert's point
 GROSS_MM = 3.0     # an error the review rule should catch
 CATCH = 0.8        # the review rule's threshold is chosen to catch this share of the gross errors ...
-MOST_FLAGGED = 0.3  # ... but flags at most this share of the points (a flag on most points tells nothing)
+MOST_FLAGGED = 0.2  # ... but flags at most this share of the points (a flag on most points tells nothing)
 RIDGE = 2.0        # penalty on the standardised features' weights: tens of points, a few features
 BINS = 10          # calibration error: mean |P - observed rate| over this many equal-width bins of P
 
@@ -36,20 +37,20 @@ class Evidence:
     ncc: np.ndarray            # best local NCC among the votes
     shift_mm: np.ndarray       # how far the refiner moved the atlas's point (NaN: not refined)
     mass: np.ndarray           # the refiner's posterior probability within WITHIN_MM of its point (NaN: not refined)
+    disagree_mm: np.ndarray    # how far the refiner's answers from the atlases' several votes lie from its point
 
     @classmethod
     def of_atlas(cls, spread_mm: np.ndarray, ncc: np.ndarray) -> "Evidence":
         nan = np.full(len(ncc), np.nan)
-        return cls(np.asarray(spread_mm, float), np.asarray(ncc, float), nan, nan.copy())
+        return cls(np.asarray(spread_mm, float), np.asarray(ncc, float), nan, nan.copy(), nan.copy())
 
     def select(self, keep: np.ndarray) -> "Evidence":
-        return Evidence(self.spread_mm[keep], self.ncc[keep], self.shift_mm[keep], self.mass[keep])
+        return Evidence(*(v[keep] for v in astuple(self)))
 
     @classmethod
     def stack(cls, items: list["Evidence"]) -> "Evidence":
         """Many images' evidence as one (points of image 0, then image 1, ...)."""
-        return cls(*(np.concatenate([getattr(e, f) for e in items]) for f in
-                     ("spread_mm", "ncc", "shift_mm", "mass")))
+        return cls(*(np.concatenate(parts) for parts in zip(*(astuple(e) for e in items))))
 
 
 def _raw_features(e: Evidence, landmark_mm: np.ndarray) -> dict[str, np.ndarray]:
@@ -57,7 +58,7 @@ def _raw_features(e: Evidence, landmark_mm: np.ndarray) -> dict[str, np.ndarray]
     mass = np.clip(e.mass, 0.01, 0.99)
     return {"spread": np.log(np.maximum(e.spread_mm, 0.05)), "ncc": np.clip(e.ncc, -1, 1),
             "landmark": np.log(np.maximum(landmark_mm, 0.1)), "shift": np.log(e.shift_mm + 0.1),
-            "mass": np.log(mass / (1 - mass))}
+            "mass": np.log(mass / (1 - mass)), "disagree": np.log(e.disagree_mm + 0.1)}
 
 
 @dataclass(frozen=True)
@@ -145,9 +146,14 @@ def _fit(raw: dict, y: np.ndarray) -> tuple:
 
 
 def fit_calibration(evidence: Evidence, error_mm: np.ndarray, case: np.ndarray, landmark: np.ndarray,
-                    k_count: int) -> Calibration:
+                    k_count: int, unlabelled=None) -> Calibration:
     """The model for points whose held-out error is known: `evidence` of every point of the cases (flat), its
-    error (mm), which case and landmark it is (indices). The held-out figures leave each case out in turn."""
+    error (mm), which case and landmark it is (indices). The held-out figures leave each case out in turn.
+
+    unlabelled: optional, a function of the fitted model giving P on points as the detector will see them (its
+    own unannotated images, detected as at detection time); the review rule then flags at most MOST_FLAGGED of
+    those too (the held-out cases were detected by an atlas of one case fewer and one network, so their evidence
+    differs from a detection's)."""
     y = error_mm <= WITHIN_MM
     same_case = case[:, None] == case[None, :]
     raw = _raw_features(evidence, _landmark_errors(error_mm, landmark, k_count, same_case))
@@ -156,12 +162,16 @@ def fit_calibration(evidence: Evidence, error_mm: np.ndarray, case: np.ndarray, 
         train, test = case != c, case == c
         fitted = _fit({k: v[train] for k, v in raw.items()}, y[train])
         p_held[test] = _sigmoid(_design({k: v[test] for k, v in raw.items()}, *fitted[:3]) @ np.asarray(fitted[3]))
-    threshold = review_threshold(p_held, error_mm)
     landmark_mm = [float(error_mm[landmark == k].mean()) if (landmark == k).any() else float(np.nanmean(error_mm))
                    for k in range(k_count)]
     features, mean, scale, coef = _fit(raw, y)  # a point's landmark error never includes its own case's
-    return Calibration(features, mean, scale, coef, tuple(landmark_mm), threshold,
-                       review_figures(p_held, error_mm, p_held < threshold))
+    model = Calibration(features, mean, scale, coef, tuple(landmark_mm), REVIEW_BELOW, {})
+    threshold = review_threshold(p_held, error_mm)
+    if unlabelled is not None:
+        p_seen = unlabelled(model)
+        if len(p_seen):
+            threshold = min(threshold, float(np.quantile(p_seen, MOST_FLAGGED)))
+    return replace(model, review_below=threshold, held_out=review_figures(p_held, error_mm, p_held < threshold))
 
 
 def review_threshold(p: np.ndarray, error_mm: np.ndarray) -> float:

@@ -5,8 +5,9 @@ can still teach is the landmark's exact local appearance. One small encoder-deco
 (one output map per landmark), reads a grey patch centred on the atlas estimate and scores every cell of the
 patch as the landmark's position (log-probabilities). The atlas's own error (measured leave-one-case-out when
 fine-tuning) is the prior: posterior = network scores + log N(atlas estimate, sigma). Several networks (one
-per training fold) are averaged. Per landmark the adapter keeps the atlas's answer where the held-out cases
-said the atlas was better.
+per training fold) are averaged. They refine from the atlas's fused estimate and from each atlas's own vote, and
+the answer is the median of those refinements. Per landmark the adapter keeps the atlas's answer where the
+held-out cases said the atlas was better.
 """
 from __future__ import annotations
 
@@ -130,7 +131,7 @@ def decode(log_p: torch.Tensor, cfg: RefinerConfig) -> torch.Tensor:
 
 
 class Refiner:
-    """Networks (one per fold) + config: `refine(image, points, present, radius_px) -> (points, mass)` for the
+    """Networks (one per fold) + config: `refine(image, points, present, radius_px, starts) -> Refined` for the
     landmarks in `use`."""
 
     def __init__(self, nets: list[PatchNet], cfg: RefinerConfig, use: np.ndarray):
@@ -149,20 +150,46 @@ class Refiner:
         return total / len(self.nets)
 
     def refine(self, image: torch.Tensor, points: np.ndarray, present: np.ndarray, radius_px: float,
-               use=None) -> tuple[np.ndarray, np.ndarray]:
-        """Points moved by the networks (image px), for present landmarks in `use` (default self.use), and for
-        each the posterior probability within `radius_px` of its new place (NaN where not refined)."""
+               starts: np.ndarray | None = None, use=None) -> "Refined":
+        """Points moved by the networks (image px), for present landmarks in `use` (default self.use).
+
+        The networks refine from `points` (the atlas's fused estimate) and from each of `starts` (S x K x 2, the
+        atlases' own votes; NaN where an atlas has none), each with the prior centred on its start; a landmark's
+        answer is the median of those refinements, so that one start that leads to a neighbouring structure does
+        not decide it. With it: the posterior probability within `radius_px` of the refinement from `points`, and
+        how far the refinements lie from the answer (RMS px)."""
         use = self.use if use is None else np.asarray(use, bool)
         ks = np.flatnonzero(present & use)
-        out, mass = points.copy(), np.full(len(points), np.nan)
+        nan = np.full(len(points), np.nan)
+        out = Refined(points.copy(), nan, nan.copy())
         if not len(ks):
-            return out, mass
-        centres = torch.from_numpy(points[ks]).float()
-        log_p = self.log_probs(image, centres, torch.from_numpy(ks)) + log_prior(self.cfg)
+            return out
+        begin = np.stack([points] + [np.where(np.isfinite(s), s, points) for s in
+                                     (starts if starts is not None else [])])[:, ks]  # starts x ks x 2
+        centres = torch.from_numpy(begin.reshape(-1, 2)).float()
+        log_p = self.log_probs(image, centres, torch.from_numpy(np.tile(ks, len(begin)))) + log_prior(self.cfg)
         offsets = decode(log_p, self.cfg)
-        out[ks] = (centres + offsets).double().numpy()
-        mass[ks] = mass_within(log_p, offsets, radius_px, self.cfg).double().numpy()
-        return out, mass
+        moved = (centres + offsets).double().numpy().reshape(begin.shape)
+        out.points[ks] = np.median(moved, axis=0)
+        out.mass[ks] = mass_within(log_p[:len(ks)], offsets[:len(ks)], radius_px, self.cfg).double().numpy()
+        out.disagree[ks] = np.sqrt(np.mean(np.sum((moved - out.points[ks]) ** 2, axis=2), axis=0))
+        return out
+
+
+@dataclass
+class Refined:
+    """What the refiner made of one image's estimates (K each; NaN where a landmark was not refined)."""
+
+    points: np.ndarray    # K x 2 px
+    mass: np.ndarray      # posterior probability within the radius of the refinement from the fused estimate
+    disagree: np.ndarray  # RMS px of the refinements from the several starts about the answer
+
+
+def vote_starts(stack: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """The atlases' votes (atlases x K x 2, as AtlasDetector.votes gives them) that the refiner starts from:
+    those of the atlases that voted, NaN where a vote is none (off the image, or not asked)."""
+    voted = np.isfinite(scores).any(axis=1)
+    return np.where(np.isfinite(scores[voted])[..., None], stack[voted], np.nan)
 
 
 def mass_within(log_p: torch.Tensor, offsets: torch.Tensor, radius_px: float, cfg: RefinerConfig) -> torch.Tensor:
@@ -173,11 +200,12 @@ def mass_within(log_p: torch.Tensor, offsets: torch.Tensor, radius_px: float, cf
     return (p * (d2 <= radius_px ** 2)).sum((1, 2))
 
 
-def refined_evidence(evidence: Evidence, atlas_points, points, mass, spacing) -> Evidence:
-    """The atlas's evidence and the refiner's: how far it moved each point (mm) and its posterior mass there."""
-    moved = np.isfinite(mass)
-    shift = np.where(moved, np.linalg.norm((points - atlas_points) * spacing, axis=1), np.nan)
-    return replace(evidence, shift_mm=shift, mass=mass)
+def refined_evidence(evidence: Evidence, atlas_points, refined: Refined, spacing) -> Evidence:
+    """The atlas's evidence and the refiner's: how far it moved each point (mm), its posterior mass there, and how
+    far its refinements from the several votes lie from it (mm)."""
+    moved = np.isfinite(refined.mass)
+    shift = np.where(moved, np.linalg.norm((refined.points - atlas_points) * spacing, axis=1), np.nan)
+    return replace(evidence, shift_mm=shift, mass=refined.mass, disagree_mm=refined.disagree * float(np.mean(spacing)))
 
 
 class RefinedAtlasDetector:
@@ -201,16 +229,17 @@ class RefinedAtlasDetector:
         return refined, calibrated(found, evidence, self.atlas.calibration(cancel=cancel))
 
     def _detect(self, case: Case, progress: Callback, cancel: Cancel) -> tuple[Landmarks, Landmarks, Evidence]:
-        found, evidence = self.atlas.fuse_with_evidence(case, *self.atlas.votes(case, progress=within(
-            progress, 0.0, 0.95), cancel=cancel))
+        stack, scores = self.atlas.votes(case, progress=within(progress, 0.0, 0.95), cancel=cancel)
+        found, evidence = self.atlas.fuse_with_evidence(case, stack, scores)
         check(cancel)
         report(progress, 0.95, "refining the atlas's estimates")
         mm = np.array(case.spacing)
-        points, mass = self.refiner.refine(grey(case), found.points, found.present, WITHIN_MM / float(mm.mean()))
-        refined = Landmarks(self.names, points, found.confidence, found.present)
+        refined = self.refiner.refine(grey(case), found.points, found.present, WITHIN_MM / float(mm.mean()),
+                                      vote_starts(stack, scores))
+        landmarks = Landmarks(self.names, refined.points, found.confidence, found.present)
         if self.calibration is not None:
-            refined = calibrated(refined, refined_evidence(evidence, found.points, points, mass, mm), self.calibration)
-        return refined, found, evidence
+            landmarks = calibrated(landmarks, refined_evidence(evidence, found.points, refined, mm), self.calibration)
+        return landmarks, found, evidence
 
 
 def _local_stage_nested(atlas_settings: dict) -> dict:

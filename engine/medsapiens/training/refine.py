@@ -40,6 +40,7 @@ from ..detectors.calibration import WITHIN_MM, Calibration, Evidence, fit_calibr
 from ..detectors.refiner import (
     KIND,
     PatchNet,
+    Refined,
     Refiner,
     RefinerConfig,
     case_checksum,
@@ -49,6 +50,7 @@ from ..detectors.refiner import (
     refined_evidence,
     sample_patches,
     standardise,
+    vote_starts,
 )
 from ..errors import InputError, NotBetter
 from ..io.checksum import image_checksum
@@ -170,6 +172,7 @@ class _AtlasErrors:
     sigma: float
     config: RefinerConfig
     evidence: list[Evidence]         # per case: what the atlas saw of each estimate (its calibration's inputs)
+    starts: list[np.ndarray]         # per case: its atlas's own votes (the refiner starts from each too)
 
 
 def finetune_on_atlas(cases: list[Case], out, *, unannotated: list[Case] = (),
@@ -185,7 +188,7 @@ def finetune_on_atlas(cases: list[Case], out, *, unannotated: list[Case] = (),
     atlas = _atlas_phase(run)
     votes = _pseudo_label_phase(run)
     nets, steps = _train_phase(run, atlas, votes)
-    estimate, config = _estimate_phase(run, atlas, nets)
+    estimate, config = _estimate_phase(run, atlas, nets, votes)
     better = estimate["refined_mre_mm"] <= estimate["atlas_mre_mm"]
     path = _save_phase(run, out, config, nets, votes, estimate, steps) if better or keep_worse else None
     result = FinetuneResult(path, steps, time.monotonic() - run.t_start,
@@ -228,14 +231,15 @@ def _atlas_phase(run: _Run) -> _AtlasErrors:
     refiner's training offsets and prior), and the starting points the refiner is scored from."""
     t0, s = time.monotonic(), run.settings
     estimates = np.full((len(run.cases), len(run.names), 2), np.nan)
-    evidence = [None] * len(run.cases)
+    evidence, starts = [None] * len(run.cases), [None] * len(run.cases)
     for f, held in enumerate(run.folds):
         check(run.cancel, "training cancelled")
         detector = AtlasDetector([c for i, c in enumerate(run.cases) if i not in held], s.atlas)
         for i in held:
             check(run.cancel, "training cancelled")
-            found, evidence[i] = detector.fuse_with_evidence(run.cases[i], *detector.votes(run.cases[i]))
-            estimates[i] = np.where(found.present[:, None], found.points, np.nan)
+            stack, scores = detector.votes(run.cases[i])
+            found, evidence[i] = detector.fuse_with_evidence(run.cases[i], stack, scores)
+            estimates[i], starts[i] = np.where(found.present[:, None], found.points, np.nan), vote_starts(stack, scores)
         run.report("atlas", (f + 1) / len(run.folds), _phase_line("atlas of the other cases", f + 1,
                    len(run.folds), " held out", time.monotonic() - t0), step=f + 1, total=len(run.folds))
     truth = np.stack([c.landmarks.subset(run.names).points for c in run.cases])
@@ -247,7 +251,7 @@ def _atlas_phase(run: _Run) -> _AtlasErrors:
     if run.previous is not None and run.previous["config"] != asdict(replace(config, prior_sigma=0, step=0)):
         run.previous, run.steps, run.budget = None, s.steps, s.time_budget  # another patch geometry: start over
     run.seconds["atlas"] = time.monotonic() - t0
-    return _AtlasErrors(estimates, truth, sigma, config, evidence)
+    return _AtlasErrors(estimates, truth, sigma, config, evidence, starts)
 
 
 def _pseudo_label_phase(run: _Run) -> list:
@@ -338,47 +342,69 @@ def _train_fold(run: _Run, atlas: _AtlasErrors, f: int, held: list[int], pseudo:
     return net.eval(), result["steps"]
 
 
-def _estimate_phase(run: _Run, atlas: _AtlasErrors, nets: list[PatchNet]) -> tuple[dict, RefinerConfig]:
+def _estimate_phase(run: _Run, atlas: _AtlasErrors, nets: list[PatchNet],
+                    votes: list) -> tuple[dict, RefinerConfig]:
     """Each fold's network refines its held-out cases' atlas estimates, for each prior spread tried: the
     adapter's error on unseen cases next to the atlas's, per landmark; the best prior is kept, and the model
-    of the adapter's error (its calibrated confidence and review rule) is fitted on those held-out points."""
+    of the adapter's error (its calibrated confidence and review rule) is fitted on those held-out points; the
+    rule flags at most its share of the points on the unannotated images (`votes`: the atlas's on them) too."""
     t0 = time.monotonic()
     spacing = np.array([c.spacing for c in run.cases])[:, None, :]
     greys = [grey(c) for c in run.cases]
-    tried = []  # per prior spread: (held-out MRE, config, refined points, posterior mass)
+    tried = []  # per prior spread: (held-out MRE, config, per case its Refined)
     for scale in run.settings.prior_scales:
         check(run.cancel, "training cancelled")
         config = replace(atlas.config, prior_sigma=round(atlas.sigma * scale, 3))
-        refined = np.full_like(atlas.estimates, np.nan)
-        mass = np.full(atlas.estimates.shape[:2], np.nan)
+        refined = [None] * len(run.cases)
         for f, held in enumerate(run.folds):
             refiner = Refiner([nets[f]], config, np.ones(len(run.names), bool))
             for i in held:
-                radius = WITHIN_MM / float(spacing[i].mean())
-                refined[i], mass[i] = refiner.refine(greys[i], atlas.estimates[i],
-                                                     np.isfinite(atlas.estimates[i]).all(1), radius)
-        tried.append((np.nanmean(np.linalg.norm((refined - atlas.truth) * spacing, axis=2)), config, refined, mass))
+                refined[i] = refiner.refine(greys[i], atlas.estimates[i], np.isfinite(atlas.estimates[i]).all(1),
+                                            WITHIN_MM / float(spacing[i].mean()), atlas.starts[i])
+        points = np.stack([r.points for r in refined])
+        tried.append((np.nanmean(np.linalg.norm((points - atlas.truth) * spacing, axis=2)), config, refined))
         run.report("estimate", len(tried) / len(run.settings.prior_scales), "measuring the error on held-out cases")
-    _, config, refined, mass = min(tried, key=lambda t: t[0])  # the first of equals: the narrower prior
-    estimate = _estimate(run.names, run.labels, run.folds, atlas.estimates, refined, atlas.truth, spacing)
+    _, config, refined = min(tried, key=lambda t: t[0])  # the first of equals: the narrower prior
+    points = np.stack([r.points for r in refined])
+    estimate = _estimate(run.names, run.labels, run.folds, atlas.estimates, points, atlas.truth, spacing)
     estimate["prior_scale"] = round(config.prior_sigma / atlas.sigma, 3)
-    estimate["calibration"] = _calibrate(atlas, refined, mass, np.array(estimate["use_refined"]), spacing).to_dict()
+    use = np.array(estimate["use_refined"])
+    estimate["calibration"] = _calibrate(atlas, refined, use, spacing,
+                                         _unlabelled_evidence(run, Refiner(nets, config, use), votes)).to_dict()
     run.seconds["estimate"] = time.monotonic() - t0
     return estimate, config
 
 
-def _calibrate(atlas: _AtlasErrors, refined, mass, use: np.ndarray, spacing) -> Calibration:
+def _calibrate(atlas: _AtlasErrors, refined: list[Refined], use: np.ndarray, spacing,
+               unlabelled: list[tuple[Evidence, np.ndarray]]) -> Calibration:
     """The adapter's confidence model, on the points it would give on its held-out cases (refined where it
-    refines, the atlas's elsewhere) and what it saw of each."""
-    chosen = np.where(use[None, :, None], refined, atlas.estimates)
-    mass = np.where(use[None], mass, np.nan)
-    evidence = [refined_evidence(e, a, c, m, s[0]) for e, a, c, m, s in
-                zip(atlas.evidence, atlas.estimates, chosen, mass, spacing)]
-    error = np.linalg.norm((chosen - atlas.truth) * spacing, axis=2)
+    refines, the atlas's elsewhere) and what it saw of each; `unlabelled`: what it sees of its unannotated
+    images (the review rule flags at most its share of those too)."""
+    nan = np.full(len(use), np.nan)
+    chosen = [Refined(np.where(use[:, None], r.points, a), np.where(use, r.mass, nan), np.where(use, r.disagree, nan))
+              for r, a in zip(refined, atlas.estimates)]
+    evidence = [refined_evidence(e, a, c, s[0]) for e, a, c, s in zip(atlas.evidence, atlas.estimates, chosen, spacing)]
+    error = np.linalg.norm((np.stack([c.points for c in chosen]) - atlas.truth) * spacing, axis=2)
     n, k = error.shape
     ok = np.isfinite(error).ravel()
     return fit_calibration(Evidence.stack(evidence).select(ok), error.ravel()[ok], np.repeat(np.arange(n), k)[ok],
-                           np.tile(np.arange(k), n)[ok], k)
+                           np.tile(np.arange(k), n)[ok], k,
+                           lambda model: np.concatenate([[]] + [model.probability(e)[found] for e, found in unlabelled]))
+
+
+def _unlabelled_evidence(run: _Run, refiner: Refiner, votes: list) -> list[tuple[Evidence, np.ndarray]]:
+    """What the adapter sees of each unannotated image as it will detect (all its cases' votes, all its networks),
+    and which landmarks it finds there: the points of which its review rule may flag only its share."""
+    fuser = AtlasDetector(run.cases, run.settings.atlas) if run.pool else None
+    seen = []
+    for image, (stack, scores) in zip(run.pool, votes):
+        check(run.cancel, "training cancelled")
+        found, evidence = fuser.fuse_with_evidence(image, stack, scores)
+        mm = np.array(image.spacing)
+        refined = refiner.refine(grey(image), found.points, found.present, WITHIN_MM / float(mm.mean()),
+                                 vote_starts(stack, scores))
+        seen.append((refined_evidence(evidence, found.points, refined, mm), found.present))
+    return seen
 
 
 def _save_phase(run: _Run, out, config: RefinerConfig, nets, votes, estimate: dict, steps: int) -> Path:
