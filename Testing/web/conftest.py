@@ -28,27 +28,37 @@ def _need_web():
             not in ("", "0") else pytest.skip(reason)
 
 
+def case_files(folder, stem: str, case):
+    """(stem.nrrd, stem.mrk.json): an annotated 2D case as a user uploads it, its image with its pixel spacing and
+    its points (once per folder and stem)."""
+    import numpy as np
+    import SimpleITK as sitk
+    from medsapiens.io.markups import write_markups
+
+    paths = folder / f"{stem}.nrrd", folder / f"{stem}.mrk.json"
+    if not paths[0].exists():
+        image = sitk.GetImageFromArray(np.asarray(case.image))
+        image.SetSpacing(tuple(float(s) for s in case.spacing))
+        sitk.WriteImage(image, str(paths[0]))
+        write_markups(paths[1], case.landmarks, case)
+    return paths
+
+
 @pytest.fixture(scope="session")
 def phantom_files(tmp_path_factory):
     """files(seed) -> (image.nrrd, image.mrk.json): a phantom radiograph (0.5 mm pixels) and its true points."""
-    import numpy as np
-    import SimpleITK as sitk
     from medsapiens import api
-    from medsapiens.io.markups import write_markups
 
     folder = tmp_path_factory.mktemp("phantoms")
+    return lambda seed: case_files(folder, f"phantom{seed}", api.phantom_case(seed))
 
-    def files(seed):
-        case = api.phantom_case(seed)
-        image = sitk.GetImageFromArray(np.asarray(case.image))
-        image.SetSpacing(tuple(float(s) for s in case.spacing))
-        paths = folder / f"phantom{seed}.nrrd", folder / f"phantom{seed}.mrk.json"
-        if not paths[0].exists():
-            sitk.WriteImage(image, str(paths[0]))
-            write_markups(paths[1], case.landmarks, case)
-        return paths
 
-    return files
+@pytest.fixture(scope="session")
+def ceph_files(tmp_path_factory, ceph):
+    """files(i) -> (ceph<i>.nrrd, ceph<i>.mrk.json): cephalogram i of the shared data set (its 0.254 mm pixels)
+    and its reference points, the ISBI 2015 landmarks."""
+    folder = tmp_path_factory.mktemp("cephs")
+    return lambda i: case_files(folder, f"ceph{i + 1:03d}", ceph.case(i))
 
 
 @pytest.fixture(scope="module")
