@@ -111,27 +111,35 @@ def micro_file(tmp_path_factory, ceph):
                         (256, 192), 3.0)
 
 
+def case_files(folder, stem: str, case):
+    """(stem.nrrd, stem.mrk.json): an annotated 2D case as a user has it on disk, its image with its pixel spacing
+    and its points (written once per folder and stem)."""
+    import numpy as np
+    import SimpleITK as sitk
+    from medsapiens.io.markups import write_markups
+
+    paths = folder / f"{stem}.nrrd", folder / f"{stem}.mrk.json"
+    if not paths[0].exists():
+        image = sitk.GetImageFromArray(np.asarray(case.image))
+        image.SetSpacing(tuple(float(s) for s in case.spacing))
+        sitk.WriteImage(image, str(paths[0]))
+        write_markups(paths[1], case.landmarks, case)
+    return paths
+
+
+@pytest.fixture(scope="session")
+def write_case_files():
+    """case_files, for the fixtures of the folders below that write other cases."""
+    return case_files
+
+
 @pytest.fixture(scope="session")
 def phantom_files(tmp_path_factory):
     """files(seed) -> (image.nrrd, image.mrk.json): a phantom radiograph (0.5 mm pixels) and its true points."""
-    import numpy as np
-    import SimpleITK as sitk
     from medsapiens import api
-    from medsapiens.io.markups import write_markups
 
     folder = tmp_path_factory.mktemp("phantoms")
-
-    def files(seed):
-        case = api.phantom_case(seed)
-        image = sitk.GetImageFromArray(np.asarray(case.image))
-        image.SetSpacing(tuple(float(s) for s in case.spacing))
-        paths = folder / f"phantom{seed}.nrrd", folder / f"phantom{seed}.mrk.json"
-        if not paths[0].exists():
-            sitk.WriteImage(image, str(paths[0]))
-            write_markups(paths[1], case.landmarks, case)
-        return paths
-
-    return files
+    return lambda seed: case_files(folder, f"phantom{seed}", api.phantom_case(seed))
 
 
 def new_scene():

@@ -149,27 +149,40 @@ def classes(ds: Dataset, scored: list[int], res: dict, second: Dataset) -> None:
 
 
 def reliability_plot(res: dict, path: Path, title: str) -> None:
-    """Observed share within 2 mm against P, per decile bin of P, for each detector."""
+    """Left: observed share within 2 mm against P, per tenth of P, for each detector. Right: the share of the
+    points flagged against the share of the > 3 mm errors among them as the threshold on P moves, with the
+    review rule's own point marked."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(4.2, 4.2), dpi=110)
+    fig, (ax, roc) = plt.subplots(1, 2, figsize=(8.4, 4.2), dpi=110)
     ax.plot([0, 1], [0, 1], color="grey", lw=1, ls="--")
     for key in ("atlas", "adapter"):
         if key not in res:
             continue
         ok = np.isfinite(res[key]["error"])
-        p, hit = res[key]["p"][ok], res[key]["error"][ok] <= WITHIN_MM
+        p, error, check = res[key]["p"][ok], res[key]["error"][ok], res[key]["check"][ok]
+        hit = error <= WITHIN_MM
         bins = np.minimum((p * 10).astype(int), 9)
         xs = [p[bins == b].mean() for b in range(10) if (bins == b).any()]
         ys = [hit[bins == b].mean() for b in range(10) if (bins == b).any()]
-        ax.plot(xs, ys, marker="o", label=key)
+        line, = ax.plot(xs, ys, marker="o", label=key)
+        order = np.argsort(p)  # flag the least probable first
+        gross = error[order] > GROSS_MM
+        flagged = np.arange(1, len(p) + 1) / len(p)
+        roc.plot(flagged, np.cumsum(gross) / max(gross.sum(), 1), color=line.get_color(), label=key)
+        roc.plot(check.mean(), check[error > GROSS_MM].mean(), marker="o", color=line.get_color())
     ax.set_xlabel("P (within 2 mm), binned")
     ax.set_ylabel("observed share within 2 mm")
     ax.set_title(title, fontsize=9)
     ax.legend()
+    roc.plot([0, 1], [0, 1], color="grey", lw=1, ls="--")
+    roc.set_xlabel("share of the points flagged (least P first)")
+    roc.set_ylabel(f"share of the > {GROSS_MM:g} mm errors flagged")
+    roc.set_title("dots: the review rule's flags", fontsize=9)
+    roc.legend()
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)

@@ -28,6 +28,14 @@ def _need_web():
             not in ("", "0") else pytest.skip(reason)
 
 
+@pytest.fixture(scope="session")
+def ceph_files(tmp_path_factory, ceph, write_case_files):
+    """files(i) -> (ceph<i>.nrrd, ceph<i>.mrk.json): cephalogram i of the shared data set (its 0.254 mm pixels)
+    and its reference points, the ISBI 2015 landmarks."""
+    folder = tmp_path_factory.mktemp("cephs")
+    return lambda i: write_case_files(folder, f"ceph{i + 1:03d}", ceph.case(i))
+
+
 @pytest.fixture(scope="module")
 def web_server(tmp_path_factory):
     """`medsapiens web` on a free port of 127.0.0.1: (its URL, its process). The engine workers of its sessions

@@ -1,5 +1,6 @@
 """Uploads are checked before anything reads them: size, type from the content (not the name), no NRRD that
-points at another file; they are stored under names the server makes, and the client's name is only a label.
+points at another file; a landmark set file is text or a markups file, and never a JSON set naming a picture
+(a path on the server); they are stored under names the server makes, and the client's name is only a label.
 And `medsapiens web` says in one line when it listens beyond this machine."""
 import gzip
 import struct
@@ -7,7 +8,15 @@ import struct
 import pytest
 from medsapiens import InputError
 from medsapiens.web.server import exposure_warning
-from medsapiens.web.uploads import IMAGE, MARKUPS, UploadFolder, content_type, display_name
+from medsapiens.web.uploads import (
+    IMAGE,
+    LANDMARK_SET,
+    MARKUPS,
+    UploadFolder,
+    content_type,
+    display_name,
+    landmark_set_type,
+)
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"\0" * 64
 NIFTI = struct.pack("<i", 348) + b"\0" * 340 + b"n+1\0" + b"\0" * 200
@@ -25,6 +34,16 @@ MARKUPS_JSON = b'{"@schema": "x", "markups": [{"type": "Fiducial", "controlPoint
         "gzip-not-nifti", "json-not-markups", "html", "pdf"])
 def test_the_type_comes_from_the_content(content, suffix):
     assert content_type(content) == suffix
+
+
+@pytest.mark.parametrize("content, suffix", [
+    (b"name,description\nS,Sella\n", ".csv"), ("\ufeffS,\u00e9\n".encode("utf-8"), ".csv"),
+    (b'{"landmarks": ["S", "N"]}', ".json"), (b"{not json", ".json"), (MARKUPS_JSON, ".mrk.json"),
+    (b'{"landmarks": ["S"], "picture": "/etc/hostname"}', None), (PNG, None), (b"NRRD0004\ntype: uchar\n\n", None),
+    (b"S,\xff\xfe\n", None), (b"S\0N", None),
+], ids=["csv", "csv-bom", "json", "bad-json", "markups", "json-picture", "png", "nrrd-header", "not-utf8", "nul"])
+def test_a_landmark_set_file_is_text_or_markups(content, suffix):
+    assert landmark_set_type(content) == suffix  # a bad JSON is stored: the set's reader says what is wrong
 
 
 def test_uploads_are_stored_under_server_names_and_refused_in_one_line(tmp_path):
@@ -47,6 +66,14 @@ def test_uploads_are_stored_under_server_names_and_refused_in_one_line(tmp_path)
             folder.store(name, content)
         assert str(refused.value) == line
     assert sorted(p.name for p in (tmp_path / "uploads").iterdir()) == ["1", "2"]  # nothing of the refused
+    landmarks = folder.store("../my set.csv", b"S,Sella\n", landmark_set=True)
+    assert (landmarks.kind, landmarks.name, landmarks.path.name) == (LANDMARK_SET, "my set.csv", "landmark set.csv")
+    with pytest.raises(InputError) as refused:
+        folder.store("set.csv", PNG, landmark_set=True)
+    assert str(refused.value) == ('set.csv: not a landmark set file (UTF-8 text: CSV name,description, or JSON '
+                                  'without a "picture"; or a Slicer markups file)')
+    folder.remove(landmarks)
+    assert sorted(p.name for p in (tmp_path / "uploads").iterdir()) == ["1", "2"]
 
 
 def test_a_client_name_is_only_a_label():

@@ -3,21 +3,25 @@
 The client's file name is only ever shown (in messages, as a node name); it never becomes a path. The type comes
 from the content (magic bytes, a markups document's JSON), not from the name, and the size is limited
 (settings.WebSettings.upload_mb). A NRRD header that points at a separate data file is refused, since that
-would make the reader open a path the client chose.
+would make the reader open a path the client chose. A landmark set file is text (CSV or JSON) or a markups
+file, and a JSON set naming a picture is refused: the picture would be a path on the server.
 """
 from __future__ import annotations
 
 import itertools
 import json
 import re
+import shutil
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 from medsapiens import InputError
 
-IMAGE, MARKUPS = "image", "markups"
+IMAGE, MARKUPS, LANDMARK_SET = "image", "markups", "landmark set"
 ACCEPTED = "an image (PNG, JPEG, NRRD, NIfTI, DICOM) or a Slicer markups file (.mrk.json)"
+SET_ACCEPTED = ("a landmark set file (UTF-8 text: CSV name,description, or JSON without a \"picture\"; or a Slicer "
+                "markups file)")
 
 
 @dataclass(frozen=True)
@@ -51,6 +55,28 @@ def content_type(content: bytes) -> str | None:
     return ".mrk.json" if _markups_document(content) else None
 
 
+def landmark_set_type(content: bytes) -> str | None:
+    """The stored file's suffix for a landmark set file (what medsapiens.landmark_sets reads by suffix): a markups
+    document (.mrk.json: its names), JSON text (.json) or other text (.csv); None for anything else (an image's
+    text header included), and for a JSON set naming a picture."""
+    kind = content_type(content)
+    if kind is not None:
+        return kind if kind == ".mrk.json" else None
+    try:
+        text = content.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        return None
+    if "\0" in text:
+        return None
+    if not text.lstrip().startswith(("{", "[")):
+        return ".csv"
+    try:
+        document = json.loads(text)
+    except ValueError:
+        return ".json"  # the landmark set reader says what is wrong with it
+    return None if isinstance(document, dict) and "picture" in document else ".json"
+
+
 def _attached_nrrd(content: bytes) -> bool:
     """True when the NRRD header holds no 'data file' field (its data follow it in the same file)."""
     header = content[:content.find(b"\n\n")] if b"\n\n" in content else content[:65536]
@@ -80,20 +106,26 @@ class UploadFolder:
         self.folder, self.limit_mb = Path(folder), limit_mb
         self._numbers = itertools.count(1)
 
-    def store(self, client_name, content: bytes) -> Upload:
-        """Check one uploaded file and store it; InputError (one line naming the file) when it is refused."""
+    def store(self, client_name, content: bytes, landmark_set: bool = False) -> Upload:
+        """Check one uploaded file and store it; InputError (one line naming the file) when it is refused.
+        landmark_set: a landmark set file (landmark_set_type) instead of an image or markups."""
         name = display_name(client_name)
         if not content:
             raise InputError(f"{name}: the file is empty")
         if len(content) > self.limit_mb * 1e6:
             raise InputError(f"{name}: {len(content) / 1e6:.1f} MB, more than the upload limit of "
                              f"{self.limit_mb:g} MB")
-        suffix = content_type(content)
+        suffix = landmark_set_type(content) if landmark_set else content_type(content)
         if suffix is None:
-            raise InputError(f"{name}: not {ACCEPTED}")
+            raise InputError(f"{name}: not {SET_ACCEPTED if landmark_set else ACCEPTED}")
         folder = self.folder / str(next(self._numbers))
         folder.mkdir(parents=True)
-        path = folder / f"upload{suffix}"
+        path = folder / f"{'landmark set' if landmark_set else 'upload'}{suffix}"
         path.write_bytes(content)
-        return Upload(MARKUPS if suffix == ".mrk.json" else IMAGE, path, name)
+        return Upload(LANDMARK_SET if landmark_set else MARKUPS if suffix == ".mrk.json" else IMAGE, path, name)
+
+    @staticmethod
+    def remove(upload: Upload) -> None:
+        """Forget a stored file (one its reader refused): nothing of it is kept."""
+        shutil.rmtree(upload.path.parent, ignore_errors=True)
 
