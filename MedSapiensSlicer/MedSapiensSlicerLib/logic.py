@@ -154,13 +154,22 @@ class MedSapiensLogic:
         detected on, with that image's geometry; refused like addCase when it does not fit the table."""
         from medsapiens import InputError
 
+        detected = self.detectedOn(markupsNode)
+        if detected is None:
+            raise InputError(f"{markupsNode.GetName() if markupsNode else 'result'}: not the result of a Detect on an "
+                             "image still open; choose its image and points and Add case")
+        detection = self.detections[markupsNode.GetID()]
+        return self._addRow(self.scene.GetNodeByID(detection.volumeID), markupsNode, detection.plane, *detected)
+
+    def detectedOn(self, markupsNode):
+        """(case, geometry) of the image a result node was detected on, or None for another node (or its image
+        was closed since)."""
         detection = self.detections.get(markupsNode.GetID()) if markupsNode is not None else None
         volumeNode = self.scene.GetNodeByID(detection.volumeID) if detection else None
         if volumeNode is None:
-            raise InputError(f"{markupsNode.GetName() if markupsNode else 'result'}: not the result of a Detect on an "
-                             "image still open; choose its image and points and Add case")
+            return None
         case = detection.case or self.caseFor(volumeNode, WHOLE_VOLUME if detection.plane == WHOLE_VOLUME else None)[0]
-        return self._addRow(volumeNode, markupsNode, detection.plane, case, detection.geometry)
+        return case, detection.geometry
 
     def _addRow(self, volumeNode, markupsNode, plane: str, case, geometry) -> CaseRow:
         row = CaseRow(volumeNode.GetID(), markupsNode.GetID(), plane,

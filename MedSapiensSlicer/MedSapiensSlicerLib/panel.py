@@ -6,7 +6,7 @@ tests drive the same decisions on slicer-core.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from medsapiens import api
@@ -117,7 +117,9 @@ class PanelLogic(MedSapiensLogic):
         from medsapiens import InputError
 
         if p.model == ATLAS:
-            if p.view != WHOLE_VOLUME and p.useAtlasAdapter and self.adapterInfo(p.atlasAdapter):
+            info = p.view != WHOLE_VOLUME and p.useAtlasAdapter and self.adapterInfo(p.atlasAdapter)
+            if info:
+                self._checkAdapterFitsTable(info)
                 return {"model": None, "adapter": p.atlasAdapter}  # the adapter carries its own atlas
             return {"model": None, "atlas": True, "deformable": p.atlasDeformable and p.view != WHOLE_VOLUME}
         if p.view == WHOLE_VOLUME:  # said here, before any download question (startDetect refuses it too)
@@ -126,6 +128,16 @@ class PanelLogic(MedSapiensLogic):
         if not model:
             raise InputError("choose the model file")
         return {"model": model, "adapter": p.adapter or None, "device": p.device, "precision": p.precision}
+
+    def _checkAdapterFitsTable(self, info) -> None:
+        """One line where the table's cases are of other landmarks than the adapter in use (it would detect its
+        own landmarks on an image of another task)."""
+        from medsapiens import InputError
+
+        names = [n for row in self.cases[:1] for n in labels(self.scene.GetNodeByID(row.markupsID))]
+        if names and set(names) != set(info["landmark_names"]):
+            raise InputError(f"the fine-tuned adapter finds {_names(info['landmark_names'])}, but the table's cases "
+                             f"have {_names(names)}: fine-tune again, or clear \"Use my fine-tuned adapter\"")
 
     def downloadQuestion(self, p) -> str | None:
         """What to ask before a click downloads a catalogue model (the worker downloads it, with progress), or
@@ -412,16 +424,16 @@ class PanelLogic(MedSapiensLogic):
         return f"detected: {source}"
 
     def startReportFor(self, p, path):
-        """Send the input image on the panel's view and the result's points as they are now to the worker, which
-        writes the report (HTML and PDF) of the chosen analysis to `path`."""
+        """Send the image the result was detected on (else the input image on the panel's view) and the result's
+        points as they are now to the worker, which writes the report (HTML and PDF) of the chosen analysis to
+        `path`."""
         from medsapiens import InputError
 
-        case, geometry = self.caseFor(p.inputVolume, self.viewFor(p.view))
+        case, geometry = self.detectedOn(p.outputMarkups) or self.caseFor(p.inputVolume, self.viewFor(p.view))
         found = nodeLandmarks(p.outputMarkups, geometry)
         if found is None:
             raise InputError("the result's points are not the ISBI cephalometric landmarks")
-        case.landmarks = found[0]
-        image = self._worker().writeCase(case, "report")
+        image = self._worker().writeCase(replace(case, landmarks=found[0]), "report")
         return self._worker().submit("report", {"files": [image]}, case=image, out=str(path), analysis=p.analysis,
                                      title=p.outputMarkups.GetName(), source=self.landmarkSource(p))
 
@@ -469,3 +481,8 @@ class PanelLogic(MedSapiensLogic):
 
 def _count(n: int, thing: str) -> str:
     return f"{n} {thing}{'' if n == 1 else 's'}"
+
+
+def _names(names, shown: int = 5) -> str:
+    names = list(names)
+    return ", ".join(names[:shown]) + (", ..." if len(names) > shown else "")

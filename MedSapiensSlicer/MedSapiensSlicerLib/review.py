@@ -54,8 +54,8 @@ def _positions(node) -> np.ndarray:
 
 
 class Review(PointsObserver):
-    """The review of a result node: marks each point moved since the review began as corrected, then calls
-    `callback()` (the panel redraws its list)."""
+    """The review of a result node: marks each detected point (its description holds a detection's confidence)
+    moved since the review began as corrected, then calls `callback()` (the panel redraws its list)."""
 
     def __init__(self, node, callback):
         self.found = _positions(node)  # where the points were when the review began
@@ -69,9 +69,10 @@ class Review(PointsObserver):
         now = _positions(node)
         if len(now) == len(self.found):
             for i in np.flatnonzero(np.linalg.norm(now - self.found, axis=1) > MOVED_MM):
-                if node.GetNthControlPointPositionStatus(int(i)) == node.PositionDefined:
-                    text = node.GetNthControlPointDescription(int(i))
-                    if not Landmarks.is_corrected(text):
-                        node.SetNthControlPointDescription(int(i), Landmarks.corrected_description(text))
+                text = node.GetNthControlPointDescription(int(i))
+                detected = Landmarks.read_description(text)[0] is not None  # a person's own point is left alone
+                if detected and node.GetNthControlPointPositionStatus(int(i)) == node.PositionDefined \
+                        and not Landmarks.is_corrected(text):
+                    node.SetNthControlPointDescription(int(i), Landmarks.corrected_description(text))
         if self.onChanged:
             self.onChanged()

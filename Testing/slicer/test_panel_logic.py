@@ -71,9 +71,11 @@ def test_atlas_options_apply_to_the_2d_atlas_and_the_adapter_once_there_is_one(l
 
 
 @pytest.mark.slow
-def test_finetune_on_the_atlas_then_detect_uses_the_adapter(logic, scene, ceph, tmp_path, monkeypatch, ceph_volume):
+def test_finetune_on_the_atlas_then_detect_uses_the_adapter(logic, scene, ceph, tmp_path, monkeypatch, ceph_volume,
+                                                            phantom_files):
     """The panel's Fine-tune with the atlas chosen: the refiner learns from the table and the other open image;
-    finishing points Detect at the new adapter; the status lines say what happened."""
+    finishing points Detect at the new adapter; the status lines say what happened; once the table holds another
+    task's cases, Detect with that adapter is refused in one line."""
     monkeypatch.setenv("MEDSAPIENS_CACHE", str(tmp_path / "cache" / "models"))
     for i in (0, 1, 2):
         logic.addCase(*ceph_volume(scene, i, tmp_path))
@@ -96,6 +98,14 @@ def test_finetune_on_the_atlas_then_detect_uses_the_adapter(logic, scene, ceph, 
     job = logic.wait(logic.startDetectFor(p))
     assert logic.finishJob(job, p).startswith("19 of 19 landmarks placed in 'ceph005 landmarks'")
     assert p.outputMarkups.GetAttribute("MedSapiens.Source") == f"atlas + adapter {Path(p.atlasAdapter).name}"
+    logic.removeCases(range(3))  # another task's cases in the table: the adapter would find its own landmarks
+    for seed in (0, 1):
+        image, points = phantom_files(seed)
+        volume = scene.logics["Volumes"].AddArchetypeVolume(str(image), image.stem, 4)  # 4: as one file
+        logic.addCase(volume, scene.GetNodeByID(scene.logics["Markups"].LoadMarkups(str(points))))
+    with pytest.raises(InputError, match=r"^the fine-tuned adapter finds S, N, Or, Po, A, \.\.\., but the table's "
+                                         r"cases have Sella, .*: fine-tune again, or clear \"Use my fine-tuned adapter\"$"):
+        logic.detectOptions(p)
 
 
 def test_a_failed_job_is_its_one_line_and_changes_nothing(logic, scene, ceph, tmp_path, ceph_volume):

@@ -196,6 +196,13 @@ def test_review_lists_flagged_points_jumps_to_them_and_add_as_case_keeps_the_det
     assert np.allclose(row.geometry.to_ras(case.landmarks.points[[worst.index]])[0], truth, atol=1e-6)
     with pytest.raises(InputError, match="not the result of a Detect on an image still open"):
         logic.addReviewedCase(replace(p, outputMarkups=scenario.out.cases[0]))
+    mine = replace(p, outputMarkups=scenario.out.cases[0])  # a person's own points chosen as the result
+    logic.followPoints(mine)
+    before = [mine.outputMarkups.GetNthControlPointDescription(i) for i in range(9)]
+    moved = np.array(mine.outputMarkups.GetNthControlPointPositionWorld(0)) + [1.0, 0.0, 0.0]
+    mine.outputMarkups.SetNthControlPointPositionWorld(0, *moved)
+    assert [mine.outputMarkups.GetNthControlPointDescription(i) for i in range(9)] == before, "left alone"
+    assert logic.reviewRows(mine) == []
 
 
 @pytest.mark.slow

@@ -3,10 +3,12 @@ follow a moved point at once (Slicer's own angle and length equal the table's), 
 with the check box, give way to another analysis; a left-facing image reads the same; the report from the panel
 is written by the engine worker."""
 import os
+from dataclasses import replace
 
 import numpy as np
 import pytest
 from medsapiens import Landmarks, api
+from MedSapiensSlicerLib.logic import WHOLE_IMAGE, Detection
 from MedSapiensSlicerLib.panel import PanelLogic, PanelState
 from MedSapiensSlicerLib.tracing import TRACING_ATTRIBUTE
 
@@ -107,9 +109,11 @@ def test_a_left_facing_image_reads_the_same_in_every_analysis(scene, traced):
 
 @pytest.mark.slow
 def test_the_panel_report_is_written_by_the_worker(scene, traced, engine_worker, tmp_path):
-    logic, p, node, _, row = traced
+    logic, p, node, geometry, row = traced
     logic.worker = engine_worker
     node.SetNthControlPointDescription(row.landmarks.names.index("B"), "confidence 0.310; check")
+    logic.detections[node.GetID()] = Detection(p.inputVolume.GetID(), WHOLE_IMAGE, None, geometry)  # as a batch's
+    p = replace(p, inputVolume=None)  # the report is of the image the result was detected on, whatever is chosen
     job = logic.wait(logic.startReportFor(p, tmp_path / "out" / "result.html"))
     assert not job.error, job.error
     status = logic.finishJob(job, p)
