@@ -28,6 +28,7 @@ from medsapiens.training.refine import (
     finetune_on_atlas,
     folds_of,
     pseudo_labels,
+    pseudo_share,
 )
 
 # small and quick: two cases (two folds, one-atlas leave-one-out), a 32-sample patch, few steps
@@ -252,6 +253,16 @@ def test_the_atlas_keeps_a_landmark_only_where_the_held_out_cases_show_it_better
     assert est["use_refined"] == [True, True, True]
     assert [atlas_wins(n, n) for n in range(1, 7)] == [False, False, False, False, True, True]
     assert atlas_wins(7, 8) and not atlas_wins(6, 8) and not atlas_wins(0, 0)
+
+
+def test_the_labelled_images_share_of_a_batch_falls_as_cases_are_added():
+    """An annotated case weighs case_weight images the atlas labelled: with 3 cases and 47 images 3/4 of a batch of
+    32 patches comes from those images; with 20 cases and 30 images less than a quarter; without images none."""
+    weight = RefineSettings().case_weight
+    assert round(32 * pseudo_share(3, 47, weight)) == 24
+    shares = [pseudo_share(n, 50 - n, weight) for n in (3, 5, 10, 20)]
+    assert shares == sorted(shares, reverse=True) and shares[-1] < 0.25
+    assert pseudo_share(3, 0, weight) == 0
 
 
 def test_warm_start_never_uses_a_network_that_saw_the_held_out_case():

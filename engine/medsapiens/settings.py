@@ -100,7 +100,8 @@ class RefineSettings:
     target_sigma: float = 1.0    # output cells
     offset_spread: float = 1.25  # training offsets ~ N(0, this x the atlas's error per axis)
     min_sigma_px: float = 2.0
-    pseudo_share: float = 0.75   # share of each batch cut from unannotated images the atlas labelled (if given)
+    case_weight: float = 5.0     # an annotated case is sampled this many times as often as an image the atlas
+                                 # labelled (3 cases + 47 images: 3/4 of each batch from the labelled images)
     max_unannotated: int = 50    # at most this many of them (evenly spaced): about 2.5 s of atlas each
     prior_scales: tuple[float, ...] = (1.0, 2.0, 4.0)  # prior spreads (x the atlas's error) tried on held-out cases
     seed: int = 0

@@ -302,6 +302,12 @@ def _train_phase(run: _Run, atlas: _AtlasErrors, votes: list) -> tuple[list[Patc
     return nets, total
 
 
+def pseudo_share(cases: int, labelled: int, case_weight: float) -> float:
+    """The share of each batch cut from the images the atlas labelled: an annotated case is worth case_weight of
+    them, so the share falls as cases are added (20 cases + 30 images: 0.23) instead of outweighing the truth."""
+    return labelled / (labelled + case_weight * cases)
+
+
 def _kept(run: _Run, held: list[int]) -> list[int]:
     return [i for i in range(len(run.cases)) if i not in held]
 
@@ -314,7 +320,7 @@ def _train_fold(run: _Run, atlas: _AtlasErrors, f: int, held: list[int], pseudo:
     start = _warm(run.previous, {run.labels[i] for i in held})
     if start is not None:
         net.load_state_dict(start)
-    n_pseudo = int(round(s.batch * s.pseudo_share)) if pseudo else 0
+    n_pseudo = int(round(s.batch * pseudo_share(len(run.cases), len(pseudo), s.case_weight)))
     spread = s.offset_spread * atlas.sigma
     samplers = [(PatchSampler([run.cases[i] for i in _kept(run, held)], run.names, atlas.config, s, spread),
                  s.batch - n_pseudo)]
