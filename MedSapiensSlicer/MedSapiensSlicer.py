@@ -215,6 +215,7 @@ class MedSapiensSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.adapterEstimateLabel.text = self.logic.adapterSummary(info)
         self.ui.adapterEstimateLabel.toolTip = self.logic.adapterLandmarks(info)  # per landmark
         self.ui.landmarkSetPathLineEdit.enabled = p.landmarkSet == FROM_FILE
+        self.ui.landmarkNamesLabel.text = self.logic.modelLandmarksLine(p)
         self._showCases()
         self.logic.followPoints(p)
         self._showPoints()

@@ -266,6 +266,18 @@ class PanelLogic(MedSapiensLogic):
         except InputError:
             return None  # e.g. a checkpoint that names its landmarks only once loaded
 
+    def modelLandmarksLine(self, p) -> str:
+        """What the 'Landmarks:' row shows: the chosen model's landmarks, or why they are not known yet."""
+        from medsapiens import InputError
+
+        try:
+            found = self.modelLandmarkSet(p)
+        except InputError as e:  # no model file chosen, an adapter for other landmarks: said where Detect says it
+            return f"not known: {e}"
+        if found is not None:
+            return f"{len(found.names)}: {_names(found.names)}"
+        return "those of your cases (none yet)" if p.model == ATLAS else "known once the model is loaded"
+
     def annotate(self, p):
         """Annotate this image: a NEW markups node holding the chosen set's landmarks unplaced, in order (see
         annotation.py), chosen as the annotated points, with Slicer's place mode started on it."""

@@ -11,7 +11,7 @@ import pytest
 import vtk
 from medsapiens import InputError, Landmarks, api
 from MedSapiensSlicerLib.annotation import labels
-from MedSapiensSlicerLib.panel import FROM_FILE, FROM_MODEL, PanelLogic, PanelState
+from MedSapiensSlicerLib.panel import FROM_FILE, FROM_MODEL, LOCAL_FILE, PanelLogic, PanelState
 from MedSapiensSlicerLib.scenario import FAST, SessionScenario, place
 
 ISBI = "ISBI 2015 cephalometric (19)"
@@ -115,6 +115,7 @@ def test_the_models_landmarks_are_my_cases_with_the_atlas_and_a_file_is_read_as_
     scenario = SessionScenario(logic, None, tmp_path)
     p = replace(PanelState(), inputVolume=scenario.addPhantom(0))
     assert p.landmarkSet == FROM_MODEL
+    assert logic.modelLandmarksLine(p) == "those of your cases (none yet)"
     with pytest.raises(InputError, match="the chosen model's landmarks are not known yet"):
         logic.annotate(p)
     first = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "first")
@@ -124,6 +125,9 @@ def test_the_models_landmarks_are_my_cases_with_the_atlas_and_a_file_is_read_as_
     logic.addCaseFor(p)
     template = logic.annotate(replace(p, inputVolume=scenario.addPhantom(1)))
     assert labels(template) == ["Tip", "Chin"] and logic.modelLandmarkSet(p).title == "my cases (2)"
+    assert logic.modelLandmarksLine(p) == "2: Tip, Chin"
+    assert logic.modelLandmarksLine(replace(p, model="medsapiens-head")) == "19: S, N, Or, Po, A, ..."
+    assert logic.modelLandmarksLine(replace(p, model=LOCAL_FILE)) == "not known: choose the model file"
     other = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "other")
     other.AddControlPoint(vtk.vtkVector3d(-5, -5, 0), "F-1")
     with pytest.raises(InputError, match=r"^other: 'F-1' is not a landmark of my cases \(2\) \(Tip, Chin\)$"):
