@@ -20,7 +20,10 @@ SOURCE_KINDS = ("http", "google-drive", "local")
 
 
 @dataclass(frozen=True)
-class LandmarkSet:
+class HeadLandmarks:
+    """The landmarks of one group of a model's heatmap channels (a generalist model has several: head, hand,
+    ...), in channel order, with the left/right pairs a flip test swaps. What a person annotates is a
+    landmark_sets.LandmarkSet; this is what a catalogue model outputs."""
     name: str
     display: str
     names: list[str]
@@ -46,7 +49,7 @@ class Entry:
     sha256: str  # hex digest of the kept file, or PIN_ON_FIRST_DOWNLOAD
     layout: str | None  # None: recognised from the file (models a user added)
     base: str | None = None
-    landmark_sets: tuple[LandmarkSet, ...] = ()
+    landmark_sets: tuple[HeadLandmarks, ...] = ()
     input_hw: tuple[int, int] | None = None
     sigma: float | None = None
     flip_test: bool = False
@@ -65,7 +68,7 @@ class Entry:
 class Choice:
     """A catalogue model, optionally restricted to one landmark set: what `detect NAME[:SET]` runs."""
     entry: Entry
-    landmark_set: LandmarkSet | None = None
+    landmark_set: HeadLandmarks | None = None
 
     @property
     def name(self) -> str:
@@ -128,7 +131,7 @@ def catalogue() -> dict[str, Entry]:
 
 
 def _parse(data: dict, where: str) -> dict[str, Entry]:
-    sets = {name: LandmarkSet(name, s.get("display", name), list(s["names"]),
+    sets = {name: HeadLandmarks(name, s.get("display", name), list(s["names"]),
                               [tuple(p) for p in s.get("flip_pairs", [])])
             for name, s in data.get("landmark_sets", {}).items()}
     entries = {}
