@@ -61,7 +61,7 @@ def memory_run(data: Path, ds: Dataset, atlases: list[str], target: int) -> str:
             f"{usage.ru_maxrss / 2**20:.2f} GB")
 
 
-def main():
+def parse_args():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("data", type=Path, help="volume set folder (with a 3D landmarks.csv)")
     p.add_argument("--atlases", type=int, nargs="+", default=[1, 3, 5], help="atlas counts")
@@ -73,15 +73,14 @@ def main():
     p.add_argument("--shard", metavar="K/N", help="score only volumes i with i %% N == K")
     p.add_argument("--save", type=Path, help="save the scored volumes' errors and times here (after each volume)")
     p.add_argument("--merge", type=Path, nargs="+", help="print the figures over these saved shards and stop")
-    args = p.parse_args()
+    return p.parse_args()
+
+
+def main():
+    args = parse_args()
     ds = Dataset(args.data / "landmarks.csv")
     if args.merge:
-        parts = [np.load(f, allow_pickle=False) for f in args.merge]
-        rows = [int(i) for part in parts for i in part["rows"]]
-        counts = [int(k) for k in parts[0]["counts"]]
-        report(ds, rows, counts, *({k: [row for part in parts for row in part[f"{name}_{k}"]] for k in counts}
-                                    for name in ("errors", "wall", "cpu")),
-               [float(v) for part in parts for v in part["prep"]])
+        merge(ds, args.merge)
         return
     torch.set_num_threads(args.threads)
     if args.memory_run:
@@ -94,7 +93,23 @@ def main():
     if args.shard:
         k, of = (int(v) for v in args.shard.split("/"))
         scored = [i for i in scored if i % of == k]
-    settings = Atlas3DSettings()
+    score(ds, scored, args.atlases, args.save)
+
+
+def merge(ds: Dataset, files: list[Path]) -> None:
+    """The report over shards that --save wrote."""
+    parts = [np.load(f, allow_pickle=False) for f in files]
+    rows = [int(i) for part in parts for i in part["rows"]]
+    counts = [int(k) for k in parts[0]["counts"]]
+    report(ds, rows, counts, *({k: [row for part in parts for row in part[f"{name}_{k}"]] for k in counts}
+                               for name in ("errors", "wall", "cpu")),
+           [float(v) for part in parts for v in part["prep"]])
+
+
+def score(ds: Dataset, scored: list[int], counts: list[int], save: Path | None) -> None:
+    """Each scored volume detected by the next max(counts) volumes as atlases; the fewer-atlas figures fuse the
+    first of the same registrations."""
+    n, pool, settings = len(ds), max(counts), Atlas3DSettings()
     cache, prep_times = {}, []
 
     def atlas(i):  # each volume is prepared as an atlas once
@@ -104,9 +119,7 @@ def main():
             prep_times.append(c.wall)
         return cache[i]
 
-    errors = {k: [] for k in args.atlases}
-    wall = {k: [] for k in args.atlases}
-    cpu = {k: [] for k in args.atlases}
+    errors, wall, cpu = ({k: [] for k in counts} for _ in range(3))
     print(f"load average at start: {os.getloadavg()[0]:.1f}", flush=True)
     for i in scored:
         target = ds.case(i)
@@ -121,7 +134,7 @@ def main():
             pair_wall.append(c.wall)
             pair_cpu.append(c.cpu)
         line = []
-        for k in args.atlases:
+        for k in counts:
             with Clock() as c:
                 found = fuse(votes[:k], target, detectors[0].names, settings)
             errors[k].append(radial_errors(found, target.landmarks))
@@ -131,15 +144,14 @@ def main():
             line.append(f"{k}: {np.nanmean(np.where(np.isinf(e), np.nan, e)):.3f} mm "
                         f"({int(np.isinf(e).sum())} missing)")
         print(f"{ds.rows[i].id} (atlases {','.join(ds.rows[j].id for j in pool_ids)}): {'; '.join(line)}; "
-              f"{wall[max(args.atlases)][-1]:.1f} s wall, {cpu[max(args.atlases)][-1]:.1f} s CPU for {pool}, "
+              f"{wall[pool][-1]:.1f} s wall, {cpu[pool][-1]:.1f} s CPU for {pool}, "
               f"load {os.getloadavg()[0]:.1f}", flush=True)
-        if args.save:
+        if save:
             done = scored[: scored.index(i) + 1]
-            np.savez(args.save, rows=done, counts=args.atlases, prep=prep_times,
-                     **{f"errors_{k}": errors[k] for k in args.atlases}, **{f"wall_{k}": wall[k] for k in args.atlases},
-                     **{f"cpu_{k}": cpu[k] for k in args.atlases})
+            np.savez(save, rows=done, counts=counts, prep=prep_times, **{f"errors_{k}": errors[k] for k in counts},
+                     **{f"wall_{k}": wall[k] for k in counts}, **{f"cpu_{k}": cpu[k] for k in counts})
     if scored:
-        report(ds, scored, args.atlases, errors, wall, cpu, prep_times)
+        report(ds, scored, counts, errors, wall, cpu, prep_times)
 
 
 def report(ds: Dataset, scored: list[int], counts: list[int], errors: dict, wall: dict, cpu: dict, prep_times):
