@@ -230,16 +230,25 @@ class RefinedAtlasDetector:
 
     def _detect(self, case: Case, progress: Callback, cancel: Cancel) -> tuple[Landmarks, Landmarks, Evidence]:
         stack, scores = self.atlas.votes(case, progress=within(progress, 0.0, 0.95), cancel=cancel)
-        found, evidence = self.atlas.fuse_with_evidence(case, stack, scores)
         check(cancel)
         report(progress, 0.95, "refining the atlas's estimates")
-        mm = np.array(case.spacing)
-        refined = self.refiner.refine(grey(case), found.points, found.present, WITHIN_MM / float(mm.mean()),
-                                      vote_starts(stack, scores))
+        found, evidence, refined, seen = refine_votes(self.atlas, self.refiner, case, stack, scores)
         landmarks = Landmarks(self.names, refined.points, found.confidence, found.present)
         if self.calibration is not None:
-            landmarks = calibrated(landmarks, refined_evidence(evidence, found.points, refined, mm), self.calibration)
+            landmarks = calibrated(landmarks, seen, self.calibration)
         return landmarks, found, evidence
+
+
+def refine_votes(atlas, refiner: Refiner, case: Case, stack: np.ndarray, scores: np.ndarray
+                 ) -> tuple[Landmarks, Evidence, Refined, Evidence]:
+    """An atlas's fused estimate of its votes on `case` and its evidence, the refinement from it and from each vote,
+    and the evidence of both: what detection gives, and what the fine-tune's review rule sees of its unannotated
+    images, so the two never differ."""
+    found, evidence = atlas.fuse_with_evidence(case, stack, scores)
+    mm = np.array(case.spacing)
+    refined = refiner.refine(grey(case), found.points, found.present, WITHIN_MM / float(mm.mean()),
+                             vote_starts(stack, scores))
+    return found, evidence, refined, refined_evidence(evidence, found.points, refined, mm)
 
 
 def _local_stage_nested(atlas_settings: dict) -> dict:

@@ -47,6 +47,7 @@ from ..detectors.refiner import (
     cell_centres,
     grey,
     patch_grid,
+    refine_votes,
     refined_evidence,
     sample_patches,
     standardise,
@@ -405,11 +406,8 @@ def _unlabelled_evidence(run: _Run, refiner: Refiner, votes: list) -> list[tuple
     seen = []
     for image, (stack, scores) in zip(run.pool, votes):
         check(run.cancel, "training cancelled")
-        found, evidence = fuser.fuse_with_evidence(image, stack, scores)
-        mm = np.array(image.spacing)
-        refined = refiner.refine(grey(image), found.points, found.present, WITHIN_MM / float(mm.mean()),
-                                 vote_starts(stack, scores))
-        seen.append((refined_evidence(evidence, found.points, refined, mm), found.present))
+        found, _, _, evidence = refine_votes(fuser, refiner, image, stack, scores)
+        seen.append((evidence, found.present))
     return seen
 
 
