@@ -28,7 +28,7 @@ import numpy as np
 from medsapiens.analysis.cephalometry import MEASURE_NAMES, analyze
 from medsapiens.analysis.metrics import radial_errors, summary
 from medsapiens.detectors.atlas import AtlasDetector
-from medsapiens.detectors.calibration import GROSS_MM, WITHIN_MM, review_figures
+from medsapiens.detectors.calibration import GROSS_MM, WITHIN_MM, reliability, review_figures
 from medsapiens.detectors.refiner import load_refined_atlas
 from medsapiens.io.datasets import Dataset
 from medsapiens.settings import CEPH_RADII, HAND_RADII, REFINE_DEFAULTS
@@ -149,9 +149,9 @@ def classes(ds: Dataset, scored: list[int], res: dict, second: Dataset) -> None:
 
 
 def reliability_plot(res: dict, path: Path, title: str) -> None:
-    """Left: observed share within 2 mm against P, per tenth of P, for each detector. Right: the share of the
-    points flagged against the share of the > 3 mm errors among them as the threshold on P moves, with the
-    review rule's own point marked."""
+    """Left: observed share within 2 mm against P, per bin of P (calibration.reliability), for each detector.
+    Right: the share of the points flagged against the share of the > 3 mm errors among them as the threshold on
+    P moves, with the review rule's own point marked."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -164,10 +164,7 @@ def reliability_plot(res: dict, path: Path, title: str) -> None:
             continue
         ok = np.isfinite(res[key]["error"])
         p, error, check = res[key]["p"][ok], res[key]["error"][ok], res[key]["check"][ok]
-        hit = error <= WITHIN_MM
-        bins = np.minimum((p * 10).astype(int), 9)
-        xs = [p[bins == b].mean() for b in range(10) if (bins == b).any()]
-        ys = [hit[bins == b].mean() for b in range(10) if (bins == b).any()]
+        xs, ys, _ = zip(*reliability(p, error <= WITHIN_MM))
         line, = ax.plot(xs, ys, marker="o", label=key)
         order = np.argsort(p)  # flag the least probable first
         gross = error[order] > GROSS_MM

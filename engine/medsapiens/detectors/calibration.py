@@ -202,10 +202,14 @@ def _auc(score: np.ndarray, positive: np.ndarray) -> float | None:
     return round(float(greater + 0.5 * ties), 3)
 
 
+def reliability(p: np.ndarray, hit: np.ndarray) -> list[tuple[float, float, int]]:
+    """Per non-empty bin of P (BINS equal-width bins): mean P, observed rate of hits, points in it."""
+    bins = np.minimum((p * BINS).astype(int), BINS - 1)
+    return [(float(p[bins == b].mean()), float(hit[bins == b].mean()), int((bins == b).sum())) for b in np.unique(bins)]
+
+
 def calibration_error(p: np.ndarray, hit: np.ndarray) -> float | None:
     """Mean over the non-empty bins of |mean P - observed rate|, weighted by the points in each bin."""
     if not len(p):
         return None
-    bins = np.minimum((p * BINS).astype(int), BINS - 1)
-    total = sum(abs(p[bins == b].mean() - hit[bins == b].mean()) * (bins == b).sum() for b in np.unique(bins))
-    return round(float(total / len(p)), 3)
+    return round(sum(abs(mean_p - rate) * n for mean_p, rate, n in reliability(p, hit)) / len(p), 3)
