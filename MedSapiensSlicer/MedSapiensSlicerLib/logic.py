@@ -613,8 +613,10 @@ def ijk_to_world(volumeNode) -> np.ndarray:
 
 def _planeText(view, geometry: PlaneGeometry | None, case) -> str:
     """What was analysed, as the case table shows it (see caseFor for `view`)."""
-    if view is None or view == WHOLE_VOLUME:
-        return WHOLE_IMAGE if view is None else WHOLE_VOLUME
+    if view is None:
+        return WHOLE_IMAGE
+    if view == WHOLE_VOLUME:
+        return WHOLE_VOLUME
     return _describe_plane(view, geometry, case.size)
 
 
