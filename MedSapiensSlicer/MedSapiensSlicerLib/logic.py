@@ -477,7 +477,17 @@ class MedSapiensLogic:
         return (f"Expected error on unseen cases: adapter {mm(info['adapter_mre_mm'])}, atlas "
                 f"{mm(info['atlas_mre_mm'])} ({info['method']}, {info['cases_estimated']} cases); refined landmarks: "
                 f"{len(info['refined_landmarks'])} of {len(info['landmark_names'])}. Trained {info['steps']} steps in "
-                f"{info['train_seconds']:.0f} s{more}{warm}.{MedSapiensLogic._reviewSummary(info.get('review'))}")
+                f"{info['train_seconds']:.0f} s{more}{warm}.{MedSapiensLogic._stageSummary(info.get('atlas_stage'))}"
+                f"{MedSapiensLogic._reviewSummary(info.get('review'))}")
+
+    @staticmethod
+    def _stageSummary(stage) -> str:
+        """' The atlas's B-spline stage (flexible anatomy) was kept: 2.70 mm against 3.41 mm without it on 3
+        held-out cases.' (empty where it was not tried or not kept)."""
+        if not stage or not stage["bspline"]:
+            return ""
+        return (f" The atlas's B-spline stage (flexible anatomy) was kept: {stage['bspline_mm']:.2f} mm against "
+                f"{stage['affine_mm']:.2f} mm without it on {stage['cases']} held-out cases.")
 
     @staticmethod
     def _reviewSummary(review) -> str:

@@ -10,17 +10,21 @@ import torch
 from medsapiens import InputError, Volume
 from medsapiens.cli import main
 from medsapiens import load_detector
+from medsapiens.api import adapter_info
 from medsapiens.detectors.refiner import (
     PatchNet,
     Refiner,
     RefinerConfig,
     grey,
+    load_refined_atlas,
 )
+from medsapiens.io.datasets import Dataset
 from medsapiens.io.markups import read_markups
 from medsapiens.models.weight_files import load_weights
 from medsapiens import Cancelled, NotBetter
 from medsapiens.settings import RefineSettings
 from medsapiens.training.refine import (
+    BSPLINE_GAIN,
     PatchSampler,
     _estimate,
     _warm,
@@ -31,8 +35,8 @@ from medsapiens.training.refine import (
     pseudo_share,
 )
 
-# small and quick: two cases (two folds, one-atlas leave-one-out), a 32-sample patch, few steps
-QUICK = RefineSettings(steps=16, batch=16, patch=32, width=8, time_budget=120)
+# small and quick: two cases (two folds, one-atlas leave-one-out), a 32-sample patch, few steps, the affine atlas
+QUICK = RefineSettings(steps=16, batch=16, patch=32, width=8, time_budget=120, try_deformable=False)
 
 
 @pytest.fixture(scope="module")
@@ -272,6 +276,32 @@ def test_warm_start_never_uses_a_network_that_saw_the_held_out_case():
     assert _warm({"folds": [["001", "002"], ["003"]], "nets": {0: "a", 1: "b"}}, {"001"}) == "a"
     assert _warm(None, {"001"}) is None
     assert folds_of(3) == [[0], [1], [2]] and folds_of(7) == [[0, 5], [1, 6], [2], [3], [4]]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("data", ["hand_dha", "ceph_hamedan"])
+def test_the_atlas_keeps_its_bspline_stage_where_the_held_out_cases_show_it_better(data_dir, tmp_path, data):
+    """Three real cases, each detected by the atlas of the other two, with and without the B-spline stage: kept on
+    hands (fingers move on their own), not on cephalograms; the adapter's atlas is the one chosen, and the atlas
+    error it reports is the chosen stage's."""
+    cases = [Dataset(data_dir / data / "landmarks.csv").case(i) for i in range(3)]
+    out = tmp_path / "task.safetensors"
+    result = finetune_on_atlas(cases, out, settings=replace(QUICK, steps=2, try_deformable=True), keep_worse=True)
+    stage, kept = result.estimate["atlas_stage"], data == "hand_dha"
+    assert stage["bspline"] is kept and stage["cases"] == 3
+    assert (stage["bspline_mm"] <= BSPLINE_GAIN * stage["affine_mm"]) is kept
+    assert result.estimate["atlas_mre_mm"] == pytest.approx(stage["bspline_mm" if kept else "affine_mm"], abs=1e-3)
+    assert load_refined_atlas(out).atlas.settings.deformable is kept
+    assert adapter_info(out)["atlas_stage"] == stage and adapter_info(out)["atlas_deformable"] is kept
+    assert f"atlas: B-spline stage {'kept' if kept else 'not kept'} (held-out " in "\n".join(result.notes())
+    progress = []
+    again = finetune_on_atlas(cases, out, settings=replace(QUICK, steps=2, try_deformable=True), keep_worse=True,
+                              progress=lambda p: progress.append(p.message))
+    assert again.estimate["atlas_stage"] == stage, "a warm start keeps the stage its previous adapter chose"
+    assert load_refined_atlas(out).atlas.settings.deformable is kept and load_weights(out)[1]["warm_started"]
+    atlas_lines = [m for m in progress if m.startswith("atlas of the other cases")]
+    assert len(atlas_lines) == 1 + 3, "one leave-one-out pass after the first line: no second trial"
+    assert sum("with its B-spline stage" in m for m in atlas_lines) == (3 if kept else 0)
 
 
 @pytest.mark.slow

@@ -295,6 +295,8 @@ def adapter_info(path) -> dict:
     images it also learned from); review: None for adapters fine-tuned before confidence was calibrated, else
     {"review_below": P threshold of the `check` flag, and on the held-out cases "flagged" (share of points),
     "gross_errors" (> 3 mm), "gross_caught" (share of them flagged), "auc", "calibration_error", "points"};
+    atlas_deformable: whether its atlas has the B-spline stage; atlas_stage: None where the stage was not tried,
+    else {"bspline": kept, "cases", "affine_mm", "bspline_mm"} (the held-out errors it was chosen by);
     steps, steps_per_fold, train_seconds, warm_started, schedule_complete, created.
     """
     from .models.weight_files import read_metadata
@@ -310,6 +312,7 @@ def adapter_info(path) -> dict:
             "refined_landmarks": [n for n, use in zip(names, meta["use_refined"]) if use],
             "cases": [{"label": c["label"], "sha256": c["sha256"]} for c in meta["cases"]],
             "unannotated_images": meta.get("unannotated_images", 0),
+            "atlas_deformable": bool(meta["atlas_settings"].get("deformable")), "atlas_stage": est.get("atlas_stage"),
             **{k: meta.get(k) for k in ("steps", "steps_per_fold", "train_seconds", "warm_started",
                                         "schedule_complete", "created")}}
 

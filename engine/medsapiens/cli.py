@@ -272,8 +272,9 @@ def _finetune_parser(sub) -> None:
                    "task without landmarks (files or folders; the images to detect on are fine): the atlas labels "
                    f"them and the refiner learns from them too (at most {REFINE_DEFAULTS.max_unannotated}, evenly "
                    "spaced; about 2.5 s each on 3 cases)")
-    p.add_argument("--atlas-deformable", action="store_true", help="without --base: the atlas adds a B-spline "
-                   "stage (better for articulated anatomy such as hands; slower)")
+    p.add_argument("--atlas-deformable", action="store_true", help="without --base: the atlas always adds its "
+                   "B-spline stage (without this option it is tried on the held-out cases and kept where it is "
+                   "clearly better, as on hands)")
     p.add_argument("--keep-worse", action="store_true", help="without --base: write the adapter even when it was "
                    "worse than the atlas on the held-out cases (default: say so and write nothing)")
     p.add_argument("--fresh", action="store_true", help="without --base: do not warm-start from the adapter "

@@ -102,6 +102,7 @@ class RefineSettings:
     min_sigma_px: float = 2.0
     case_weight: float = 5.0     # an annotated case is sampled this many times as often as an image the atlas
                                  # labelled (3 cases + 47 images: 3/4 of each batch from the labelled images)
+    try_deformable: bool = True  # try the atlas's B-spline stage on held-out cases, keep it where clearly better
     max_unannotated: int = 50    # at most this many of them (evenly spaced): about 2.5 s of atlas each
     prior_scales: tuple[float, ...] = (1.0, 2.0, 4.0)  # prior spreads (x the atlas's error) tried on held-out cases
     seed: int = 0

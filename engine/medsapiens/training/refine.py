@@ -3,7 +3,8 @@
 Phases (each reports progress and checks cancel; nothing is written before the last one):
   atlas          leave-one-case-out atlas: each case detected by the atlas of the other cases, which gives the
                  atlas's error on unseen cases, its spread (the refiner's training offsets and prior), and the
-                 starting points to score the refiner on.
+                 starting points to score the refiner on. The atlas's B-spline stage is tried on up to 5 of them
+                 and kept for the adapter where it is clearly better there (hands: fingers move on their own).
   pseudo-labels  (with unannotated images of the task) each case's atlas votes on each image once; every fold
                  fuses the votes of its own training cases only, so its held-out cases stay unseen. Three cases
                  are few; tens of atlas-labelled images show the refiner how the anatomy varies (their labels
@@ -61,6 +62,8 @@ from ..settings import REFINE_DEFAULTS, AtlasSettings, RefineSettings, TrainSett
 from .loops import FinetuneResult, check_cases, fit
 
 MAX_FOLDS = 5
+STAGE_TRIAL_CASES = 5  # the atlas's B-spline stage is tried on this many cases, each held out in turn ...
+BSPLINE_GAIN = 0.9     # ... and kept where its error there is at most this share of the affine atlas's
 ATLAS_WINS_P = 0.05  # a landmark stays the atlas's where a one-sided sign test says the refiner lost beyond chance
 # each phase's share of the progress bar (training takes most of the time)
 PHASE_WEIGHTS = {"atlas": 0.15, "pseudo-labels": 0.25, "train": 0.8, "estimate": 0.05, "save": 0.0}
@@ -152,6 +155,7 @@ class _Run:
     cancel: Cancel
     t_start: float = field(default_factory=time.monotonic)
     seconds: dict = field(default_factory=dict)  # phase -> seconds
+    atlas_stage: dict | None = None  # how the B-spline stage did where it was tried (_choose_stage)
 
     @property
     def labels(self) -> list[str]:
@@ -229,22 +233,16 @@ def _start(cases, unannotated, out, s: RefineSettings, progress, cancel, warm_st
 
 def _atlas_phase(run: _Run) -> _AtlasErrors:
     """Each case detected by the atlas of the others: the atlas's error on unseen cases, its spread (the
-    refiner's training offsets and prior), and the starting points the refiner is scored from."""
-    t0, s = time.monotonic(), run.settings
-    estimates = np.full((len(run.cases), len(run.names), 2), np.nan)
-    evidence, starts = [None] * len(run.cases), [None] * len(run.cases)
-    for f, held in enumerate(run.folds):
-        check(run.cancel, "training cancelled")
-        detector = AtlasDetector([c for i, c in enumerate(run.cases) if i not in held], s.atlas)
-        for i in held:
-            check(run.cancel, "training cancelled")
-            stack, scores = detector.votes(run.cases[i])
-            found, evidence[i] = detector.fuse_with_evidence(run.cases[i], stack, scores)
-            estimates[i], starts[i] = np.where(found.present[:, None], found.points, np.nan), vote_starts(stack, scores)
-        run.report("atlas", (f + 1) / len(run.folds), _phase_line("atlas of the other cases", f + 1,
-                   len(run.folds), " held out", time.monotonic() - t0), step=f + 1, total=len(run.folds))
-    truth = np.stack([c.landmarks.subset(run.names).points for c in run.cases])
-    miss = estimates - truth
+    refiner's training offsets and prior), and the starting points the refiner is scored from. Unless the
+    settings ask for it already, the atlas's B-spline stage is tried on a few of them (`_choose_stage`)."""
+    t0 = time.monotonic()
+    trying = _stage_to_try(run)
+    held = _leave_one_out(run, run.settings.atlas, range(len(run.cases)), (0.0, 0.5 if trying else 1.0))
+    if trying:
+        held = _choose_stage(run, held)
+    s = run.settings
+    truth = _truth(run)
+    miss = held.estimates - truth
     ok = np.isfinite(miss).all(axis=2)
     sigma = max(float(np.sqrt(np.mean(miss[ok] ** 2))) if ok.any() else 10.0, s.min_sigma_px)  # px per axis
     step_px = max(1.0, 3 * sigma / ((s.patch - 1) / 2 - 6))
@@ -252,7 +250,80 @@ def _atlas_phase(run: _Run) -> _AtlasErrors:
     if run.previous is not None and run.previous["config"] != asdict(replace(config, prior_sigma=0, step=0)):
         run.previous, run.steps, run.budget = None, s.steps, s.time_budget  # another patch geometry: start over
     run.seconds["atlas"] = time.monotonic() - t0
-    return _AtlasErrors(estimates, truth, sigma, config, evidence, starts)
+    return _AtlasErrors(held.estimates, truth, sigma, config, held.evidence, held.starts)
+
+
+@dataclass
+class _HeldOut:
+    """What the atlas of the other cases made of each case (NaN / None for the cases not yet detected)."""
+
+    estimates: np.ndarray            # cases x K x 2 px, NaN where not found
+    evidence: list                   # per case: Evidence
+    starts: list                     # per case: its atlas's own votes
+
+
+def _leave_one_out(run: _Run, settings: AtlasSettings, which, bar: tuple[float, float],
+                   into: _HeldOut | None = None) -> _HeldOut:
+    """Cases `which`, each detected by the atlas of the cases outside its fold (the atlas phase's share `bar`
+    of the progress bar)."""
+    n, t0 = len(run.cases), time.monotonic()
+    held = into or _HeldOut(np.full((n, len(run.names), 2), np.nan), [None] * n, [None] * n)
+    which = set(which)
+    folds = [(f, [i for i in fold if i in which]) for f, fold in enumerate(run.folds)]
+    folds = [(f, cases) for f, cases in folds if cases]
+    what = "atlas of the other cases" + (" with its B-spline stage" if settings.deformable else "")
+    for done, (f, cases) in enumerate(folds, 1):
+        check(run.cancel, "training cancelled")
+        detector = AtlasDetector([c for i, c in enumerate(run.cases) if i not in run.folds[f]], settings)
+        for i in cases:
+            check(run.cancel, "training cancelled")
+            stack, scores = detector.votes(run.cases[i])
+            found, held.evidence[i] = detector.fuse_with_evidence(run.cases[i], stack, scores)
+            held.estimates[i] = np.where(found.present[:, None], found.points, np.nan)
+            held.starts[i] = vote_starts(stack, scores)
+        run.report("atlas", bar[0] + (bar[1] - bar[0]) * done / len(folds), _phase_line(
+            what, done, len(folds), " held out", time.monotonic() - t0), step=done, total=len(folds))
+    return held
+
+
+def _stage_to_try(run: _Run) -> bool:
+    """Whether to try the atlas's B-spline stage: unless the settings ask for it already, or turn the trial off;
+    a warm start keeps the stage its previous adapter chose (and how it did then), for the time of an Add case."""
+    s = run.settings
+    if not s.try_deformable or s.atlas.deformable:
+        return False
+    if run.previous is None:
+        return True
+    if run.previous["atlas_settings"].get("deformable"):
+        run.settings = replace(s, atlas=replace(s.atlas, deformable=True))
+    run.atlas_stage = run.previous["atlas_stage"]
+    return False
+
+
+def _choose_stage(run: _Run, affine: _HeldOut) -> _HeldOut:
+    """The atlas's B-spline stage (fingers that moved on their own) tried on the first STAGE_TRIAL_CASES cases,
+    each detected by the atlas of the others: it is kept, for the whole adapter, where its held-out error is at
+    most BSPLINE_GAIN x the affine atlas's on the same cases (it costs about twice the registration time)."""
+    trial = list(range(min(len(run.cases), STAGE_TRIAL_CASES)))
+    flexible = replace(run.settings.atlas, deformable=True)
+    bspline = _leave_one_out(run, flexible, trial, (0.5, 0.75))
+    errors = [_mre_mm(run, h.estimates, trial) for h in (affine, bspline)]
+    keep = errors[1] <= BSPLINE_GAIN * errors[0]
+    run.atlas_stage = {"bspline": bool(keep), "cases": len(trial), "affine_mm": round(errors[0], 3),
+                       "bspline_mm": round(errors[1], 3)}
+    if not keep:
+        return affine
+    run.settings = replace(run.settings, atlas=flexible)
+    return _leave_one_out(run, flexible, range(len(trial), len(run.cases)), (0.75, 1.0), into=bspline)
+
+
+def _truth(run: _Run) -> np.ndarray:
+    return np.stack([c.landmarks.subset(run.names).points for c in run.cases])
+
+
+def _mre_mm(run: _Run, estimates: np.ndarray, which: list[int]) -> float:
+    spacing = np.array([run.cases[i].spacing for i in which])[:, None, :]
+    return float(np.nanmean(np.linalg.norm((estimates[which] - _truth(run)[which]) * spacing, axis=2)))
 
 
 def _pseudo_label_phase(run: _Run) -> list:
@@ -375,6 +446,7 @@ def _estimate_phase(run: _Run, atlas: _AtlasErrors, nets: list[PatchNet],
     points = np.stack([r.points for r in refined])
     estimate = _estimate(run.names, run.labels, run.folds, atlas.estimates, points, atlas.truth, spacing)
     estimate["prior_scale"] = round(config.prior_sigma / atlas.sigma, 3)
+    estimate["atlas_stage"] = run.atlas_stage
     use = np.array(estimate["use_refined"])
     estimate["calibration"] = _calibrate(atlas, refined, use, spacing,
                                          _unlabelled_evidence(run, Refiner(nets, config, use), votes)).to_dict()
@@ -529,7 +601,8 @@ def _previous(out, names) -> dict | None:
         votes[image["sha256"]] = {c["sha256"]: (points[i], scores[i]) for i, c in enumerate(meta["cases"])
                                   if np.isfinite(scores[i]).any()}  # a case not asked then (not nearest) may vote later
     return {"config": cfg, "nets": nets, "folds": meta["folds"], "steps": int(meta["steps"]),
-            "seconds": float(meta["train_seconds"]), "votes": votes, "atlas_settings": meta["atlas_settings"]}
+            "seconds": float(meta["train_seconds"]), "votes": votes, "atlas_settings": meta["atlas_settings"],
+            "atlas_stage": meta["estimate"].get("atlas_stage")}
 
 
 def _warm(previous: dict | None, held: set[str]) -> dict | None:
