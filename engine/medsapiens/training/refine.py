@@ -235,11 +235,14 @@ def _atlas_phase(run: _Run) -> _AtlasErrors:
     """Each case detected by the atlas of the others: the atlas's error on unseen cases, its spread (the
     refiner's training offsets and prior), and the starting points the refiner is scored from. Unless the
     settings ask for it already, the atlas's B-spline stage is tried on a few of them (`_choose_stage`)."""
-    t0 = time.monotonic()
-    trying = _stage_to_try(run)
-    held = _leave_one_out(run, run.settings.atlas, range(len(run.cases)), (0.0, 0.5 if trying else 1.0))
-    if trying:
-        held = _choose_stage(run, held)
+    t0, n = time.monotonic(), len(run.cases)
+    if _stage_to_try(run):
+        trial = min(n, STAGE_TRIAL_CASES)
+        bars = np.array([0, trial, 3 * trial, 3 * trial + 2 * (n - trial)]) / (3 * trial + 2 * (n - trial))
+        held = _choose_stage(run, list(range(trial)), bars[:3])  # then the stage chosen for the other cases
+        held = _leave_one_out(run, run.settings.atlas, range(trial, n), (bars[2], 1.0), into=held)
+    else:
+        held = _leave_one_out(run, run.settings.atlas, range(n), (0.0, 1.0))
     s = run.settings
     truth = _truth(run)
     miss = held.estimates - truth
@@ -300,21 +303,21 @@ def _stage_to_try(run: _Run) -> bool:
     return False
 
 
-def _choose_stage(run: _Run, affine: _HeldOut) -> _HeldOut:
-    """The atlas's B-spline stage (fingers that moved on their own) tried on the first STAGE_TRIAL_CASES cases,
-    each detected by the atlas of the others: it is kept, for the whole adapter, where its held-out error is at
-    most BSPLINE_GAIN x the affine atlas's on the same cases (it costs about twice the registration time)."""
-    trial = list(range(min(len(run.cases), STAGE_TRIAL_CASES)))
+def _choose_stage(run: _Run, trial: list[int], bars) -> _HeldOut:
+    """The first cases (`trial`), each detected by the atlas of the others without and with the B-spline stage
+    (fingers that moved on their own): the stage is kept, for the whole adapter, where its held-out error is at
+    most BSPLINE_GAIN x the affine atlas's (it costs about twice the registration time). `bars`: where the two
+    passes start and end on the progress bar. Returns the kept stage's detections."""
     flexible = replace(run.settings.atlas, deformable=True)
-    bspline = _leave_one_out(run, flexible, trial, (0.5, 0.75))
+    affine = _leave_one_out(run, run.settings.atlas, trial, (bars[0], bars[1]))
+    bspline = _leave_one_out(run, flexible, trial, (bars[1], bars[2]))
     errors = [_mre_mm(run, h.estimates, trial) for h in (affine, bspline)]
     keep = errors[1] <= BSPLINE_GAIN * errors[0]
     run.atlas_stage = {"bspline": bool(keep), "cases": len(trial), "affine_mm": round(errors[0], 3),
                        "bspline_mm": round(errors[1], 3)}
-    if not keep:
-        return affine
-    run.settings = replace(run.settings, atlas=flexible)
-    return _leave_one_out(run, flexible, range(len(trial), len(run.cases)), (0.75, 1.0), into=bspline)
+    if keep:
+        run.settings = replace(run.settings, atlas=flexible)
+    return bspline if keep else affine
 
 
 def _truth(run: _Run) -> np.ndarray:
