@@ -17,6 +17,7 @@ words for the panel and `casesSeen` matches to the table's rows.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from dataclasses import dataclass, replace
@@ -452,15 +453,12 @@ class MedSapiensLogic:
     @staticmethod
     def adapterInfo(path):
         """api.adapter_info of an adapter fine-tuned on the atlas (read from its header), or None where there is
-        no such file (none trained yet, deleted, or a LoRA adapter)."""
-        from medsapiens import InputError, api
-
+        no such file (none trained yet, deleted, or a LoRA adapter). The header is read once per version of the
+        file (a panel update asks several times; a fine-tune replaces the file, so its identity changes)."""
         if not path or not Path(path).is_file():
             return None
-        try:
-            return api.adapter_info(path)
-        except InputError:
-            return None
+        stat = Path(path).stat()
+        return _adapterInfo(str(path), stat.st_ino, stat.st_mtime_ns, stat.st_size)
 
     @staticmethod
     def adapterSummary(info) -> str:
@@ -666,3 +664,14 @@ def _scalars(image_data) -> np.ndarray:
 def _three_channels(image: np.ndarray) -> np.ndarray:
     """Grey stays grey; RGB(A) vector volumes keep their first three components."""
     return image[..., :3] if image.ndim == 3 and image.shape[2] >= 3 else image[..., 0] if image.ndim == 3 else image
+
+
+@functools.lru_cache(maxsize=8)
+def _adapterInfo(path: str, inode: int, mtime_ns: int, size: int):
+    """MedSapiensLogic.adapterInfo for one version of the file (the key's last three fields name it)."""
+    from medsapiens import InputError, api
+
+    try:
+        return api.adapter_info(path)
+    except InputError:
+        return None

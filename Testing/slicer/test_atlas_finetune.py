@@ -24,6 +24,8 @@ SUMMARY = re.compile(r"Expected error on unseen cases: adapter (\d+\.\d\d) mm, a
                      r"\(leave-one-case-out, (\d+) cases\); refined landmarks: (\d+) of 19\. Trained (\d+) steps in "
                      r"\d+ s(, also on (\d+) unannotated images labelled by the atlas)?"
                      r"(, continued from the previous adapter)?\."
+                     r"( The atlas's B-spline stage \(flexible anatomy\) was kept: \d+\.\d\d mm against \d+\.\d\d mm "
+                     r"without it on \d+ held-out cases\.)?"
                      r"( Points with P\(within 2 mm\) < \d\.\d\d are flagged \"check\": on the held-out cases \d+ % "
                      r"of the points, with \d+ of \d+ errors over 3 mm among them\.)")
 
@@ -79,6 +81,7 @@ def test_finetune_with_the_atlas_writes_an_adapter_and_its_estimate_reaches_the_
     assert int(match[3]) == 3 and int(match[4]) == sum(est["use_refined"]) and int(match[5]) == 3 * FAST["steps"]
     assert match[7] == "1" and info["unannotated_images"] == 1  # the open image the atlas labelled
     assert match[8] is None  # a first training
+    assert (match[9] is not None) == info["atlas_stage"]["bspline"]  # the B-spline stage said only where kept
     lines = MedSapiensLogic.adapterLandmarks(info).splitlines()  # the tooltip: per landmark
     assert len(lines) == 19
     for line, (name, e), use in zip(lines, est["per_landmark"].items(), est["use_refined"]):
@@ -124,6 +127,7 @@ def test_the_table_shows_seen_cases_and_retraining_after_add_case_warm_starts(tr
     target.write_bytes(original)
     logic = table(scene, ceph_volume, tmp_path, engine_worker)
     info = logic.adapterInfo(target)
+    assert logic.adapterInfo(target) is info, "a panel update reads the header once per version of the file"
     assert logic.casesSeen(info) == [True, True, True]  # matched by content, in another scene
     logic.addCase(*ceph_volume(scene, 3, tmp_path))  # the correct-and-add flow: a 4th case
     assert logic.casesSeen(info) == [True, True, True, False]
@@ -139,6 +143,7 @@ def test_the_table_shows_seen_cases_and_retraining_after_add_case_warm_starts(tr
     assert job.error is None, job.error
     new = job.result["info"]
     assert new["warm_started"] and new["cases_estimated"] == 4
+    assert logic.adapterInfo(target) == new, "the file the fine-tune replaced is read again"
     assert new["steps"] <= info["steps"] // 2, "a fold more, and still at most half the first run's steps"
     assert logic.casesSeen(new) == [True] * 4
     assert SUMMARY.fullmatch(logic.adapterSummary(new))[8]  # says it continued from the previous adapter
