@@ -155,20 +155,27 @@ class MedSapiensLogic:
         detected on, with that image's geometry; refused like addCase when it does not fit the table."""
         from medsapiens import InputError
 
-        detected = self.detectedOn(markupsNode)
-        if detected is None:
+        found = self._detectionOf(markupsNode)
+        if found is None:
             raise InputError(f"{markupsNode.GetName() if markupsNode else 'result'}: not the result of a Detect on an "
                              "image still open; choose its image and points and Add case")
-        detection = self.detections[markupsNode.GetID()]
-        return self._addRow(self.scene.GetNodeByID(detection.volumeID), markupsNode, detection.plane, *detected)
+        detection, volumeNode = found
+        return self._addRow(volumeNode, markupsNode, detection.plane, *self._caseOf(detection, volumeNode))
 
     def detectedOn(self, markupsNode):
         """(case, geometry) of the image a result node was detected on, or None for another node (or its image
         was closed since)."""
+        found = self._detectionOf(markupsNode)
+        return None if found is None else self._caseOf(*found)
+
+    def _detectionOf(self, markupsNode):
+        """(Detection, its volume node) of a result node whose image is still open, else None."""
         detection = self.detections.get(markupsNode.GetID()) if markupsNode is not None else None
         volumeNode = self.scene.GetNodeByID(detection.volumeID) if detection else None
-        if volumeNode is None:
-            return None
+        return None if volumeNode is None else (detection, volumeNode)
+
+    def _caseOf(self, detection, volumeNode):
+        """(case, geometry) of a detection: the case it kept, or its volume's taken again (batch results)."""
         case = detection.case or self.caseFor(volumeNode, WHOLE_VOLUME if detection.plane == WHOLE_VOLUME else None)[0]
         return case, detection.geometry
 

@@ -236,6 +236,7 @@ def _atlas_phase(run: _Run) -> _AtlasErrors:
     refiner's training offsets and prior), and the starting points the refiner is scored from. Unless the
     settings ask for it already, the atlas's B-spline stage is tried on a few of them (`_choose_stage`)."""
     t0, n = time.monotonic(), len(run.cases)
+    _keep_previous_stage(run)
     if _stage_to_try(run):
         trial = min(n, STAGE_TRIAL_CASES)
         bars = np.array([0, trial, 3 * trial, 3 * trial + 2 * (n - trial)]) / (3 * trial + 2 * (n - trial))
@@ -290,17 +291,21 @@ def _leave_one_out(run: _Run, settings: AtlasSettings, which, bar: tuple[float, 
 
 
 def _stage_to_try(run: _Run) -> bool:
-    """Whether to try the atlas's B-spline stage: unless the settings ask for it already, or turn the trial off;
-    a warm start keeps the stage its previous adapter chose (and how it did then), for the time of an Add case."""
+    """Whether to try the atlas's B-spline stage: not where the settings ask for it already or turn the trial
+    off, nor on a warm start (it keeps its previous adapter's stage: `_keep_previous_stage`)."""
     s = run.settings
-    if not s.try_deformable or s.atlas.deformable:
-        return False
-    if run.previous is None:
-        return True
+    return s.try_deformable and not s.atlas.deformable and run.previous is None
+
+
+def _keep_previous_stage(run: _Run) -> None:
+    """A warm start where the trial is on keeps the stage its previous adapter chose (and how it did then): an
+    Add case costs no second trial."""
+    s = run.settings
+    if run.previous is None or not s.try_deformable or s.atlas.deformable:
+        return
     if run.previous["atlas_settings"].get("deformable"):
         run.settings = replace(s, atlas=replace(s.atlas, deformable=True))
     run.atlas_stage = run.previous["atlas_stage"]
-    return False
 
 
 def _choose_stage(run: _Run, trial: list[int], bars) -> _HeldOut:
