@@ -142,6 +142,26 @@ def phantom_files(tmp_path_factory):
     return lambda seed: case_files(folder, f"phantom{seed}", api.phantom_case(seed))
 
 
+def occlude(case, k: int, half: int = 40):
+    """A copy of a 2D case with noise over landmark k's neighbourhood (2 half px a side): a point no atlas can
+    match, which the review rule must flag, whatever stage the atlas chose."""
+    from dataclasses import replace
+
+    import numpy as np
+
+    image = np.array(case.image)
+    x, y = np.round(case.landmarks.points[k]).astype(int)
+    rows, cols = slice(max(y - half, 0), y + half), slice(max(x - half, 0), x + half)
+    image[rows, cols] = np.random.default_rng(k).integers(0, 256, image[rows, cols].shape).astype(image.dtype)
+    return replace(case, image=image)
+
+
+@pytest.fixture(scope="session")
+def occluded():
+    """occlude, for the tests that need a point worth checking."""
+    return occlude
+
+
 def new_scene():
     """A real MRML scene from slicer-core (Slicer's libraries, no application), with the logics Slicer sets up."""
     slicer = pytest.importorskip("slicer", reason="slicer-core (Slicer's MRML on PyPI) is needed")

@@ -7,7 +7,9 @@ import pytest
 import SimpleITK as sitk
 from medsapiens import Case, InputError, Landmarks, load_detector
 from medsapiens.cli import main
-from medsapiens.detectors.atlas import AtlasDetector
+from medsapiens import api
+from medsapiens.detectors.atlas import BSPLINE_GAIN, STAGE_TRIAL_CASES, AtlasDetector
+from medsapiens.io.datasets import Dataset
 from medsapiens.settings import AtlasSettings
 from medsapiens.io.markups import write_markups
 
@@ -101,6 +103,43 @@ def test_refused_atlases(ceph):
     bare = Case(a.image, a.spacing, name="bare")
     with pytest.raises(InputError, match="bare has no landmarks"):
         AtlasDetector([bare])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("data", ["hand_dha", "ceph_hamedan"])
+def test_the_atlas_alone_keeps_its_bspline_stage_where_its_cases_show_it_better(data_dir, data):
+    """Detect with the atlas of three real cases (no fine-tune): on the first detection each case is detected by
+    the other two with and without the B-spline stage; kept on hands, not on cephalograms, and the detection and
+    its calibration then use the chosen stage."""
+    ds = Dataset(data_dir / data / "landmarks.csv")
+    detector = load_detector(atlas=[ds.case(i) for i in range(3)])
+    messages = []
+    found = detector.detect(ds.case(60), progress=lambda p: messages.append(p.message))
+    stage, kept = detector.stage, data == "hand_dha"
+    assert stage["bspline"] is kept and stage["cases"] == min(3, STAGE_TRIAL_CASES)
+    assert (stage["bspline_mm"] <= BSPLINE_GAIN * stage["affine_mm"]) is kept
+    assert detector.settings.deformable is kept
+    assert sum(m.startswith("trying the B-spline stage on the cases") for m in messages) == 3
+    assert found.present.all() and ((found.confidence > 0) & (found.confidence < 1)).all()
+    assert load_detector(atlas=[ds.case(i) for i in range(3)]) is detector, "the same cases: the same atlas"
+    assert load_detector(atlas=[ds.case(i) for i in range(3)], atlas_deformable=False).stage is None
+
+
+def test_an_atlas_is_kept_for_the_same_cases_and_made_again_for_changed_ones():
+    """The last atlas stays loaded while its cases are the same by content (its calibration is measured once); a
+    moved point, another image or another stage makes a new one."""
+    cases = [api.phantom_case(seed) for seed in range(3)]
+    detector = load_detector(atlas=cases)
+    assert load_detector(atlas=[api.phantom_case(seed) for seed in range(3)]) is detector
+    moved = cases[1].landmarks.points.copy()
+    moved[0] += 0.5
+    changed = [cases[0], Case(cases[1].image, cases[1].spacing, Landmarks(cases[1].landmarks.names, moved),
+                              name=cases[1].name), cases[2]]
+    other = load_detector(atlas=changed)
+    assert other is not detector and load_detector(atlas=changed) is other
+    assert load_detector(atlas=[cases[0], api.phantom_case(7), cases[2]]) is not other
+    forced = load_detector(atlas=cases, atlas_deformable=True)
+    assert forced.settings.deformable and forced.stage is None and load_detector(atlas=cases) is not forced
 
 
 @pytest.mark.slow

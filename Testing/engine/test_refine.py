@@ -11,6 +11,7 @@ from medsapiens import InputError, Volume
 from medsapiens.cli import main
 from medsapiens import load_detector
 from medsapiens.api import adapter_info
+from medsapiens.detectors.atlas import BSPLINE_GAIN
 from medsapiens.detectors.refiner import (
     PatchNet,
     Refiner,
@@ -24,7 +25,6 @@ from medsapiens.models.weight_files import load_weights
 from medsapiens import Cancelled, NotBetter
 from medsapiens.settings import RefineSettings
 from medsapiens.training.refine import (
-    BSPLINE_GAIN,
     PatchSampler,
     _estimate,
     _warm,

@@ -144,7 +144,7 @@ def test_the_models_landmarks_are_my_cases_with_the_atlas_and_a_file_is_read_as_
 
 @pytest.mark.slow
 def test_review_lists_flagged_points_jumps_to_them_and_add_as_case_keeps_the_detected_geometry(logic, scene,
-                                                                                               tmp_path):
+                                                                                               tmp_path, occluded):
     """Detect on the Red view's slice; the review list holds the flagged points, least probable first; a click
     centres the slice views on the point (Slicer's markups logic) and makes it the active point; moving it marks it
     corrected; Add as case takes the node on the plane it was detected on, although the view has moved since."""
@@ -155,6 +155,9 @@ def test_review_lists_flagged_points_jumps_to_them_and_add_as_case_keeps_the_det
     for seed in (0, 1, 2):
         scenario.annotate(scenario.addPhantom(seed))
     target = scenario.addPhantom(100)
+    import slicer
+
+    slicer.util.updateVolumeFromArray(target, occluded(api.phantom_case(100), 4).image[None])  # one to check
     red.SetFieldOfView(170.0, 210.0, 1.0)  # the Red view shows the whole target as it is stored, in plane
     red.SetSliceToRASByNTP(0, 0, -1, -1, 0, 0, -80.0, -100.0, 0.0, 0)
     red.UpdateMatrices()

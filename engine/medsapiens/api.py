@@ -6,9 +6,10 @@ Long jobs take `progress(Progress)` (medsapiens.progress: the fraction of the wh
 does now) and `cancel() -> bool`; Cancel raises Cancelled and writes nothing. The settings a job takes are
 `settings.py`'s dataclasses, changed by name (`time_budget=60`), so flags and JSON requests go the same way.
 
-The last model or adapter detector stays loaded for the next call while its files are unchanged on disk (their
-device, inode, size and modification time): an adapter re-trained into the same file is loaded again, and a
-catalogue name is resolved, and its downloaded file hashed, once per process.
+The last detector stays loaded for the next call: a model or adapter while its files are unchanged on disk (their
+device, inode, size and modification time: an adapter re-trained into the same file is loaded again, and a
+catalogue name is resolved, and its downloaded file hashed, once per process); an atlas while its cases are the
+same (their content), so that its calibration and the choice of its B-spline stage are measured once.
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ __all__ = ["DEFAULT_ANALYSIS", "DEFAULT_ARCH", "LORA_DEFAULTS", "REFINE_DEFAULTS
            "read_images", "read_volume", "resolve_model", "shared_landmarks", "tracing", "train", "write_evaluation",
            "write_measurements", "write_report"]
 
-_kept: dict = {"key": None, "detector": None}  # the last model / adapter detector and the files it came from
+_kept: dict = {"key": None, "detector": None}  # the last detector and what it came from (files, or atlas cases)
 
 
 # ---------------------------------------------------------------------------------------------------- models
@@ -96,7 +97,7 @@ def adapters_dir() -> Path:
 
 
 # ---------------------------------------------------------------------------------------------------- detect
-def load_detector(model=None, *, adapter=None, base=None, atlas=None, atlas_cases=None, atlas_deformable=False,
+def load_detector(model=None, *, adapter=None, base=None, atlas=None, atlas_cases=None, atlas_deformable=None,
                   device=None, precision="auto", input_size=None, flip_test=None, landmarks=None,
                   progress: Callback = None, cancel: Cancel = None):
     """The one factory for every detector; each has `detect(case, progress=None, cancel=None) -> Landmarks`.
@@ -107,9 +108,10 @@ def load_detector(model=None, *, adapter=None, base=None, atlas=None, atlas_case
     adapter fine-tuned on the atlas carries its atlas cases: give it alone, as `adapter` (or `model`).
     atlas: the weight-free atlas of annotated cases, a data set (landmarks.csv, or a folder of .mrk.json + images
     or volumes; `atlas_cases`: the case ids to use) or a list of cases; volumes make the 3D atlas.
-    atlas_deformable: the 2D atlas's B-spline stage. flip_test: None for the model's own setting. landmarks: the names
-    the caller expects (another set is refused). precision: "auto" (bf16 where the device computes it natively
-    and faster), "fp32" or "bf16".
+    atlas_deformable: the 2D atlas's B-spline stage always (True), never (False), or where the atlas's own cases,
+    each held out, show it clearly better (None, the default; measured on the first detection). flip_test: None
+    for the model's own setting. landmarks: the names the caller expects (another set is refused). precision:
+    "auto" (bf16 where the device computes it natively and faster), "fp32" or "bf16".
     """
     from .detectors import factory
 
@@ -117,13 +119,42 @@ def load_detector(model=None, *, adapter=None, base=None, atlas=None, atlas_case
         if model is not None or adapter is not None or base is not None:
             raise InputError("--atlas works without model weights; give either an atlas or a model")
         cases = load_cases(atlas, atlas_cases) if isinstance(atlas, (str, Path)) else list(atlas)
-        detector = factory.atlas_detector(cases, atlas_deformable,
-                                          atlas if isinstance(atlas, (str, Path)) else "the atlas")
+        detector = _kept_atlas(cases, atlas_deformable, atlas if isinstance(atlas, (str, Path)) else "the atlas")
     else:
         detector = _kept_detector(model, adapter, base, distributed.process_device(device), precision, input_size,
                                   flip_test, progress, cancel)
     factory.check_landmarks(detector, landmarks)
     return detector
+
+
+def _kept_atlas(cases: list, deformable: bool | None, source):
+    """The atlas of `cases`, kept for the next call with the same cases (by content)."""
+    from .detectors import factory
+
+    key = ("atlas", _cases_digest(cases), deformable)
+    if key != _kept["key"]:
+        _kept["key"] = _kept["detector"] = None
+        _kept.update(detector=factory.atlas_detector(cases, deformable, source), key=key)
+    return _kept["detector"]
+
+
+def _cases_digest(cases: list) -> str:
+    """SHA256 of annotated cases' whole content: pixels or voxels, geometry, names and landmarks."""
+    import hashlib
+    import json
+
+    import numpy as np
+
+    h = hashlib.sha256()
+    for c in cases:
+        geometry = [c.voxels, c.index_to_lps] if isinstance(c, Volume) else [c.image, np.asarray(c.spacing, float),
+                                                                               np.asarray(c.pixel_to_lps, float)]
+        marks = [] if c.landmarks is None else [c.landmarks.points, c.landmarks.present]
+        for a in map(np.ascontiguousarray, geometry + marks):
+            h.update(f"{a.dtype}{a.shape}".encode())
+            h.update(a.tobytes())
+        h.update(json.dumps([c.name, c.landmarks and c.landmarks.names]).encode())
+    return h.hexdigest()
 
 
 def _kept_detector(model, adapter, base, device, precision, input_size, flip_test, progress, cancel):
@@ -171,12 +202,12 @@ def _model_files(model, adapter, base, progress, cancel, resolve) -> list:
 
 
 def detect(case: Case | Volume, model: str | None = None, *, adapter: str | None = None,
-           atlas: list[Case | Volume] | None = None, deformable: bool = False, device: str | None = None,
+           atlas: list[Case | Volume] | None = None, deformable: bool | None = None, device: str | None = None,
            precision: str = "auto", progress: Callback = None, cancel: Cancel = None) -> Landmarks:
     """Landmarks on `case` by a model (weight file or catalogue name, optionally with a LoRA adapter file), by an
     adapter fine-tuned on the atlas alone (`adapter` without a model), or by the weight-free atlas of annotated
-    `atlas` cases (`deformable`: the B-spline stage). Volume atlas cases make the 3D atlas, which detects on a
-    Volume (points in LPS mm)."""
+    `atlas` cases (`deformable`: its B-spline stage, as load_detector's atlas_deformable). Volume atlas cases
+    make the 3D atlas, which detects on a Volume (points in LPS mm)."""
     from .detectors.factory import check_kind
 
     check(cancel)

@@ -62,8 +62,9 @@ def _atlas_options(p: argparse.ArgumentParser, what: str) -> None:
                                    "a folder of .mrk.json + image or volume pairs")
     p.add_argument("--atlas-cases", metavar="ID,ID,...", help="the atlas cases to use (case ids: file names "
                                                                "without .png, .nii.gz...; default all)")
-    p.add_argument("--atlas-deformable", action="store_true", help="with --atlas: add a B-spline stage (better "
-                   "for articulated anatomy such as hands; slower)")
+    p.add_argument("--atlas-deformable", action="store_true", help="with --atlas: always add the B-spline stage "
+                   "(without this option it is tried on the atlas's cases, each held out, and kept where it is "
+                   "clearly better, as on hands: for articulated anatomy; slower)")
 
 
 def _training_options(p: argparse.ArgumentParser, lr_help: str, hw: tuple, augment_default: str) -> None:
@@ -177,7 +178,7 @@ def _detect(args) -> int:
     bar = _Bar() if rank0 else None
     detector = _with_bar(bar, lambda: api.load_detector(
         model, adapter=args.adapter, base=args.base, atlas=args.atlas, atlas_cases=_ids(args.atlas_cases),
-        atlas_deformable=args.atlas_deformable, device=args.device, precision=args.precision,
+        atlas_deformable=args.atlas_deformable or None, device=args.device, precision=args.precision,
         input_size=args.input_size,
         flip_test=args.flip_test, landmarks=_expected_landmarks(args.landmarks), progress=bar))
     bar = _Bar() if rank0 and len(inputs) > 1 else None
@@ -385,7 +386,7 @@ def _evaluate(args) -> int:
     if (args.model is None) == (args.atlas is None):
         raise InputError("give either MODEL or --atlas")
     detector = api.load_detector(args.model, adapter=args.adapter, base=args.base, atlas=args.atlas,
-                                 atlas_cases=_ids(args.atlas_cases), atlas_deformable=args.atlas_deformable,
+                                 atlas_cases=_ids(args.atlas_cases), atlas_deformable=args.atlas_deformable or None,
                                  device=args.device, precision=args.precision, input_size=args.input_size,
                                  flip_test=args.flip_test)
     bar = _Bar()

@@ -12,7 +12,7 @@ most; confidence falls with the weighted spread of the votes.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import SimpleITK as sitk
@@ -25,6 +25,16 @@ from ..progress import Callback, Cancel, each, within
 from ..settings import AtlasSettings, Stage
 from .calibration import Calibration, Evidence, calibrated, fit_calibration
 from .ncc_align import align_windows, sample
+
+STAGE_TRIAL_CASES = 5  # the B-spline stage is tried on at most this many cases, each held out in turn ...
+BSPLINE_GAIN = 0.9     # ... and kept where its error there is at most this share of the affine atlas's
+
+
+def stage_choice(affine_mm: float, bspline_mm: float, cases: int) -> dict:
+    """Whether the B-spline stage is kept, with the held-out figures it was chosen on (as adapters store them):
+    only where it is clearly better, for it costs about twice the registration time."""
+    return {"bspline": bool(bspline_mm <= BSPLINE_GAIN * affine_mm), "cases": cases,
+            "affine_mm": round(affine_mm, 3), "bspline_mm": round(bspline_mm, 3)}
 
 
 def _working_image(full: sitk.Image, side: int) -> sitk.Image:
@@ -192,17 +202,23 @@ def atlas_names(atlases: list, kind: type, noun: str, wrong_kind: str, least: in
 class AtlasDetector:
     """Landmarks of new images from annotated cases; `detect(case) -> Landmarks` like every detector. Each image
     is registered to its `max_atlases` most similar cases only, so that its cost stops growing with the cases;
-    confidence is calibrated (calibration.py) on the cases themselves, once, on the first detection."""
+    confidence is calibrated (calibration.py) on the cases themselves, once, on the first detection.
+
+    choose_stage: with the calibration, try the B-spline stage on up to STAGE_TRIAL_CASES of the cases and keep
+    it where it is clearly better (`stage` then holds the figures, as `stage_choice` gives them)."""
 
     dim = 2
 
-    def __init__(self, atlases: list[Case], settings: AtlasSettings = AtlasSettings()):
+    def __init__(self, atlases: list[Case], settings: AtlasSettings = AtlasSettings(), choose_stage: bool = False):
         self.names = atlas_names(atlases, Case, "case", "a 3D volume; a 2D atlas needs images")
         self.settings = settings
+        self._choose_stage = choose_stage and not settings.deformable and len(atlases) > 1
+        self.stage: dict | None = None
         # the local stage works in atlas pixels: windows keep their anatomical size on finer-sampled atlases
         scale = max(1.0, max(max(a.image.shape[:2]) for a in atlases) / settings.local.level_side)
         self.levels = tuple((step * scale, half) for step, half in settings.local.levels)
-        self.atlases = [(a, _prepare(a, settings, self.levels)) for a in atlases]
+        prepared_for = replace(settings, deformable=True) if self._choose_stage else settings  # the trial's images
+        self.atlases = [(a, _prepare(a, prepared_for, self.levels)) for a in atlases]
         self._calibration: Calibration | None = None
 
     def detect(self, case: Case, progress: Callback = None, cancel: Cancel = None) -> Landmarks:
@@ -240,11 +256,12 @@ class AtlasDetector:
         best = np.argsort(likeness)[::-1][:self.settings.max_atlases]
         return sorted(candidates[j] for j in best)
 
-    def _votes_on(self, case: Case, target: _Prepared, chosen, progress, cancel):
+    def _votes_on(self, case: Case, target: _Prepared, chosen, progress, cancel,
+                  settings: AtlasSettings | None = None):
         stack = np.full((len(self.atlases), len(self.names), 2), np.nan)
         scores = np.full((len(self.atlases), len(self.names)), -np.inf)
         for i in each(list(chosen), lambda n, total: f"registering atlas case {n} of {total}", progress, cancel):
-            stack[i], scores[i] = locate(*self.atlases[i], target, self.settings, self.levels)
+            stack[i], scores[i] = locate(*self.atlases[i], target, settings or self.settings, self.levels)
         with np.errstate(invalid="ignore"):
             inside = ((stack >= -0.5) & (stack <= np.array(case.image.shape[1::-1]) - 0.5)).all(axis=2)
         scores[~inside] = -np.inf  # a vote off the image is no vote
@@ -265,26 +282,50 @@ class AtlasDetector:
 
     def calibration(self, progress: Callback = None, cancel: Cancel = None) -> Calibration | None:
         """The model of this atlas's error, fitted once: up to calibration_cases of its cases, each detected by
-        its most similar others (None for a one-case atlas: nothing to measure its error on)."""
+        its most similar others (None for a one-case atlas: nothing to measure its error on). Where the stage is
+        to be chosen, the first of them are detected with and without the B-spline stage first."""
         n = len(self.atlases)
         if self._calibration is not None or n < 2:
             return self._calibration
-        picks = np.unique(np.linspace(0, n - 1, min(n, self.settings.calibration_cases)).round().astype(int))
-        evidence, errors = [], []
-        for i in each(list(picks), lambda j, total: f"measuring the atlas's error on its cases: {j} of {total}",
-                      progress, cancel):
-            case, prepared = self.atlases[i]
-            others = self.nearest(prepared.coarse, [j for j in range(n) if j != i])
-            found, seen = self.fuse_with_evidence(case, *self._votes_on(case, prepared, others, None, cancel))
-            evidence.append(seen)
-            errors.append(np.linalg.norm((found.points - case.landmarks.subset(self.names).points)
-                                         * np.array(case.spacing), axis=1))
+        picks = [int(i) for i in np.unique(np.linspace(0, n - 1, min(n, self.settings.calibration_cases)).round())]
+        trial = picks[:STAGE_TRIAL_CASES] if self._choose_stage else []
+        bar = np.cumsum([0, len(trial), len(trial), len(picks) - len(trial)]) / (len(picks) + len(trial))
+        held = self._choose(trial, bar, progress, cancel) if trial else {}
+        held |= self._held_out([i for i in picks if i not in held], self.settings, "measuring the atlas's error on "
+                               "its cases", within(progress, bar[2], 1.0), cancel)
+        evidence, errors = zip(*(held[i] for i in picks))
         error, k = np.concatenate(errors), len(self.names)
         ok = np.isfinite(error)  # found, and annotated on the case
         case_of, landmark_of = np.repeat(np.arange(len(picks)), k), np.tile(np.arange(k), len(picks))
-        self._calibration = fit_calibration(Evidence.stack(evidence).select(ok), error[ok], case_of[ok],
+        self._calibration = fit_calibration(Evidence.stack(list(evidence)).select(ok), error[ok], case_of[ok],
                                             landmark_of[ok], k)
         return self._calibration
+
+    def _choose(self, trial: list[int], bar, progress, cancel) -> dict:
+        """The trial cases detected without and with the B-spline stage; the stage kept where clearly better
+        (`self.stage`, `self.settings`). Returns the kept stage's held-out results."""
+        flexible = replace(self.settings, deformable=True)
+        affine = self._held_out(trial, self.settings, "measuring the atlas's error on its cases",
+                                within(progress, bar[0], bar[1]), cancel)
+        bspline = self._held_out(trial, flexible, "trying the B-spline stage on the cases",
+                                 within(progress, bar[1], bar[2]), cancel)
+        mean = lambda held: float(np.nanmean(np.concatenate([e for _, e in held.values()])))  # noqa: E731
+        self.stage = stage_choice(mean(affine), mean(bspline), len(trial))
+        if self.stage["bspline"]:
+            self.settings = flexible
+        return bspline if self.stage["bspline"] else affine
+
+    def _held_out(self, picks: list[int], settings: AtlasSettings, what: str, progress, cancel) -> dict:
+        """Each case of `picks` detected by its most similar others: case -> (Evidence, error per landmark, mm)."""
+        n, held = len(self.atlases), {}
+        for i in each(picks, lambda j, total: f"{what}: {j} of {total}", progress, cancel):
+            case, prepared = self.atlases[i]
+            others = self.nearest(prepared.coarse, [j for j in range(n) if j != i])
+            found, seen = self.fuse_with_evidence(case, *self._votes_on(case, prepared, others, None, cancel,
+                                                                        settings))
+            held[i] = seen, np.linalg.norm((found.points - case.landmarks.subset(self.names).points)
+                                           * np.array(case.spacing), axis=1)
+        return held
 
 
 def _thumbnail(image: sitk.Image, side: int = 32) -> np.ndarray:

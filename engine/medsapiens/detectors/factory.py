@@ -30,8 +30,9 @@ def is_refined_atlas(path) -> bool:
     return path is not None and Path(path).is_file() and kind_of(path) == KIND
 
 
-def atlas_detector(cases: list, deformable: bool = False, source="the atlas") -> Detector:
-    """The weight-free atlas of annotated cases: 2D images, or volumes (the 3D atlas)."""
+def atlas_detector(cases: list, deformable: bool | None = None, source="the atlas") -> Detector:
+    """The weight-free atlas of annotated cases: 2D images, or volumes (the 3D atlas). deformable: the 2D atlas's
+    B-spline stage always (True), never (False), or where its cases show it clearly better (None)."""
     if cases and isinstance(cases[0], Volume):
         if deformable:
             raise InputError(f"{source}: the deformable stage is for 2D atlases; this atlas holds volumes")
@@ -40,7 +41,7 @@ def atlas_detector(cases: list, deformable: bool = False, source="the atlas") ->
         return Atlas3DDetector(cases)
     from .atlas import AtlasDetector
 
-    return AtlasDetector(cases, AtlasSettings(deformable=deformable))
+    return AtlasDetector(cases, AtlasSettings(deformable=bool(deformable)), choose_stage=deformable is None)
 
 
 def refined_atlas_detector(path) -> Detector:

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from ..case import Case
-from ..detectors.atlas import AtlasDetector
+from ..detectors.atlas import STAGE_TRIAL_CASES, AtlasDetector, stage_choice
 from ..detectors.calibration import WITHIN_MM, Calibration, Evidence, fit_calibration
 from ..detectors.refiner import (
     KIND,
@@ -62,8 +62,6 @@ from ..settings import REFINE_DEFAULTS, AtlasSettings, RefineSettings, TrainSett
 from .loops import FinetuneResult, check_cases, fit
 
 MAX_FOLDS = 5
-STAGE_TRIAL_CASES = 5  # the atlas's B-spline stage is tried on this many cases, each held out in turn ...
-BSPLINE_GAIN = 0.9     # ... and kept where its error there is at most this share of the affine atlas's
 ATLAS_WINS_P = 0.05  # a landmark stays the atlas's where a one-sided sign test says the refiner lost beyond chance
 # each phase's share of the progress bar (training takes most of the time)
 PHASE_WEIGHTS = {"atlas": 0.15, "pseudo-labels": 0.25, "train": 0.8, "estimate": 0.05, "save": 0.0}
@@ -310,19 +308,17 @@ def _keep_previous_stage(run: _Run) -> None:
 
 def _choose_stage(run: _Run, trial: list[int], bars) -> _HeldOut:
     """The first cases (`trial`), each detected by the atlas of the others without and with the B-spline stage
-    (fingers that moved on their own): the stage is kept, for the whole adapter, where its held-out error is at
-    most BSPLINE_GAIN x the affine atlas's (it costs about twice the registration time). `bars`: where the two
-    passes start and end on the progress bar. Returns the kept stage's detections."""
+    (fingers that moved on their own): the stage is kept, for the whole adapter, where `stage_choice` finds it
+    clearly better. `bars`: where the two passes start and end on the progress bar. Returns the kept stage's
+    detections."""
     flexible = replace(run.settings.atlas, deformable=True)
     affine = _leave_one_out(run, run.settings.atlas, trial, (bars[0], bars[1]))
     bspline = _leave_one_out(run, flexible, trial, (bars[1], bars[2]))
-    errors = [_mre_mm(run, h.estimates, trial) for h in (affine, bspline)]
-    keep = errors[1] <= BSPLINE_GAIN * errors[0]
-    run.atlas_stage = {"bspline": bool(keep), "cases": len(trial), "affine_mm": round(errors[0], 3),
-                       "bspline_mm": round(errors[1], 3)}
-    if keep:
+    run.atlas_stage = stage_choice(_mre_mm(run, affine.estimates, trial), _mre_mm(run, bspline.estimates, trial),
+                                   len(trial))
+    if run.atlas_stage["bspline"]:
         run.settings = replace(run.settings, atlas=flexible)
-    return bspline if keep else affine
+    return bspline if run.atlas_stage["bspline"] else affine
 
 
 def _truth(run: _Run) -> np.ndarray:

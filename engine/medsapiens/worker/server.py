@@ -25,7 +25,7 @@ from . import protocol
 def detect(request: dict, progress, cancel) -> dict:
     case = protocol.read_case(request["case"])
     found = api.detect(case, request.get("model"), adapter=request.get("adapter"), atlas=_atlas(request),
-                       deformable=bool(request.get("deformable")), device=request.get("device"),
+                       deformable=_deformable(request), device=request.get("device"),
                        precision=request.get("precision", "auto"), progress=progress, cancel=cancel)
     return {"landmarks": protocol.write_landmarks(request["out"], found)}
 
@@ -36,7 +36,7 @@ def detect_batch(request: dict, progress, cancel) -> dict:
     line runs it."""
     inputs = api.check_images(request["files"], out=request["out"]) if "files" in request else None  # before loading
     detector = api.load_detector(request.get("model"), adapter=request.get("adapter"), atlas=_atlas(request),
-                                 atlas_deformable=bool(request.get("deformable")), device=request.get("device"),
+                                 atlas_deformable=_deformable(request), device=request.get("device"),
                                  precision=request.get("precision", "auto"), progress=within(progress, 0.0, 0.05),
                                  cancel=cancel)
     out, images = Path(request["out"]), within(progress, 0.05, 1.0)
@@ -52,6 +52,11 @@ def detect_batch(request: dict, progress, cancel) -> dict:
                                                                                                    found)),
         on_error=lambda n, line: progress.item(index=n, error=line))
     return {"images": len(request["cases"]), "failed": failed}
+
+
+def _deformable(request: dict) -> bool | None:
+    """The atlas's B-spline stage: always where the request asks for it, else where its cases show it better."""
+    return True if request.get("deformable") else None
 
 
 def _atlas(request: dict):
