@@ -4,7 +4,9 @@
     python benchmarks/atlas_accuracy.py ../shared/data/hand_dha --atlases 3 --radii 2 4 10
     python benchmarks/atlas_accuracy.py ../shared/data/ceph_hamedan --upsample 2.5 --limit 20
 
-Prints, per atlas count, MRE and SDR in mm over the scored images and the median seconds per image.
+Prints, per atlas count, MRE and SDR in mm over the scored images and the median seconds per image (the first
+image includes the atlas's calibration on its cases and, with --stage auto as Detect runs it, the trial of its
+B-spline stage, whose outcome is printed).
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from medsapiens.analysis.metrics import format_summary, radial_errors, summary
 from medsapiens.detectors.atlas import AtlasDetector
 from medsapiens.settings import AtlasSettings, override
 from medsapiens.io.datasets import Dataset
+from medsapiens.training.loops import stage_line
 
 
 def upsampled(case: Case, f: float) -> Case:
@@ -43,7 +46,9 @@ def main():
     p.add_argument("--first-scored", type=int, default=51, help="1-based row where scoring starts (default 51)")
     p.add_argument("--limit", type=int, help="score only this many images")
     p.add_argument("--radii", type=float, nargs="+", default=[2, 2.5, 3, 4])
-    p.add_argument("--deformable", action="store_true", help="add the B-spline stage (AtlasSettings.deformable)")
+    p.add_argument("--stage", choices=("auto", "affine", "bspline"), default="auto",
+                   help="the B-spline stage: tried on the cases and kept where clearly better (auto, as Detect), "
+                        "never, or always")
     p.add_argument("--upsample", type=float, default=1.0, metavar="F",
                    help="resample every image by F, as a finer-sampled detector would give (default 1)")
     p.add_argument("--level-side", type=int, default=AtlasSettings().local.level_side,
@@ -52,9 +57,10 @@ def main():
     ds = Dataset(args.data / "landmarks.csv")
     scored = list(range(args.first_scored - 1, len(ds)))[: args.limit]
     cases = [upsampled(ds.case(i), args.upsample) for i in scored]
-    settings = override(AtlasSettings(), deformable=args.deformable, level_side=args.level_side)
+    settings = override(AtlasSettings(), deformable=args.stage == "bspline", level_side=args.level_side)
     for n in args.atlases:
-        detector = AtlasDetector([upsampled(ds.case(i), args.upsample) for i in range(n)], settings)
+        detector = AtlasDetector([upsampled(ds.case(i), args.upsample) for i in range(n)], settings,
+                                 choose_stage=args.stage == "auto")
         errors, times = [], []
         for case in cases:
             t = time.perf_counter()
@@ -65,6 +71,8 @@ def main():
               f"({ds.rows[scored[0]].id}..{ds.rows[scored[-1]].id}): "
               f"{format_summary(summary(np.array(errors), args.radii))}; "
               f"{statistics.median(times):.2f} s/image (median)", flush=True)
+        if detector.stage is not None:
+            print(f"  {stage_line(detector.stage)}", flush=True)
 
 
 if __name__ == "__main__":
