@@ -10,13 +10,14 @@ import SimpleITK as sitk
 
 from .analysis.metrics import format_summary, radial_errors, summary
 from .case import Case, Landmarks
-from .detectors.atlas import AtlasDetector
+from .detectors.factory import atlas_detector
 from .errors import InputError
 from .io.atomic import atomic_write
 from .io.datasets import Dataset, write_landmarks_csv
 from .io.markups import write_markups
 from .phantom import phantom_case
 from .settings import CEPH_RADII
+from .training.loops import stage_line
 
 
 def _cases(data: Path | None, n_atlases: int, n_cases: int) -> tuple[list[Case], list[Case], str]:
@@ -62,7 +63,7 @@ def run_demo(data: Path | None, out: Path, n_atlases: int = 3, n_cases: int = 4)
     start = time.perf_counter()
     atlases, cases, source = _cases(data, n_atlases, n_cases)
     print(f"demo: {len(atlases)} annotated cases -> {len(cases)} unseen cases ({source})", file=sys.stderr)
-    detector = AtlasDetector(atlases)
+    detector = atlas_detector(atlases)  # as Detect makes it: the B-spline stage chosen on the cases
     out.mkdir(parents=True, exist_ok=True)
     errors, mean_found, rows, results = [], [], [], []
     for case in cases:
@@ -80,6 +81,8 @@ def run_demo(data: Path | None, out: Path, n_atlases: int = 3, n_cases: int = 4)
     worst = int(np.argmax(mean_found))
     _write_png(out / "overlay.png", overlay(cases[worst], cases[worst].landmarks, results[worst]))
     print(f"atlas detector, {len(atlases)} atlases: {format_summary(summary(np.array(errors), CEPH_RADII))}")
+    if detector.stage is not None:
+        print(stage_line(detector.stage), file=sys.stderr)
     print(f"wrote {out}/*.mrk.json, landmarks.csv and overlay.png (green truth, red detected: "
           f"{cases[worst].name}) in {time.perf_counter() - start:.0f} s", file=sys.stderr)
     return 0
