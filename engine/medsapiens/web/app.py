@@ -107,7 +107,7 @@ class SessionApp(TrameApp):
     def _jobs(self) -> None:
         v.VSelect(id="model", v_model=("model", self.session.p.model), items=("models", []), label="Model",
                   density="compact")
-        v.VCheckbox(v_model=("atlas_deformable", False), label="B-spline stage", density="compact",
+        v.VCheckbox(v_model=("atlas_deformable", False), label="Always B-spline stage", density="compact",
                     hide_details=True, disabled=("!atlas_options.deformable",))
         v.VCheckbox(v_model=("learn_unannotated", True), label="Also learn from the other open 2D images",
                     density="compact", hide_details=True, disabled=("!atlas_options.learnUnannotated",))
