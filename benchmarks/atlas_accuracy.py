@@ -19,10 +19,9 @@ import numpy as np
 import SimpleITK as sitk
 from medsapiens import Case, Landmarks
 from medsapiens.analysis.metrics import format_summary, radial_errors, summary
-from medsapiens.detectors.atlas import AtlasDetector
+from medsapiens.detectors.atlas import AtlasDetector, stage_line
 from medsapiens.settings import AtlasSettings, override
 from medsapiens.io.datasets import Dataset
-from medsapiens.training.loops import stage_line
 
 
 def upsampled(case: Case, f: float) -> Case:

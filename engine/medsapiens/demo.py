@@ -10,6 +10,7 @@ import SimpleITK as sitk
 
 from .analysis.metrics import format_summary, radial_errors, summary
 from .case import Case, Landmarks
+from .detectors.atlas import stage_line
 from .detectors.factory import atlas_detector
 from .errors import InputError
 from .io.atomic import atomic_write
@@ -17,7 +18,6 @@ from .io.datasets import Dataset, write_landmarks_csv
 from .io.markups import write_markups
 from .phantom import phantom_case
 from .settings import CEPH_RADII
-from .training.loops import stage_line
 
 
 def _cases(data: Path | None, n_atlases: int, n_cases: int) -> tuple[list[Case], list[Case], str]:

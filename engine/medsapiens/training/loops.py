@@ -218,6 +218,8 @@ class FinetuneResult:
                  f"{est['refined_mre_mm']:.2f} mm; refining {sum(est['use_refined'])} of {len(est['use_refined'])} "
                  "landmarks"]
         if est.get("atlas_stage"):
+            from ..detectors.atlas import stage_line  # SimpleITK: only where an atlas was fine-tuned on
+
             lines.append(stage_line(est["atlas_stage"]))
         if est.get("calibration"):
             lines.append(review_line(est["calibration"]))
@@ -237,13 +239,6 @@ def review_line(calibration: dict) -> str:
     return (f"review (held-out cases): check where P < {calibration['review_below']:.2f}: {pct(fig['flagged'])} of "
             f"the points flagged, {caught} of {fig['gross_errors']} errors > 3 mm among them; AUC "
             f"{num(fig['auc'])}, calibration error {num(fig['calibration_error'])}")
-
-
-def stage_line(stage: dict) -> str:
-    """'atlas: B-spline stage kept (held-out 2.70 mm against 3.41 mm affine, 3 cases)' (or 'not kept')."""
-    kept = "kept" if stage["bspline"] else "not kept"
-    return (f"atlas: B-spline stage {kept} (held-out {stage['bspline_mm']:.2f} mm against {stage['affine_mm']:.2f} mm "
-            f"affine, {stage['cases']} cases)")
 
 
 def check_cases(cases: list[Case]) -> list[str]:
